@@ -1,0 +1,35 @@
+"""sam_jax: Segment Anything (SAM) in JAX/Flax.
+
+Public API (imported lazily, so `import sam_jax` stays light):
+  load(path) -> (model, params)              a converted checkpoint directory or an official .pth
+  build_sam(config, dtype, attention_impl)   the Flax module; `SamConfig`, `get_config("vit_b")`
+  SamPredictor(model, params)                the official predictor API
+  SamAutomaticMaskGenerator(model, params)   "segment everything"
+  sam_jax.functional                         pure, jit-able encode / decode functions
+"""
+
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "SamConfig": "sam_jax.config",
+    "get_config": "sam_jax.config",
+    "tiny_config": "sam_jax.config",
+    "build_sam": "sam_jax.modeling",
+    "pack_prompts": "sam_jax.modeling",
+    "PAD_LABEL": "sam_jax.modeling",
+    "load": "sam_jax.checkpoints",
+    "SamPredictor": "sam_jax.predictor",
+    "SamAutomaticMaskGenerator": "sam_jax.automatic_mask_generator",
+}
+
+__all__ = [*_EXPORTS, "functional", "transforms"]
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    if name in ("functional", "transforms", "modeling", "config"):
+        return import_module(f"sam_jax.{name}")
+    raise AttributeError(f"module 'sam_jax' has no attribute {name!r}")

@@ -1,0 +1,145 @@
+"""Architecture configs for SAM: the three released sizes and any custom size.
+
+A `SamConfig` holds only the architecture (what the weights mean). Runtime choices such as the
+compute dtype or the attention kernel are arguments of `sam_jax.modeling.build_sam`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from typing import Any
+
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamConfig:
+    """SAM architecture.
+
+    Attributes mirror the constructor arguments of the official `build_sam` functions.
+    """
+
+    # Image encoder (ViTDet-style ViT).
+    image_size: int = 1024
+    patch_size: int = 16
+    encoder_embed_dim: int = 768
+    encoder_depth: int = 12
+    encoder_num_heads: int = 12
+    encoder_global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
+    window_size: int = 14
+    mlp_ratio: float = 4.0
+    # Prompt encoder and mask decoder.
+    prompt_embed_dim: int = 256
+    mask_in_chans: int = 16
+    decoder_depth: int = 2
+    decoder_mlp_dim: int = 2048
+    decoder_num_heads: int = 8
+    attention_downsample_rate: int = 2
+    num_multimask_outputs: int = 3
+    iou_head_depth: int = 3
+    iou_head_hidden_dim: int = 256
+    # Training-only regularisation (no effect at inference).
+    drop_path_rate: float = 0.0
+
+    def __post_init__(self):
+        indexes = tuple(int(i) for i in self.encoder_global_attn_indexes)
+        object.__setattr__(self, "encoder_global_attn_indexes", indexes)
+        problems = []
+        if self.image_size <= 0 or self.patch_size <= 0 or self.image_size % self.patch_size:
+            problems.append(
+                f"image_size {self.image_size} must be a positive multiple of "
+                f"patch_size {self.patch_size}"
+            )
+        if self.encoder_num_heads <= 0 or self.encoder_embed_dim % max(self.encoder_num_heads, 1):
+            problems.append(
+                f"encoder_embed_dim {self.encoder_embed_dim} must be divisible by "
+                f"encoder_num_heads {self.encoder_num_heads}"
+            )
+        bad = [i for i in self.encoder_global_attn_indexes if not 0 <= i < self.encoder_depth]
+        if bad:
+            problems.append(f"global attention indexes {bad} outside 0..{self.encoder_depth - 1}")
+        if self.window_size < 0:
+            problems.append(f"window_size must be >= 0, got {self.window_size}")
+        if self.prompt_embed_dim % self.decoder_num_heads:
+            problems.append("prompt_embed_dim must be divisible by decoder_num_heads")
+        if problems:
+            raise ValueError("invalid SamConfig: " + "; ".join(problems))
+
+    @property
+    def embedding_size(self) -> int:
+        """Side of the image-embedding grid (64 for 1024 / 16)."""
+        return self.image_size // self.patch_size
+
+    @property
+    def low_res_size(self) -> int:
+        """Side of the low-resolution mask logits (256 for SAM)."""
+        return 4 * self.embedding_size
+
+    @property
+    def encoder_head_dim(self) -> int:
+        return self.encoder_embed_dim // self.encoder_num_heads
+
+    def replace(self, **changes: Any) -> SamConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["encoder_global_attn_indexes"] = list(self.encoder_global_attn_indexes)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SamConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown SamConfig fields: {unknown}")
+        return cls(**dict(d))
+
+
+VIT_B = SamConfig()
+VIT_L = SamConfig(
+    encoder_embed_dim=1024,
+    encoder_depth=24,
+    encoder_num_heads=16,
+    encoder_global_attn_indexes=(5, 11, 17, 23),
+)
+VIT_H = SamConfig(
+    encoder_embed_dim=1280,
+    encoder_depth=32,
+    encoder_num_heads=16,
+    encoder_global_attn_indexes=(7, 15, 23, 31),
+)
+
+MODEL_TYPES = {"vit_b": VIT_B, "vit_l": VIT_L, "vit_h": VIT_H, "default": VIT_H}
+
+
+def get_config(name: str, **overrides: Any) -> SamConfig:
+    """Returns the config of a released size ("vit_b", "vit_l", "vit_h"), with overrides."""
+    if name not in MODEL_TYPES:
+        raise ValueError(f"unknown model type {name!r}; expected one of {sorted(MODEL_TYPES)}")
+    return MODEL_TYPES[name].replace(**overrides)
+
+
+def tiny_config(**overrides: Any) -> SamConfig:
+    """A small SAM for tests and CPU experiments (128x128 images, 8x8 embedding grid)."""
+    base = SamConfig(
+        image_size=128,
+        patch_size=16,
+        encoder_embed_dim=64,
+        encoder_depth=2,
+        encoder_num_heads=2,
+        encoder_global_attn_indexes=(1,),
+        window_size=3,
+        prompt_embed_dim=32,
+        mask_in_chans=8,
+        decoder_mlp_dim=64,
+        decoder_num_heads=4,
+        iou_head_hidden_dim=32,
+    )
+    return base.replace(**overrides)

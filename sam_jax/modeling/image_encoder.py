@@ -1,0 +1,213 @@
+"""ViTDet-style image encoder of SAM (official `image_encoder.py`), NHWC."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sam_jax.modeling.common import DropPath, Dtype, MLPBlock, attention, layer_norm
+
+REMAT_POLICIES = {
+    "full": None,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def rel_pos_index(q_size: int, k_size: int) -> np.ndarray:
+    """Index (q_size, k_size) into a table of length 2 * max(q, k) - 1 (official get_rel_pos)."""
+    q_coords = np.arange(q_size)[:, None] * max(k_size / q_size, 1.0)
+    k_coords = np.arange(k_size)[None, :] * max(q_size / k_size, 1.0)
+    rel = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
+    return rel.astype(np.int64)
+
+
+def get_rel_pos(q_size: int, k_size: int, rel_pos: jax.Array) -> jax.Array:
+    """Relative positional embeddings (q_size, k_size, hd) gathered from the (L, hd) table.
+
+    The table is linearly resized (half-pixel centres, as torch F.interpolate) when its length is
+    not 2 * max(q, k) - 1.
+    """
+    max_rel_dist = int(2 * max(q_size, k_size) - 1)
+    if rel_pos.shape[0] != max_rel_dist:
+        rel_pos = jax.image.resize(
+            rel_pos, (max_rel_dist, rel_pos.shape[1]), method="linear", antialias=False
+        )
+    return rel_pos[rel_pos_index(q_size, k_size)]
+
+
+def decomposed_rel_pos_bias(q: jax.Array, rel_pos_h, rel_pos_w, size: tuple[int, int]):
+    """Decomposed relative-position bias (B, heads, h*w, h*w) for unscaled queries.
+
+    q: (B, h*w, heads, hd). bias[b, n, (qh, qw), (kh, kw)] = q . R_h[qh, kh] + q . R_w[qw, kw].
+    """
+    h, w = size
+    b, _, heads, hd = q.shape
+    r_h = get_rel_pos(h, h, rel_pos_h).astype(jnp.float32)
+    r_w = get_rel_pos(w, w, rel_pos_w).astype(jnp.float32)
+    r_q = q.reshape(b, h, w, heads, hd).astype(jnp.float32)
+    hp = jax.lax.Precision.HIGHEST
+    rel_h = jnp.einsum("bhwnc,hkc->bnhwk", r_q, r_h, precision=hp)
+    rel_w = jnp.einsum("bhwnc,wkc->bnhwk", r_q, r_w, precision=hp)
+    bias = rel_h[..., :, None] + rel_w[..., None, :]  # (b, n, h, w, kh, kw)
+    return bias.reshape(b, heads, h * w, h * w)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with the decomposed relative-position bias. x: (B, h, w, C)."""
+
+    num_heads: int
+    input_size: tuple[int, int]
+    dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, h, w, c = x.shape
+        hd = c // self.num_heads
+        qkv = nn.Dense(3 * c, dtype=self.dtype, name="qkv")(x)
+        qkv = qkv.reshape(b, h * w, 3, self.num_heads, hd)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        zeros = nn.initializers.zeros
+        rel_pos_h = self.param("rel_pos_h", zeros, (2 * self.input_size[0] - 1, hd), jnp.float32)
+        rel_pos_w = self.param("rel_pos_w", zeros, (2 * self.input_size[1] - 1, hd), jnp.float32)
+        bias = decomposed_rel_pos_bias(q, rel_pos_h, rel_pos_w, (h, w))
+        out = attention(q, k, v, bias=bias, impl=self.attention_impl)
+        return nn.Dense(c, dtype=self.dtype, name="proj")(out.reshape(b, h, w, c))
+
+
+def window_partition(x: jax.Array, window: int) -> tuple[jax.Array, tuple[int, int]]:
+    """(B, H, W, C) -> (B * nW, window, window, C), zero-padding H and W to multiples of window."""
+    b, h, w, c = x.shape
+    pad_h, pad_w = (-h) % window, (-w) % window
+    x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
+    hp, wp = h + pad_h, w + pad_w
+    x = x.reshape(b, hp // window, window, wp // window, window, c)
+    return x.transpose(0, 1, 3, 2, 4, 5).reshape(-1, window, window, c), (hp, wp)
+
+
+def window_unpartition(x: jax.Array, window: int, pad_hw, hw) -> jax.Array:
+    """Inverse of `window_partition`, cropping the padding: -> (B, H, W, C)."""
+    hp, wp = pad_hw
+    h, w = hw
+    c = x.shape[-1]
+    b = x.shape[0] // (hp * wp // window // window)
+    x = x.reshape(b, hp // window, wp // window, window, window, c)
+    return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, c)[:, :h, :w]
+
+
+class Block(nn.Module):
+    """Transformer block with windowed (window_size > 0) or global attention."""
+
+    num_heads: int
+    mlp_ratio: float
+    window_size: int
+    input_size: tuple[int, int]
+    drop_path: float = 0.0
+    dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        b, h, w, c = x.shape
+        shortcut = x
+        x = layer_norm(1e-6, "norm1")(x).astype(self.dtype)
+        if self.window_size > 0:
+            x, pad_hw = window_partition(x, self.window_size)
+        size = (self.window_size,) * 2 if self.window_size > 0 else self.input_size
+        x = Attention(self.num_heads, size, self.dtype, self.attention_impl, name="attn")(x)
+        if self.window_size > 0:
+            x = window_unpartition(x, self.window_size, pad_hw, (h, w))
+        drop = DropPath(self.drop_path)
+        x = shortcut + drop(x, deterministic)
+        y = layer_norm(1e-6, "norm2")(x).astype(self.dtype)
+        y = MLPBlock(int(c * self.mlp_ratio), c, "gelu", self.dtype, name="mlp")(y)
+        return x + drop(y, deterministic)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patch projection: (B, S, S, 3) -> (B, S/p, S/p, C)."""
+
+    patch_size: int
+    embed_dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        p = self.patch_size
+        conv = nn.Conv(
+            self.embed_dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype, name="proj"
+        )
+        return conv(x.astype(self.dtype))
+
+
+class ImageEncoderViT(nn.Module):
+    """images (B, S, S, 3) normalised -> embeddings (B, S/p, S/p, out_chans), float32."""
+
+    img_size: int = 1024
+    patch_size: int = 16
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    out_chans: int = 256
+    window_size: int = 14
+    global_attn_indexes: Sequence[int] = (2, 5, 8, 11)
+    drop_path_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"
+    remat_policy: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        grid = self.img_size // self.patch_size
+        if x.shape[1:] != (self.img_size, self.img_size, 3):
+            raise ValueError(
+                f"images must have shape (B, {self.img_size}, {self.img_size}, 3), got {x.shape}"
+            )
+        x = PatchEmbed(self.patch_size, self.embed_dim, self.dtype, name="patch_embed")(x)
+        pos_embed = self.param(
+            "pos_embed", nn.initializers.zeros, (1, grid, grid, self.embed_dim), jnp.float32
+        )
+        x = x.astype(jnp.float32) + pos_embed
+        block_cls = Block
+        if self.remat_policy is not None:
+            if self.remat_policy not in REMAT_POLICIES:
+                raise ValueError(
+                    f"remat_policy must be None or one of {sorted(REMAT_POLICIES)}, "
+                    f"got {self.remat_policy!r}"
+                )
+            block_cls = nn.remat(
+                Block, policy=REMAT_POLICIES[self.remat_policy], static_argnums=(2,)
+            )
+        rates = np.linspace(0.0, self.drop_path_rate, self.depth)
+        for i in range(self.depth):
+            is_global = i in tuple(self.global_attn_indexes)
+            x = block_cls(
+                num_heads=self.num_heads,
+                mlp_ratio=self.mlp_ratio,
+                window_size=0 if is_global else self.window_size,
+                input_size=(grid, grid),
+                drop_path=float(rates[i]),
+                dtype=self.dtype,
+                attention_impl=self.attention_impl,
+                name=f"blocks_{i}",
+            )(x, deterministic)
+        x = nn.Conv(self.out_chans, (1, 1), use_bias=False, dtype=self.dtype, name="neck_0")(
+            x.astype(self.dtype)
+        )
+        x = layer_norm(1e-6, "neck_1")(x)
+        x = nn.Conv(
+            self.out_chans,
+            (3, 3),
+            padding=((1, 1), (1, 1)),
+            use_bias=False,
+            dtype=self.dtype,
+            name="neck_2",
+        )(x.astype(self.dtype))
+        return layer_norm(1e-6, "neck_3")(x)
