@@ -1,0 +1,134 @@
+"""Dataset spec strings, shared by training configs and eval.py.
+
+    synthetic[:SPLIT]                 the built-in synthetic dataset (splits train / val / test)
+    sa1b:PATH                         a folder (or one .tar) of SA-1B tars or jpg+json pairs
+    coco:ANN_JSON:IMAGES_DIR          COCO instance annotations and their images folder
+    tfds:NAME[:SPLIT]                 a prepared tensorflow-datasets dataset (e.g. segment_anything)
+
+Paths may be local or anything tf.io.gfile reads (gs://...). Options follow a `?`, joined by `&`:
+synthetic: image_size (N or HxW), num_images (size of the named split), seed, min_objects,
+max_objects; coco: include_crowd (0/1); tfds: data_dir.
+Example: `synthetic:val?image_size=64&num_images=16`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from sam_jax.data import io
+
+KINDS = ("synthetic", "sa1b", "coco", "tfds")
+_OPTIONS = {
+    "synthetic": ("image_size", "num_images", "seed", "min_objects", "max_objects"),
+    "sa1b": (),
+    "coco": ("include_crowd",),
+    "tfds": ("data_dir",),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """A parsed dataset spec. `path`: sa1b folder/tar or coco annotation file; `images_dir`: coco
+    images; `name`: tfds dataset name; `split`: synthetic/tfds split (None: the caller's split)."""
+
+    kind: str
+    path: str | None = None
+    images_dir: str | None = None
+    name: str | None = None
+    split: str | None = None
+    options: tuple[tuple[str, str], ...] = ()
+    text: str = ""
+
+    def option(self, key: str, default=None):
+        return dict(self.options).get(key, default)
+
+
+def _split_paths(rest: str) -> list[str]:
+    """Splits 'a:b' on ':' except where a ':' starts a URL scheme separator ('gs://')."""
+    return re.split(r":(?!//)", rest)
+
+
+def _parse_options(kind: str, query: str, spec: str) -> tuple[tuple[str, str], ...]:
+    options = []
+    for item in filter(None, query.split("&")):
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise ValueError(f"dataset spec {spec!r}: option {item!r} is not key=value")
+        if key not in _OPTIONS[kind]:
+            allowed = ", ".join(_OPTIONS[kind]) or "none"
+            raise ValueError(
+                f"dataset spec {spec!r}: unknown {kind} option {key!r} (allowed: {allowed})"
+            )
+        options.append((key, value))
+    return tuple(options)
+
+
+def _check_int_options(spec: DatasetSpec, keys) -> None:
+    for key in keys:
+        value = spec.option(key)
+        if value is not None and not re.fullmatch(r"\d+", value):
+            raise ValueError(
+                f"dataset spec {spec.text!r}: option {key} must be a non-negative "
+                f"integer, got {value!r}"
+            )
+
+
+def parse_dataset_spec(spec: str | DatasetSpec) -> DatasetSpec:
+    """Parses and checks a dataset spec string; raises a one-line ValueError if malformed.
+
+    Checks the kind, the number of fields, the options, that paths exist and, for coco, that the
+    annotation file is a COCO instances file (it is loaded once and cached for the readers).
+    """
+    if isinstance(spec, DatasetSpec):
+        return spec
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"dataset spec must be a non-empty string, got {spec!r}")
+    text = spec.strip()
+    body, _, query = text.partition("?")
+    kind, _, rest = body.partition(":")
+    if kind not in KINDS:
+        raise ValueError(
+            f"dataset spec {text!r}: unknown kind {kind!r} (expected one of {', '.join(KINDS)})"
+        )
+    options = _parse_options(kind, query, text)
+    if kind == "synthetic":
+        from sam_jax.data.synthetic import SPLITS
+
+        if rest and rest not in SPLITS:
+            raise ValueError(f"dataset spec {text!r}: synthetic split must be one of {SPLITS}")
+        out = DatasetSpec(kind, split=rest or None, options=options, text=text)
+        _check_int_options(out, ("num_images", "seed", "min_objects", "max_objects"))
+        size = out.option("image_size")
+        if size is not None and not re.fullmatch(r"\d+(x\d+)?", size):
+            raise ValueError(f"dataset spec {text!r}: image_size must be N or HxW, got {size!r}")
+        return out
+    if kind == "sa1b":
+        if not rest:
+            raise ValueError(f"dataset spec {text!r}: expected sa1b:PATH")
+        if not io.exists(rest):
+            raise ValueError(f"dataset spec {text!r}: path {rest!r} does not exist")
+        return DatasetSpec(kind, path=rest, options=options, text=text)
+    if kind == "coco":
+        parts = _split_paths(rest)
+        if len(parts) != 2 or not all(parts):
+            raise ValueError(f"dataset spec {text!r}: expected coco:ANN_JSON:IMAGES_DIR")
+        ann, images = parts
+        if not io.exists(ann):
+            raise ValueError(f"dataset spec {text!r}: annotation file {ann!r} does not exist")
+        if not io.isdir(images):
+            raise ValueError(f"dataset spec {text!r}: images folder {images!r} does not exist")
+        out = DatasetSpec(kind, path=ann, images_dir=images, options=options, text=text)
+        if out.option("include_crowd", "0") not in ("0", "1"):
+            raise ValueError(f"dataset spec {text!r}: include_crowd must be 0 or 1")
+        from sam_jax.data.coco import load_coco_index
+
+        load_coco_index(ann)  # raises ValueError if not a COCO instances file
+        return out
+    # tfds
+    parts = rest.split(":", 1) if rest else []  # a split may hold ":" (train[:10])
+    if not 1 <= len(parts) <= 2 or not parts[0] or (len(parts) == 2 and not parts[1]):
+        raise ValueError(f"dataset spec {text!r}: expected tfds:NAME[:SPLIT]")
+    return DatasetSpec(
+        kind, name=parts[0], split=parts[1] if len(parts) == 2 else None, options=options, text=text
+    )

@@ -1,0 +1,117 @@
+"""Reader for the tensorflow-datasets `segment_anything` builder (or any builder with its features).
+
+Features used: image {content, file_name, image_id, height, width} and annotations {segmentation
+{counts (COCO RLE string), size [h, w]}}. The dataset must have been prepared (tfds build); its
+builder downloads the SA-1B tars itself, so for tars you already have use `sa1b:PATH` instead.
+"""
+
+from __future__ import annotations
+
+import posixpath
+
+import numpy as np
+
+from sam_jax.data.records import (
+    Record,
+    count,
+    decode_image,
+    rle_masks_from_segmentations,
+    skip_image,
+)
+
+
+def tfds_example_to_record(example: dict, stats: dict | None = None) -> Record | None:
+    """Converts one numpy tfds example of `segment_anything` to a Record (None if unusable).
+
+    `example["image"]["content"]` may be encoded bytes (tfds.decode.SkipDecoding) or uint8 (H,W,3).
+    """
+    image_meta = example["image"]
+    name = image_meta.get("file_name", b"")
+    name = name.decode() if isinstance(name, bytes) else str(name)
+    image_id = posixpath.splitext(name)[0] if name else str(int(image_meta.get("image_id", -1)))
+    try:
+        content = image_meta["content"]
+        if isinstance(content, (bytes, np.bytes_)):
+            image = decode_image(bytes(content))
+        else:
+            image = np.asarray(content)
+            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+                raise ValueError(f"image content has dtype {image.dtype} and shape {image.shape}")
+        seg = example["annotations"]["segmentation"]
+        counts, sizes = list(seg["counts"]), np.asarray(seg["size"]).reshape(-1, 2)
+        if len(counts) != len(sizes):
+            raise ValueError("annotations have mismatched counts and sizes")
+    except Exception as e:  # noqa: BLE001 - any decode failure skips the image
+        skip_image(stats, image_id, e)
+        return None
+    segmentations = [
+        {"size": [int(s[0]), int(s[1])], "counts": c} for c, s in zip(counts, sizes, strict=True)
+    ]
+    masks = rle_masks_from_segmentations(segmentations, image.shape[:2], image_id, stats)
+    count(stats, "decoded_images")
+    return Record(image_id, image, masks)
+
+
+class TfdsSource:
+    """A prepared tfds dataset split, read as a stream (one host's even share of the examples)."""
+
+    def __init__(
+        self,
+        name: str,
+        split: str,
+        data_dir: str | None = None,
+        process_index: int = 0,
+        process_count: int = 1,
+    ):
+        import tensorflow_datasets as tfds  # lazy
+
+        try:
+            self.builder = tfds.builder(name, data_dir=data_dir)
+        except Exception as e:  # noqa: BLE001 - DatasetNotFoundError and friends
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(f"tfds:{name}: cannot load the builder ({first})") from None
+        if not self.builder.is_prepared():
+            raise ValueError(
+                f"tfds:{name}: dataset is not prepared in {self.builder.data_dir} (run `tfds build "
+                f"{name}` or builder.download_and_prepare(); to read SA-1B tars you already have, "
+                "use sa1b:PATH)"
+            )
+        base = split.split("[")[0]
+        if base not in self.builder.info.splits:
+            raise ValueError(
+                f"tfds:{name}: no split {base!r} (available: {', '.join(self.builder.info.splits)})"
+            )
+        self.name = name
+        self.split = (
+            tfds.even_splits(split, n=process_count)[process_index] if process_count > 1 else split
+        )
+
+    def dataset(
+        self,
+        shuffle_seed: int | None = None,
+        repeat: bool = False,
+        skip: int = 0,
+        shuffle_buffer: int = 1024,
+    ):
+        """The raw tf.data stream (image content left encoded), optionally repeated, shuffled
+        (deterministically, seeded) and advanced by `skip` examples."""
+        import tensorflow_datasets as tfds  # lazy
+
+        shuffle = shuffle_seed is not None
+        ds = self.builder.as_dataset(
+            split=self.split,
+            shuffle_files=shuffle,
+            read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed) if shuffle else None,
+            decoders={"image": {"content": tfds.decode.SkipDecoding()}},
+        )
+        if repeat:
+            ds = ds.repeat()
+        if shuffle_seed is not None:
+            ds = ds.shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
+        return ds.skip(skip) if skip else ds
+
+    def iter_examples(self, **kwargs):
+        """Yields numpy tfds examples from `dataset(**kwargs)`."""
+        import tensorflow_datasets as tfds  # lazy
+
+        yield from tfds.as_numpy(self.dataset(**kwargs))

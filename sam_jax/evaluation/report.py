@@ -1,0 +1,186 @@
+"""Reports of an evaluation run: results.json, a Markdown and a CSV table, an mIoU-vs-points plot.
+
+`results` layout (what eval.py builds, metrics as fractions):
+  {"checkpoint": str, "seed": int, "protocol": {...},
+   "datasets": {name: {"num_images", "num_masks", "miou": {"1": f, ...}, "oracle_miou_1",
+                       "box_miou", "mask_ap": {"AP", ...} | None, "skipped_images",
+                       "skipped_masks", "timing": {...}, ...}},
+   "average": {...}}   # filled by `add_average`
+Tables show percentages with one decimal; a metric a dataset lacks is shown as "-" (Markdown) or
+left empty (CSV), never as 0.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+
+import numpy as np
+
+from sam_jax.evaluation.metrics import dataset_average
+
+
+def _ap(d: dict) -> float | None:
+    """Mask AP of a dataset entry ({"AP": ...}) or of the average entry (a float)."""
+    ap = d.get("mask_ap")
+    return ap.get("AP") if isinstance(ap, dict) else ap
+
+
+def add_average(results: dict) -> dict:
+    """Adds results["average"]: the mean over datasets of each per-dataset metric."""
+    datasets = list(results["datasets"].values())
+    points = sorted({int(n) for d in datasets for n in (d.get("miou") or {})})
+    results["average"] = {
+        "num_datasets": len(datasets),
+        "miou": {
+            str(n): dataset_average([(d.get("miou") or {}).get(str(n)) for d in datasets])
+            for n in points
+        },
+        "oracle_miou_1": dataset_average([d.get("oracle_miou_1") for d in datasets]),
+        "box_miou": dataset_average([d.get("box_miou") for d in datasets]),
+        "mask_ap": dataset_average([_ap(d) for d in datasets]),
+    }
+    return results
+
+
+def _json_safe(x):
+    if isinstance(x, dict):
+        return {str(k): _json_safe(v) for k, v in x.items() if k != "per_mask"}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def write_json(results: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(_json_safe(results), f, indent=2, sort_keys=False)
+        f.write("\n")
+
+
+def _columns(results: dict) -> tuple[list[int], list[str]]:
+    rows = [*results["datasets"].values(), results.get("average", {})]
+    points = sorted({int(n) for d in rows for n in (d.get("miou") or {})})
+    extra = [
+        name
+        for name, get in (
+            ("oracle 1pt", lambda d: d.get("oracle_miou_1")),
+            ("box", lambda d: d.get("box_miou")),
+            ("mask AP", _ap),
+        )
+        if any(get(d) is not None for d in rows)
+    ]
+    return points, extra
+
+
+def table_rows(results: dict) -> tuple[list[str], list[list[float | int | str | None]]]:
+    """Header and rows (per dataset, then the average), metrics in percent; None = not measured."""
+    points, extra = _columns(results)
+    header = ["dataset", "images", "masks", *[f"mIoU {n}pt" for n in points], *extra]
+
+    def pct(v):
+        return None if v is None else 100.0 * float(v)
+
+    def row(name, d, images, masks):
+        miou = d.get("miou") or {}
+        values = {
+            "oracle 1pt": d.get("oracle_miou_1"),
+            "box": d.get("box_miou"),
+            "mask AP": _ap(d),
+        }
+        return [name, images, masks, *[pct(miou.get(str(n))) for n in points]] + [
+            pct(values[e]) for e in extra
+        ]
+
+    rows = [
+        row(name, d, d.get("num_images"), d.get("num_masks"))
+        for name, d in results["datasets"].items()
+    ]
+    if "average" in results:
+        n = results["average"]["num_datasets"]
+        rows.append(row(f"average ({n} datasets)", results["average"], None, None))
+    return header, rows
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    return f"{v:.1f}" if isinstance(v, float) else str(v)
+
+
+def markdown_table(results: dict) -> str:
+    header, rows = table_rows(results)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(v) or "-" for v in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def csv_table(results: dict) -> str:
+    header, rows = table_rows(results)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows([[_fmt(v) for v in r] for r in rows])
+    return buf.getvalue()
+
+
+def plot_miou(results: dict, path: str) -> bool:
+    """PNG plot of mIoU (%) against the number of points, one line per dataset (+ average).
+    Returns False (and writes nothing) when no dataset has point results."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {name: d["miou"] for name, d in results["datasets"].items() if d.get("miou")}
+    if not series:
+        return False
+    if len(series) > 1 and (results.get("average") or {}).get("miou"):
+        series["average"] = results["average"]["miou"]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for name, miou in series.items():
+        pts = sorted((int(n), 100.0 * v) for n, v in miou.items() if v is not None)
+        style = "--" if name == "average" else "-"
+        ax.plot(*zip(*pts, strict=True), style, marker="o", label=name)
+    ax.set_xticks(sorted({int(n) for miou in series.values() for n in miou}))
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("number of points")
+    ax.set_ylabel("mIoU (%)")
+    ax.set_title("Point-prompt mIoU")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return True
+
+
+def write_reports(results: dict, output_dir: str) -> dict[str, str]:
+    """Writes results.json, results.md, results.csv and miou_vs_points.png under output_dir.
+    Returns {kind: path} of the files written."""
+    os.makedirs(output_dir, exist_ok=True)
+    if "average" not in results:
+        add_average(results)
+    paths = {
+        k: os.path.join(output_dir, f)
+        for k, f in (
+            ("json", "results.json"),
+            ("markdown", "results.md"),
+            ("csv", "results.csv"),
+            ("plot", "miou_vs_points.png"),
+        )
+    }
+    write_json(results, paths["json"])
+    with open(paths["markdown"], "w") as f:
+        f.write(markdown_table(results))
+    with open(paths["csv"], "w") as f:
+        f.write(csv_table(results))
+    if not plot_miou(results, paths["plot"]):
+        del paths["plot"]
+    return paths

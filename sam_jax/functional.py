@@ -1,0 +1,280 @@
+"""Functional SAM inference: pure functions of (model, params, arrays).
+
+Shapes and layouts (S = config.image_size, g = S / patch_size, D = prompt_embed_dim, m = 4g):
+
+- images: uint8 (H, W, 3) RGB originals; model inputs float32 (B, S, S, 3), normalised and
+  zero-padded bottom/right (`preprocess_images`).
+- embeddings: float32 (B, g, g, D) (`encode_images`).
+- prompts: points (B, P, N, 2) float32 (x, y) in the S x S input frame and labels (B, P, N) int32:
+  B images, P prompts per image, N tokens per prompt. Labels: 1 fg point, 0 bg point, -1 official
+  padding point, 2/3 box top-left/bottom-right corner, PAD_LABEL (-10) ignored slot. Prompts of
+  different kinds or sizes are padded to a common N with PAD_LABEL (`pack_image_prompts`,
+  `stack_prompts`), which does not change their results.
+- decoder outputs: low-res logits (B, P, C, m, m), IoU predictions (B, P, C); C = 3 with
+  multimask_output else 1 (`decode_prompts`).
+- masks: logits or bool (..., H, W) at the original image size (`postprocess_masks`).
+
+`encode_images`, `decode_prompts` and `postprocess_masks` are jitted (one cache per model and
+static arguments; flax modules are hashable) and may be called inside a user's `jax.jit` or under
+`jax.vmap`. The pre-processing and prompt-packing helpers are numpy (host side).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sam_jax import transforms
+from sam_jax.modeling import PAD_LABEL, pack_prompts
+
+__all__ = [
+    "bucket_size",
+    "decode_prompts",
+    "encode_images",
+    "pack_image_prompts",
+    "postprocess_masks",
+    "preprocess_images",
+    "stack_prompts",
+]
+
+
+def bucket_size(n: int, minimum: int = 1) -> int:
+    """Smallest power of two >= max(n, minimum): the padded size used to limit recompilation."""
+    n = max(int(n), int(minimum), 1)
+    return 1 << (n - 1).bit_length()
+
+
+# --------------------------------------------------------------------------- images
+
+
+def preprocess_images(
+    images: Sequence[np.ndarray], image_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Resize-longest-side, normalise and pad a list of uint8 (H_i, W_i, 3) RGB images.
+
+    Returns images float32 (B, S, S, 3), input_sizes int32 (B, 2) (resized (h, w) before padding)
+    and original_sizes int32 (B, 2) ((H, W) of each original).
+    """
+    if isinstance(images, np.ndarray) and images.ndim == 3:
+        raise ValueError("preprocess_images takes a list of (H, W, 3) images, got one image")
+    if len(images) == 0:
+        raise ValueError("preprocess_images needs at least one image")
+    out = np.zeros((len(images), image_size, image_size, 3), np.float32)
+    input_sizes = np.zeros((len(images), 2), np.int32)
+    original_sizes = np.zeros((len(images), 2), np.int32)
+    for i, image in enumerate(images):
+        image = transforms.check_image(image, f"images[{i}]")
+        out[i], input_sizes[i] = transforms.preprocess_image(image, image_size)
+        original_sizes[i] = image.shape[:2]
+    return out, input_sizes, original_sizes
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _encode(model, params, images):
+    return model.apply({"params": params}, images, method=model.encode)
+
+
+def encode_images(model, params, images: jax.Array) -> jax.Array:
+    """Image encoder: images (B, S, S, 3) float32 (from `preprocess_images`) -> (B, g, g, D)."""
+    s = model.config.image_size
+    if images.ndim != 4 or tuple(images.shape[1:]) != (s, s, 3):
+        raise ValueError(f"images must have shape (B, {s}, {s}, 3), got {tuple(images.shape)}")
+    return _encode(model, params, images)
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+@functools.partial(jax.jit, static_argnames=("model", "multimask_output"))
+def _decode(model, params, emb, points, labels, mask_input, has_mask, multimask_output):
+    return model.apply(
+        {"params": params},
+        emb,
+        points,
+        labels,
+        mask_input,
+        has_mask,
+        multimask_output,
+        method=model.decode,
+    )
+
+
+def decode_prompts(
+    model,
+    params,
+    image_embeddings: jax.Array,
+    points: jax.Array,
+    labels: jax.Array,
+    mask_input: jax.Array | None = None,
+    has_mask: jax.Array | None = None,
+    multimask_output: bool = True,
+) -> tuple[jax.Array, jax.Array]:
+    """Prompt encoder + mask decoder for P prompts on each of B images.
+
+    image_embeddings (B, g, g, D); points (B, P, N, 2) float32 xy in the input frame; labels
+    (B, P, N) int32; mask_input (B, P, m, m) float32 logits or None; has_mask (B, P) bool or None
+    (None: every prompt has its mask). Returns low_res (B, P, C, m, m) logits and iou (B, P, C).
+    """
+    c = model.config
+    g, d, m = c.embedding_size, c.prompt_embed_dim, c.low_res_size
+    if image_embeddings.ndim != 4 or tuple(image_embeddings.shape[1:]) != (g, g, d):
+        raise ValueError(
+            f"image_embeddings must be (B, {g}, {g}, {d}), got {tuple(image_embeddings.shape)}"
+        )
+    b = image_embeddings.shape[0]
+    if labels.ndim != 3 or labels.shape[0] != b:
+        raise ValueError(f"labels must be ({b}, P, N), got {tuple(labels.shape)}")
+    if tuple(points.shape) != (*labels.shape, 2):
+        raise ValueError(f"points must be {(*labels.shape, 2)}, got {tuple(points.shape)}")
+    if mask_input is not None and tuple(mask_input.shape) != (*labels.shape[:2], m, m):
+        raise ValueError(
+            f"mask_input must be {(*labels.shape[:2], m, m)}, got {tuple(mask_input.shape)}"
+        )
+    if has_mask is not None:
+        if mask_input is None:
+            raise ValueError("has_mask given without mask_input")
+        if tuple(has_mask.shape) != tuple(labels.shape[:2]):
+            raise ValueError(f"has_mask must be {tuple(labels.shape[:2])}, got {has_mask.shape}")
+    points = jnp.asarray(points, jnp.float32)
+    labels = jnp.asarray(labels, jnp.int32)
+    if mask_input is not None:
+        mask_input = jnp.asarray(mask_input, jnp.float32)
+    if has_mask is not None:
+        has_mask = jnp.asarray(has_mask, bool)
+    return _decode(
+        model,
+        params,
+        image_embeddings,
+        points,
+        labels,
+        mask_input,
+        has_mask,
+        bool(multimask_output),
+    )
+
+
+def pack_image_prompts(
+    original_size: Sequence[int],
+    image_size: int,
+    point_coords: np.ndarray | None = None,
+    point_labels: np.ndarray | None = None,
+    boxes: np.ndarray | None = None,
+    pad_to: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Prompt tokens of P prompts on one image, from original-image coordinates.
+
+    point_coords (P, N, 2) xy and point_labels (P, N) and/or boxes (P, 4) XYXY, in pixels of the
+    original (H, W) image. Coordinates are mapped to the input frame as the official
+    `ResizeLongestSide`, then packed in the official token order (`sam_jax.modeling.pack_prompts`).
+    With neither points nor boxes, returns P = 1 prompt made only of PAD_LABEL slots (the official
+    "no sparse prompt", e.g. a mask-only prompt). Returns points (P, T, 2) float32, labels (P, T).
+    """
+    if point_coords is not None:
+        point_coords = transforms.apply_coords(point_coords, original_size, image_size)
+    if boxes is not None:
+        boxes = transforms.apply_boxes(boxes, original_size, image_size)
+    if point_coords is None and boxes is None:
+        if point_labels is not None:
+            raise ValueError("point_labels given without point_coords")
+        n = 1 if pad_to is None else pad_to
+        return np.zeros((1, n, 2), np.float32), np.full((1, n), PAD_LABEL, np.int32)
+    return pack_prompts(point_coords, point_labels, boxes, pad_to=pad_to)
+
+
+def stack_prompts(
+    per_image: Sequence[Any],
+    num_prompts: int | None = None,
+    num_tokens: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stacks the prompts of B images into one padded batch.
+
+    per_image[i] is (points (P_i, T_i, 2), labels (P_i, T_i)) as from `pack_image_prompts`, or a
+    list of such pairs (prompts of different kinds on one image; they are concatenated along P).
+    Tokens are padded with PAD_LABEL to N = max T (or num_tokens); prompts to P = max P_i (or
+    num_prompts) with copies of the image's first prompt, so that padded rows are valid inputs.
+    Returns points (B, P, N, 2) float32, labels (B, P, N) int32 and valid (B, P) bool (False on
+    padded prompts, whose outputs are to be ignored).
+    """
+    if len(per_image) == 0:
+        raise ValueError("stack_prompts needs at least one image")
+    groups = []
+    for i, item in enumerate(per_image):
+        chunks = [item] if isinstance(item, tuple) else list(item)
+        if not chunks:
+            raise ValueError(f"image {i} has no prompts")
+        checked = []
+        for pts, lab in chunks:
+            pts, lab = np.asarray(pts, np.float32), np.asarray(lab, np.int32)
+            if lab.ndim != 2 or pts.shape != (*lab.shape, 2):
+                raise ValueError(f"image {i}: points {pts.shape} and labels {lab.shape} disagree")
+            checked.append((pts, lab))
+        groups.append(checked)
+    all_chunks = [c for g in groups for c in g]
+    n = max(lab.shape[1] for _, lab in all_chunks) if num_tokens is None else num_tokens
+    sizes = [sum(lab.shape[0] for _, lab in g) for g in groups]
+    p = max(sizes) if num_prompts is None else num_prompts
+    b = len(groups)
+    points = np.zeros((b, p, n, 2), np.float32)
+    labels = np.full((b, p, n), PAD_LABEL, np.int32)
+    valid = np.zeros((b, p), bool)
+    for i, g in enumerate(groups):
+        if sizes[i] == 0 or sizes[i] > p or max(lab.shape[1] for _, lab in g) > n:
+            raise ValueError(f"image {i}: its prompts do not fit in ({p} prompts, {n} tokens)")
+        row = 0
+        for pts, lab in g:
+            pi, ti = lab.shape
+            points[i, row : row + pi, :ti], labels[i, row : row + pi, :ti] = pts, lab
+            row += pi
+        points[i, row:], labels[i, row:] = points[i, :1], labels[i, :1]
+        valid[i, :row] = True
+    return points, labels, valid
+
+
+# --------------------------------------------------------------------------- masks
+
+
+@functools.partial(
+    jax.jit, static_argnames=("input_size", "original_size", "image_size", "mask_threshold")
+)
+def _postprocess(low_res, input_size, original_size, image_size, mask_threshold):
+    logits = transforms.postprocess_masks(low_res, input_size, original_size, image_size)
+    return logits if mask_threshold is None else logits > mask_threshold
+
+
+def postprocess_masks(
+    low_res_masks: jax.Array,
+    input_size: Sequence[int],
+    original_size: Sequence[int],
+    image_size: int,
+    mask_threshold: float | None = None,
+) -> jax.Array:
+    """Low-res logits (..., m, m) -> logits (..., H, W) at original_size (official post-processing).
+
+    Bilinear to (S, S), crop to input_size (h, w), bilinear to original_size (H, W); no
+    antialiasing. With mask_threshold (SAM uses 0.0) returns bool masks `logits > threshold`.
+    Sizes are static (Python ints).
+    """
+    input_size = (int(input_size[0]), int(input_size[1]))
+    original_size = (int(original_size[0]), int(original_size[1]))
+    if low_res_masks.ndim < 2:
+        raise ValueError(f"low_res_masks must be (..., m, m), got {tuple(low_res_masks.shape)}")
+    if not (0 < input_size[0] <= image_size and 0 < input_size[1] <= image_size):
+        raise ValueError(f"input_size {input_size} must fit in the {image_size} model input")
+    if min(original_size) <= 0:
+        raise ValueError(f"original_size must be positive, got {original_size}")
+    thr = None if mask_threshold is None else float(mask_threshold)
+    return _postprocess(low_res_masks, input_size, original_size, int(image_size), thr)
+
+
+def _cache_sizes() -> dict[str, Any]:
+    """Number of compiled versions of each jitted function (for tests and diagnostics)."""
+    return {
+        "encode": _encode._cache_size(),
+        "decode": _decode._cache_size(),
+        "postprocess": _postprocess._cache_size(),
+    }

@@ -1,0 +1,166 @@
+"""Pre- and post-processing of SAM inputs and outputs, as in the official `SamPredictor`.
+
+Pre-processing (numpy, on the host): resize the longest image side to the model input size S
+(`ResizeLongestSide`: PIL bilinear on uint8), scale prompt coordinates the same way, normalise with
+the pixel mean/std and zero-pad bottom/right to S x S.
+
+Post-processing (jax, jit-able): low-resolution mask logits (..., 4g, 4g) -> bilinear to S x S ->
+crop to the resized input size -> bilinear to the original image size. Both resizes use PyTorch's
+`F.interpolate(mode="bilinear", align_corners=False)` rule (half-pixel centres, source index
+clamped at 0, two taps, no antialiasing), evaluated in float32 like the official code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from sam_jax.config import PIXEL_MEAN, PIXEL_STD
+
+
+def get_preprocess_shape(oldh: int, oldw: int, long_side_length: int) -> tuple[int, int]:
+    """Size (newh, neww) of an (oldh, oldw) image whose longest side is resized to long_side_length.
+
+    scale = long_side / max(h, w); new = int(dim * scale + 0.5), exactly as the official code.
+    """
+    scale = long_side_length * 1.0 / max(oldh, oldw)
+    newh, neww = oldh * scale, oldw * scale
+    return int(newh + 0.5), int(neww + 0.5)
+
+
+def check_image(image: np.ndarray, name: str = "image") -> np.ndarray:
+    """Returns `image` as a numpy array after checking it is a non-empty (H, W, 3) uint8 array."""
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"{name} must have shape (H, W, 3), got {image.shape}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"{name} must be uint8 with values in 0..255, got dtype {image.dtype}")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"{name} is empty: shape {image.shape}")
+    return image
+
+
+def resize_longest_side(image: np.ndarray, long_side: int) -> np.ndarray:
+    """Resizes a uint8 (H, W, 3) image so that its longest side is `long_side`.
+
+    Identical to the official `ResizeLongestSide.apply_image`: a PIL bilinear resize of the uint8
+    image (PIL antialiases when downsampling). Returns uint8 (newh, neww, 3).
+    """
+    image = check_image(image)
+    newh, neww = get_preprocess_shape(image.shape[0], image.shape[1], long_side)
+    if newh == 0 or neww == 0:
+        raise ValueError(f"image of shape {image.shape} is too elongated to resize to {long_side}")
+    pil = Image.fromarray(np.ascontiguousarray(image), mode=None)
+    return np.array(pil.resize((neww, newh), Image.BILINEAR))
+
+
+def apply_coords(coords: np.ndarray, original_size: Sequence[int], long_side: int) -> np.ndarray:
+    """Maps (x, y) coordinates (..., 2) of an original (H, W) image to the resized input frame.
+
+    x is scaled by new_w / old_w and y by new_h / old_h, in float64 like the official numpy path.
+    """
+    old_h, old_w = int(original_size[0]), int(original_size[1])
+    new_h, new_w = get_preprocess_shape(old_h, old_w, long_side)
+    coords = np.array(coords, dtype=np.float64)  # copy
+    if coords.shape[-1:] != (2,):
+        raise ValueError(f"coordinates must have a last dimension of 2, got shape {coords.shape}")
+    coords[..., 0] = coords[..., 0] * (new_w / old_w)
+    coords[..., 1] = coords[..., 1] * (new_h / old_h)
+    return coords
+
+
+def apply_boxes(boxes: np.ndarray, original_size: Sequence[int], long_side: int) -> np.ndarray:
+    """Maps XYXY boxes (..., 4) of an original (H, W) image to the resized input frame."""
+    boxes = np.asarray(boxes)
+    if boxes.shape[-1:] != (4,):
+        raise ValueError(f"boxes must have a last dimension of 4, got shape {boxes.shape}")
+    out = apply_coords(boxes.reshape(*boxes.shape[:-1], 2, 2), original_size, long_side)
+    return out.reshape(boxes.shape)
+
+
+def normalize_and_pad(image: np.ndarray, image_size: int) -> np.ndarray:
+    """Normalises a resized uint8 (h, w, 3) image and zero-pads it bottom/right to (S, S, 3).
+
+    (x - PIXEL_MEAN) / PIXEL_STD in float32, as the official `Sam.preprocess`. Returns float32.
+    """
+    image = check_image(image)
+    h, w = image.shape[:2]
+    if h > image_size or w > image_size:
+        raise ValueError(f"image of size {(h, w)} does not fit in the {image_size} model input")
+    mean = np.asarray(PIXEL_MEAN, np.float32)
+    std = np.asarray(PIXEL_STD, np.float32)
+    out = np.zeros((image_size, image_size, 3), np.float32)
+    out[:h, :w] = (image.astype(np.float32) - mean) / std
+    return out
+
+
+def preprocess_image(image: np.ndarray, image_size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Resize-longest-side + normalise + pad. Returns float32 (S, S, 3) and the resized (h, w)."""
+    resized = resize_longest_side(image, image_size)
+    return normalize_and_pad(resized, image_size), (resized.shape[0], resized.shape[1])
+
+
+def _bilinear_taps(in_size: int, out_size: int, n_out: int | None = None):
+    """Source indices and weights of PyTorch's bilinear (align_corners=False) resize along one axis.
+
+    Mirrors aten's `area_pixel_compute_source_index` in float32: src = max(scale * (dst + 0.5)
+    - 0.5, 0) with scale = in / out (float32, the product and subtraction rounded once as aten's
+    fused multiply-add does); i0 = floor(src), i1 = min(i0 + 1, in - 1), w1 = src - i0.
+    Only the first n_out output positions are returned (used to fuse the crop).
+    """
+    n_out = out_size if n_out is None else n_out
+    scale = np.float32(in_size) / np.float32(out_size)
+    dst = np.arange(n_out, dtype=np.float32) + np.float32(0.5)
+    # aten evaluates scale * dst - 0.5 with a fused multiply-add: one rounding to float32.
+    src = (scale.astype(np.float64) * dst.astype(np.float64) - 0.5).astype(np.float32)
+    src = np.maximum(src, np.float32(0.0))
+    i0 = np.minimum(np.floor(src).astype(np.int32), in_size - 1)
+    w1 = np.clip(src - i0.astype(np.float32), 0.0, 1.0).astype(np.float32)
+    i1 = np.where(i0 < in_size - 1, i0 + 1, i0).astype(np.int32)
+    w0 = (np.float32(1.0) - w1).astype(np.float32)
+    return i0, i1, w0, w1
+
+
+def _interp_axis(x: jnp.ndarray, axis: int, in_size: int, out_size: int, n_out: int):
+    i0, i1, w0, w1 = _bilinear_taps(in_size, out_size, n_out)
+    shape = [1] * x.ndim
+    shape[axis] = n_out
+    w0 = jnp.asarray(w0, x.dtype).reshape(shape)
+    w1 = jnp.asarray(w1, x.dtype).reshape(shape)
+    return w0 * jnp.take(x, i0, axis=axis) + w1 * jnp.take(x, i1, axis=axis)
+
+
+def resize_bilinear(
+    x: jnp.ndarray, size: Sequence[int], crop: Sequence[int] | None = None
+) -> jnp.ndarray:
+    """Bilinear resize of the last two axes (..., h, w) -> (..., H, W), no antialiasing.
+
+    Matches `torch.nn.functional.interpolate(x, size, mode="bilinear", align_corners=False)` for
+    both up- and downsampling. With `crop=(ch, cw)` returns only the top-left (ch, cw) corner of the
+    resized array (computed directly, without materialising the full result).
+    """
+    in_h, in_w = x.shape[-2], x.shape[-1]
+    out_h, out_w = int(size[0]), int(size[1])
+    n_h, n_w = (out_h, out_w) if crop is None else (int(crop[0]), int(crop[1]))
+    x = _interp_axis(x, x.ndim - 1, in_w, out_w, n_w)
+    return _interp_axis(x, x.ndim - 2, in_h, out_h, n_h)
+
+
+def postprocess_masks(
+    low_res_masks: jnp.ndarray,
+    input_size: Sequence[int],
+    original_size: Sequence[int],
+    image_size: int,
+) -> jnp.ndarray:
+    """Upscales low-res mask logits to the original image size (official `Sam.postprocess_masks`).
+
+    low_res_masks (..., 4g, 4g) float logits -> bilinear to (S, S) -> crop to input_size (h, w)
+    -> bilinear to original_size (H, W). Returns float32 logits (..., H, W); threshold at 0.0 to
+    get masks. Pure jax with static sizes (jit-able, vmap-able).
+    """
+    x = jnp.asarray(low_res_masks, jnp.float32)
+    x = resize_bilinear(x, (image_size, image_size), crop=input_size)
+    return resize_bilinear(x, original_size)

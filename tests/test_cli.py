@@ -1,0 +1,187 @@
+"""The command lines python -m sam_jax.amg and python -m sam_jax.predict, run in-process."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from sam_jax import amg, predict
+from sam_jax.automatic_mask_generator import SamAutomaticMaskGenerator
+from sam_jax.checkpoint_mapping import state_dict_to_params
+from sam_jax.checkpoints import save_converted
+from sam_jax.config import tiny_config
+from sam_jax.modeling import build_sam
+from sam_jax.predictor import SamPredictor
+from tests.torch_reference import build_official, state_dict_numpy
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools")
+AMG_FLAGS = [
+    "--points-per-side", "4", "--points-per-batch", "8",
+    "--pred-iou-thresh", "0", "--stability-score-thresh", "0",
+]  # fmt: skip
+AMG_KWARGS = dict(
+    points_per_side=4, points_per_batch=8, pred_iou_thresh=0, stability_score_thresh=0
+)
+
+
+def _image(seed, h=72, w=96):
+    rng = np.random.default_rng(seed)
+    img = np.full((h, w, 3), 50, np.uint8)
+    img[10 : h // 2, 15 : w // 2] = [210, 40, 40]
+    return (img + rng.integers(0, 30, img.shape)).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    config = tiny_config()
+    params = state_dict_to_params(state_dict_numpy(build_official(config, seed=0)), config)
+    ckpt = root / "tiny_ckpt"
+    save_converted(ckpt, config, params)
+    images = root / "images"
+    images.mkdir()
+    Image.fromarray(_image(0)).save(images / "a.png")
+    Image.fromarray(_image(1)).save(images / "b.png")
+    (images / "broken.jpg").write_bytes(b"this is not an image")
+    (images / "subdir").mkdir()
+    return {"ckpt": str(ckpt), "images": images, "model": build_sam(config), "params": params}
+
+
+def _expected(setup, name, **kw):
+    image = np.asarray(Image.open(setup["images"] / name).convert("RGB"))
+    gen = SamAutomaticMaskGenerator(setup["model"], setup["params"], **AMG_KWARGS, **kw)
+    return gen.generate(image)
+
+
+def test_amg_folder_of_pngs_and_failures(setup, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["--checkpoint", setup["ckpt"], "--input", str(setup["images"]), "--output", str(out)]
+    assert amg.main(argv + AMG_FLAGS) == 1  # one unreadable file
+    printed = capsys.readouterr()
+    assert (
+        "Could not load" in printed.out + printed.err and "broken.jpg" in printed.out + printed.err
+    )
+    assert "2 of 3 images processed, 1 failed" in printed.out
+    assert sorted(p.name for p in out.iterdir()) == ["a", "b"]
+    for name in ("a", "b"):
+        expected = _expected(setup, f"{name}.png")
+        assert len(expected) > 0
+        with open(out / name / "metadata.csv") as f:
+            rows = list(csv.reader(f))
+        assert ",".join(rows[0]) == amg.METADATA_HEADER
+        assert len(rows) == len(expected) + 1
+        assert len(list((out / name).glob("*.png"))) == len(expected)
+        for rec, row in zip(expected, rows[1:], strict=True):
+            i = int(row[0])
+            png = np.asarray(Image.open(out / name / f"{i}.png"))
+            assert set(np.unique(png)) <= {0, 255}
+            np.testing.assert_array_equal(png == 255, rec["segmentation"])
+            assert int(row[1]) == rec["area"]
+            assert [int(v) for v in row[2:6]] == rec["bbox"]
+            assert [float(v) for v in row[6:8]] == rec["point_coords"][0]
+            assert float(row[8]) == pytest.approx(rec["predicted_iou"])
+            assert [int(v) for v in row[10:14]] == rec["crop_box"]
+
+
+def test_amg_single_image_rle_json(setup, tmp_path):
+    out = tmp_path / "out"
+    image = str(setup["images"] / "b.png")
+    argv = ["--checkpoint", setup["ckpt"], "--input", image, "--output", str(out)]
+    assert amg.main(argv + AMG_FLAGS + ["--convert-to-rle", "--box-nms-thresh", "0.8"]) == 0
+    with open(out / "b.json") as f:
+        records = json.load(f)
+    expected = _expected(setup, "b.png", box_nms_thresh=0.8)
+    assert len(records) == len(expected) > 0
+    for rec, exp in zip(records, expected, strict=True):
+        np.testing.assert_array_equal(
+            mask_utils.decode(rec["segmentation"]).astype(bool), exp["segmentation"]
+        )
+        assert rec["area"] == exp["area"] and rec["bbox"] == exp["bbox"]
+
+
+def test_amg_bad_arguments(setup, tmp_path, capsys):
+    base = ["--checkpoint", setup["ckpt"], "--output", str(tmp_path / "o")]
+    assert amg.main(base + ["--input", str(setup["images"]), "--points-per-side", "0"]) == 2
+    assert "points_per_side must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        amg.main(base + ["--input", str(tmp_path / "missing")])
+    assert e.value.code == 2
+    only_bad = tmp_path / "bad"
+    only_bad.mkdir()
+    (only_bad / "x.png").write_bytes(b"\x89PNG broken")
+    assert amg.main(base + ["--input", str(only_bad)]) == 1
+    assert "0 of 1 images processed, 1 failed" in capsys.readouterr().out
+    missing_ckpt = ["--checkpoint", str(tmp_path / "nope"), "--output", str(tmp_path / "o")]
+    assert amg.main(missing_ckpt + ["--input", str(setup["images"] / "a.png")]) == 2
+
+
+def test_predict_points_and_box(setup, tmp_path, capsys):
+    out = tmp_path / "pred"
+    image_path = str(setup["images"] / "a.png")
+    argv = ["--checkpoint", setup["ckpt"], "--image", image_path, "--output", str(out)]
+    assert (
+        predict.main(argv + ["--point", "30,20", "--point", "70,50,0", "--box", "10,5,60,40"]) == 0
+    )
+    summary = json.loads((out / "scores.json").read_text())
+    assert summary["multimask_output"] is False and len(summary["masks"]) == 1
+    assert summary["labels"] == [1, 0] and summary["box"] == [10, 5, 60, 40]
+
+    image = np.asarray(Image.open(image_path).convert("RGB"))
+    predictor = SamPredictor(setup["model"], setup["params"])
+    predictor.set_image(image)
+    masks, scores, _ = predictor.predict(
+        point_coords=np.array([[30, 20], [70, 50]]),
+        point_labels=np.array([1, 0]),
+        box=np.array([10, 5, 60, 40]),
+        multimask_output=False,
+    )
+    png = np.asarray(Image.open(out / "mask_0.png"))
+    np.testing.assert_array_equal(png == 255, masks[0])
+    assert summary["masks"][0]["predicted_iou"] == pytest.approx(float(scores[0]))
+    over = np.asarray(Image.open(out / "overlay.png"))
+    assert over.shape == image.shape and not np.array_equal(over, image)
+    assert "mask_0.png: predicted_iou=" in capsys.readouterr().out
+
+    out1 = tmp_path / "single"
+    argv1 = ["--checkpoint", setup["ckpt"], "--image", image_path, "--output", str(out1)]
+    assert predict.main(argv1 + ["--point", "30,20"]) == 0
+    summary = json.loads((out1 / "scores.json").read_text())
+    assert summary["multimask_output"] is True and len(summary["masks"]) == 3
+    assert summary["best"] == int(np.argmax([m["predicted_iou"] for m in summary["masks"]]))
+    assert len(list(out1.glob("mask_*.png"))) == 3
+
+
+def test_predict_bad_input(setup, tmp_path, capsys):
+    base = ["--checkpoint", setup["ckpt"], "--output", str(tmp_path / "p")]
+    broken = str(setup["images"] / "broken.jpg")
+    assert predict.main(base + ["--image", broken, "--point", "3,4"]) == 1
+    assert "Could not load" in capsys.readouterr().err
+    good = str(setup["images"] / "a.png")
+    for bad in (
+        ["--point", "3"],
+        ["--point", "3,4,2"],
+        ["--box", "5,5,1,1"],
+        ["--point", "a,b"],
+        [],
+    ):
+        with pytest.raises(SystemExit) as e:
+            predict.main(base + ["--image", good] + bad)
+        assert e.value.code == 2
+
+
+def test_module_entry_points():
+    for module in ("sam_jax.amg", "sam_jax.predict"):
+        res = subprocess.run(
+            [sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=60
+        )
+        assert res.returncode == 0 and "--checkpoint" in res.stdout
+    res = subprocess.run(
+        [sys.executable, "-m", "sam_jax.amg", "--help"], capture_output=True, text=True, timeout=60
+    )
+    for flag in ("--convert-to-rle", "--min-mask-region-area", "--crop-n-layers", "--model-type"):
+        assert flag in res.stdout

@@ -1,0 +1,87 @@
+"""The built-in synthetic dataset: determinism, disjoint splits, occlusion and part/whole masks."""
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from sam_jax.data import SyntheticConfig, SyntheticDataset, iterate_examples, synthetic_example
+
+
+def _digest(image: np.ndarray) -> str:
+    return hashlib.sha1(image.tobytes()).hexdigest()
+
+
+def test_deterministic_from_seed_split_index():
+    a = synthetic_example(5, "train")
+    b = synthetic_example(5, "train")
+    assert np.array_equal(a["image"], b["image"]) and np.array_equal(a["masks"], b["masks"])
+    other_seed = synthetic_example(5, "train", SyntheticConfig(seed=1))
+    assert not np.array_equal(a["image"], other_seed["image"])
+    assert not np.array_equal(a["image"], synthetic_example(6, "train")["image"])
+
+
+def test_splits_do_not_overlap():
+    config = SyntheticConfig(image_size=32)
+    digests = {
+        s: {_digest(synthetic_example(i, s, config)["image"]) for i in range(40)}
+        for s in ("train", "val", "test")
+    }
+    assert all(len(d) == 40 for d in digests.values())
+    assert not digests["train"] & digests["val"]
+    assert not digests["train"] & digests["test"]
+    assert not digests["val"] & digests["test"]
+
+
+def test_example_format_and_mask_properties():
+    config = SyntheticConfig(image_size=(48, 64))
+    n_parts = 0
+    for i in range(30):
+        ex = synthetic_example(i, "val", config)
+        image, masks, parents = ex["image"], ex["masks"], ex["parents"]
+        assert image.dtype == np.uint8 and image.shape == (48, 64, 3)
+        assert masks.dtype == bool and masks.ndim == 3 and masks.shape[1:] == (48, 64)
+        assert len(masks) >= 1 and masks.reshape(len(masks), -1).any(-1).all()
+        assert ex["image_id"] == f"synthetic-0-val-{i}"
+        assert masks.mean((1, 2)).max() <= 0.45
+        for j in range(len(masks)):
+            for k in range(j + 1, len(masks)):
+                if parents[k] == j:  # a part lies inside its whole
+                    n_parts += 1
+                    assert not (masks[k] & ~masks[j]).any()
+                    assert masks[j].sum() > masks[k].sum()
+                elif parents[j] != k:  # otherwise visible parts never overlap (occlusion)
+                    assert not (masks[j] & masks[k]).any()
+    assert n_parts >= 3
+
+
+def test_objects_stand_out_from_background():
+    diffs = []
+    for i in range(20):
+        ex = synthetic_example(i, "test")
+        image = ex["image"].astype(np.float32)
+        background = ~ex["masks"].any(0)
+        for m in ex["masks"]:
+            diffs.append(np.abs(image[m].mean(0) - image[background].mean(0)).max())
+    assert np.median(diffs) > 40
+
+
+def test_dataset_sizes_and_spec_options():
+    ds = SyntheticDataset("val")
+    assert len(ds) == 64 and len(SyntheticDataset("train")) == 2000
+    with pytest.raises(IndexError):
+        ds[64]
+    exs = list(iterate_examples("synthetic:test?image_size=24x40&num_images=3&seed=2"))
+    assert [e["image_id"] for e in exs] == [f"synthetic-2-test-{i}" for i in range(3)]
+    assert exs[0]["image"].shape == (24, 40, 3)
+    ref = synthetic_example(1, "test", SyntheticConfig(image_size=(24, 40), seed=2))
+    assert np.array_equal(exs[1]["masks"], ref["masks"])
+
+
+def test_bad_config_raises():
+    with pytest.raises(ValueError, match="split"):
+        synthetic_example(0, "validation")
+    with pytest.raises(ValueError, match="image_size"):
+        SyntheticConfig(image_size=4)
+    with pytest.raises(ValueError, match="min_objects"):
+        SyntheticConfig(min_objects=3, max_objects=2)
