@@ -224,3 +224,19 @@ def test_bad_model_options_raise():
         build_sam(tiny_config(), remat_policy="sometimes")
     with pytest.raises(ValueError, match="invalid SamConfig"):
         tiny_config(encoder_global_attn_indexes=(5,))
+
+
+def test_all_outputs_are_single_and_multimask_outputs(pair):
+    config, _, model, params = pair
+    rng = np.random.default_rng(6)
+    g, d = config.embedding_size, config.prompt_embed_dim
+    emb = rng.normal(size=(1, g, g, d)).astype(np.float32)
+    xy, lab = pack_prompts(rng.uniform(0, 100, size=(2, 1, 2)), np.ones((2, 1)))
+    low_all, iou_all = _decode(model, params, emb, xy[None], lab[None], multimask_output=None)
+    low_one, iou_one = _decode(model, params, emb, xy[None], lab[None], multimask_output=False)
+    low_three, iou_three = _decode(model, params, emb, xy[None], lab[None], multimask_output=True)
+    assert low_all.shape[2] == config.num_multimask_outputs + 1
+    np.testing.assert_array_equal(low_all[:, :, :1], low_one)
+    np.testing.assert_array_equal(low_all[:, :, 1:], low_three)
+    np.testing.assert_array_equal(iou_all[:, :, :1], iou_one)
+    np.testing.assert_array_equal(iou_all[:, :, 1:], iou_three)

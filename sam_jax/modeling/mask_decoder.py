@@ -51,13 +51,14 @@ class MaskDecoder(nn.Module):
         sparse_prompt_embeddings: jax.Array,
         token_mask: jax.Array,
         dense_prompt_embeddings: jax.Array,
-        multimask_output: bool,
+        multimask_output: bool | None,
     ) -> tuple[jax.Array, jax.Array]:
         """Decodes B prompts, each with its own image embedding.
 
         image_embeddings (B or 1, h, w, C); image_pe (h, w, C); sparse_prompt_embeddings (B, N, C)
         with token_mask (B, N) bool; dense_prompt_embeddings (B, h, w, C).
-        Returns masks (B, K, 4h, 4w) float32 logits and iou_pred (B, K), K = 3 or 1.
+        Returns masks (B, K, 4h, 4w) float32 logits and iou_pred (B, K): K = 3 (outputs 1..3) with
+        multimask_output True, K = 1 (output 0) with False, and all K = 4 outputs with None.
         """
         d = self.transformer_dim
         num_mask_tokens = self.num_multimask_outputs + 1
@@ -111,6 +112,8 @@ class MaskDecoder(nn.Module):
             self.dtype,
             name="iou_prediction_head",
         )(iou_token_out.astype(self.dtype)).astype(jnp.float32)
+        if multimask_output is None:
+            return masks, iou_pred
         if multimask_output:
             return masks[:, 1:], iou_pred[:, 1:]
         return masks[:, :1], iou_pred[:, :1]

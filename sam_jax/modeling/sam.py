@@ -81,7 +81,7 @@ class Sam(nn.Module):
         labels: jax.Array,
         mask_input: jax.Array | None = None,
         has_mask: jax.Array | None = None,
-        multimask_output: bool = True,
+        multimask_output: bool | None = True,
     ) -> tuple[jax.Array, jax.Array]:
         """Decodes P prompts for each of B images.
 
@@ -89,7 +89,8 @@ class Sam(nn.Module):
         (B, P, N) int (1 fg, 0 bg, -1 not-a-point, 2/3 box corners, PAD_LABEL ignored);
         mask_input (B, P, 4g, 4g) logits or None; has_mask (B, P) bool or None.
         Returns low-res mask logits (B, P, K, 4g, 4g) and IoU predictions (B, P, K), float32,
-        with K = num_multimask_outputs if multimask_output else 1.
+        with K = num_multimask_outputs if multimask_output else 1; multimask_output=None returns
+        all num_multimask_outputs + 1 outputs (index 0 is the single-mask output), in one pass.
         """
         b, p, n = labels.shape
         g, d = self.config.embedding_size, self.config.prompt_embed_dim
