@@ -1,13 +1,18 @@
 """SamAutomaticMaskGenerator: the official whole-image mask generator on top of the JAX model.
 
 Per crop (the whole image, then `crop_n_layers` layers of overlapping crops) three compiled calls:
-the image encoder; `_score_grid`, which decodes every grid point (one positive point plus the
-official (0, 0) padding point per prompt) in chunks of `points_per_batch` under `lax.map`,
-upsamples the logits to the crop size, filters by predicted IoU, stability score and crop edge and
-runs box NMS, all on the device, returning only scores and boxes; and `_kept_masks`, which decodes
-the kept prompts again and returns their bit-packed masks, so that only kept masks leave the device
-and peak memory stays bounded by one chunk. Cross-crop NMS, the optional small-region clean-up
-(OpenCV) and the RLE encodings (pycocotools for COCO RLE) run on the host, as in the official code.
+1. the image encoder;
+2. `_score_grid`: decodes every grid point (one positive point plus the official (0, 0) padding
+   point per prompt) in chunks of `points_per_batch` under `lax.map`, upsamples the logits to the
+   crop size as the official post-processing, filters by predicted IoU, stability score and crop
+   edge and runs the box NMS, all on the device; only scores, boxes and kept indices come back;
+3. `_kept_masks`: decodes the kept prompts again (same chunk shape, hence the same masks) and
+   returns their bit-packed masks, so only kept masks leave the device.
+Device memory is bounded by one chunk of masks at crop resolution, whatever the number of points.
+Crops are computed at their layer's largest crop size rounded up to 32 pixels (pixels outside the
+crop are masked out), so crops and similar image sizes share compiled versions. Cross-crop NMS,
+the optional small-region clean-up (OpenCV, else scipy.ndimage) and the RLE encodings
+(pycocotools for COCO RLE) follow, in the official order and with the official tie-breaking.
 """
 
 from __future__ import annotations
@@ -23,6 +28,11 @@ import numpy as np
 from sam_jax import amg_utils as au
 from sam_jax import functional as F
 from sam_jax import transforms
+
+try:
+    from jax.experimental import layout as _layout
+except ImportError:  # older jax: no layout constraints (only slower on CPU)
+    _layout = None
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 MASK_THRESHOLD = 0.0
@@ -57,29 +67,50 @@ def _crop_taps(input_size, crop_size, padded_size) -> dict[str, np.ndarray]:
     return {"rows": rows, "cols": cols}
 
 
-def _decode_chunk(model, params, emb, points, taps):
+def _row_major(x):
+    """Pins x to the row-major layout. Without it XLA:CPU keeps the gathers' transposed layouts
+    and the reductions that follow run some 20x slower."""
+    if _layout is None:
+        return x
+    return _layout.with_layout_constraint(x, _layout.Layout(tuple(range(x.ndim))))
+
+
+def _interp(x, axis: int, taps):
+    """One bilinear pass along `axis` (-1 or -2) with taps (i0, i1, w0, w1), computed as
+    `transforms.resize_bilinear` does (w0 * x[i0] + w1 * x[i1], in float32)."""
+    i0, i1, w0, w1 = taps
+    shape = (-1,) if axis == -1 else (-1, 1)
+    w0, w1 = jnp.asarray(w0, x.dtype).reshape(shape), jnp.asarray(w1, x.dtype).reshape(shape)
+    return _row_major(w0 * jnp.take(x, i0, axis=axis) + w1 * jnp.take(x, i1, axis=axis))
+
+
+def _decode_chunk(model, params, emb, points, taps, resized):
     """points (B, 2) float32 input frame -> logits (B, C, Hp, Wp) at the (padded) crop size, -inf
-    outside the crop, and iou (B, C). Same arithmetic as `transforms.postprocess_masks`."""
+    outside the crop, and iou (B, C). Same arithmetic as `transforms.postprocess_masks`; the first
+    resize is computed over `resized` (>= the input size), the taps read only the input size."""
     b = points.shape[0]
     prompts = jnp.stack([points, jnp.zeros_like(points)], axis=1)[None]  # (1, B, 2, 2)
     labels = jnp.broadcast_to(jnp.array([1, -1], jnp.int32), (1, b, 2))
     low_res, iou = model.apply(
         {"params": params}, emb, prompts, labels, None, None, True, method=model.decode
     )
-    s = model.config.image_size
-    x = transforms.resize_bilinear(low_res[0], (s, s))  # (B, C, S, S); cropped by the taps
-    i0, i1, w0, w1 = taps["cols"]
-    x = w0 * jnp.take(x, i0, axis=-1) + w1 * jnp.take(x, i1, axis=-1)
-    i0, i1, w0, w1 = taps["rows"]
-    x = w0[:, None] * jnp.take(x, i0, axis=-2) + w1[:, None] * jnp.take(x, i1, axis=-2)
+    s, m = model.config.image_size, low_res.shape[-1]
+    # Official post-processing: bilinear to (S, S) (only its top-left `resized` part is needed),
+    # crop to the input size and bilinear to the crop size (both folded into the taps).
+    x = _interp(low_res[0], -1, transforms._bilinear_taps(m, s, resized[1]))
+    x = _interp(x, -2, transforms._bilinear_taps(m, s, resized[0]))  # (B, C, *resized)
+    x = _interp(x, -1, taps["cols"])
+    x = _interp(x, -2, taps["rows"])
     inside = (taps["rows"][2] + taps["rows"][3] > 0)[:, None] & (
         taps["cols"][2] + taps["cols"][3] > 0
     )[None, :]
     return jnp.where(inside, x, -jnp.inf), iou[0]
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
-def _score_grid(model, params, emb, points, point_valid, taps, crop_box, orig_box, settings):
+@functools.partial(jax.jit, static_argnames=("model", "resized"))
+def _score_grid(
+    model, params, emb, points, point_valid, taps, crop_box, orig_box, settings, resized
+):
     """Scores every mask of a crop's point grid and runs the in-crop box NMS.
 
     emb (1, g, g, D); points (n_chunks, B, 2) float32 in the input frame; point_valid
@@ -90,7 +121,7 @@ def _score_grid(model, params, emb, points, point_valid, taps, crop_box, orig_bo
     """
 
     def one_chunk(pts):
-        logits, iou = _decode_chunk(model, params, emb, pts, taps)
+        logits, iou = _decode_chunk(model, params, emb, pts, taps, resized)
         stability = au.calculate_stability_score(
             logits, MASK_THRESHOLD, settings["stability_score_offset"]
         )
@@ -110,8 +141,8 @@ def _score_grid(model, params, emb, points, point_valid, taps, crop_box, orig_bo
     return keep, num_kept, iou, stability, boxes
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
-def _kept_masks(model, params, emb, points, channels, taps):
+@functools.partial(jax.jit, static_argnames=("model", "resized"))
+def _kept_masks(model, params, emb, points, channels, taps, resized):
     """Masks of chosen prompts: points (n_chunks, B, 2), channels (n_chunks, B) int32 ->
     bit-packed bool masks (n_chunks, B, ceil(Hp * Wp / 8)) uint8 (row-major (Hp, Wp) bits).
 
@@ -119,7 +150,7 @@ def _kept_masks(model, params, emb, points, channels, taps):
 
     def one_chunk(args):
         pts, ch = args
-        logits, _ = _decode_chunk(model, params, emb, pts, taps)
+        logits, _ = _decode_chunk(model, params, emb, pts, taps, resized)
         chosen = jnp.take_along_axis(logits, ch[:, None, None, None], axis=1)[:, 0]
         return jnp.packbits((chosen > MASK_THRESHOLD).reshape(pts.shape[0], -1), axis=-1)
 
@@ -284,12 +315,20 @@ class SamAutomaticMaskGenerator:
         crop_boxes, layer_idxs = au.generate_crop_boxes(
             orig_size, self.crop_n_layers, self.crop_overlap_ratio
         )
-        # Crops of a layer are computed at the layer's largest crop size rounded up to a multiple
-        # of PAD_MULTIPLE, so that a layer, and images of similar sizes, share compiled versions.
+        # Crops of a layer are computed at the layer's largest crop (and resized input) size
+        # rounded up to PAD_MULTIPLE, so a layer and similar image sizes share compiled versions.
+        s = self.model.config.image_size
         padded = {}
         for (x0, y0, x1, y1), layer in zip(crop_boxes, layer_idxs, strict=True):
-            ph, pw = padded.get(layer, (0, 0))
-            padded[layer] = (max(ph, _round_up(y1 - y0)), max(pw, _round_up(x1 - x0)))
+            ih, iw = transforms.get_preprocess_shape(y1 - y0, x1 - x0, s)
+            sizes = (
+                _round_up(y1 - y0),
+                _round_up(x1 - x0),
+                min(s, _round_up(ih)),
+                min(s, _round_up(iw)),
+            )
+            old = padded.get(layer, sizes)
+            padded[layer] = tuple(max(a, b) for a, b in zip(old, sizes, strict=True))
         parts = [
             self._process_crop(image, box, layer, orig_size, padded[layer])
             for box, layer in zip(crop_boxes, layer_idxs, strict=True)
@@ -312,15 +351,16 @@ class SamAutomaticMaskGenerator:
         data["masks"] = masks
         return data
 
-    def _process_crop(
-        self, image, crop_box, layer_idx, orig_size, padded_size
-    ) -> dict[str, np.ndarray]:
+    def _process_crop(self, image, crop_box, layer_idx, orig_size, padded) -> dict[str, np.ndarray]:
+        """Kept masks of one crop. padded = (Hp, Wp, Hr, Wr): the padded crop size and the extent
+        of the first resize (see `_decode_chunk`)."""
         model, params = self.model, self.params
         x0, y0, x1, y1 = crop_box
         cropped = image[y0:y1, x0:x1, :]
         crop_size = (int(cropped.shape[0]), int(cropped.shape[1]))
         images, input_sizes, _ = F.preprocess_images([cropped], model.config.image_size)
         emb = F.encode_images(model, params, jnp.asarray(images))
+        padded_size, resized = padded[:2], padded[2:]
         taps = _crop_taps(input_sizes[0], crop_size, padded_size)
 
         # Grid points in the crop frame (float64, as the official code), then the input frame.
@@ -341,11 +381,12 @@ class SamAutomaticMaskGenerator:
             np.asarray(crop_box, np.int32),
             np.asarray([0, 0, orig_size[1], orig_size[0]], np.int32),
             self._settings(),
+            resized=resized,
         )
         keep = np.asarray(keep)[: int(num_kept)]
         c = iou.shape[0] // (n_chunks * chunk)
         point_idx, channel = keep // c, keep % c
-        masks = self._masks_of(emb, model_points, point_idx, channel, taps, padded_size)
+        masks = self._masks_of(emb, model_points, point_idx, channel, taps, padded)
         offset = np.array([x0, y0, x0, y0])
         return {
             "masks": masks[:, : crop_size[0], : crop_size[1]],
@@ -356,9 +397,9 @@ class SamAutomaticMaskGenerator:
             "crop_boxes": np.tile(np.asarray(crop_box, np.int64), (len(keep), 1)),
         }
 
-    def _masks_of(self, emb, model_points, point_idx, channel, taps, padded_size):
+    def _masks_of(self, emb, model_points, point_idx, channel, taps, padded):
         """bool (K, Hp, Wp) masks of the kept (point, channel) pairs (crop frame, padded)."""
-        h, w = padded_size
+        h, w = padded[:2]
         k = len(point_idx)
         if k == 0:
             return np.zeros((0, h, w), bool)
@@ -371,6 +412,7 @@ class SamAutomaticMaskGenerator:
             _chunked(model_points[point_idx], chunk, n_chunks),
             _chunked(channel.astype(np.int32), chunk, n_chunks),
             taps,
+            resized=padded[2:],
         )
         packed = np.asarray(packed).reshape(n_chunks * chunk, -1)[:k]
         return np.unpackbits(packed, axis=-1, count=h * w).reshape(k, h, w).astype(bool)

@@ -218,3 +218,15 @@ def test_grid_points_reach_the_prompt_encoder_as_official():
     np.testing.assert_array_equal(ours, official)
     naive = (points.astype(np.float32) + np.float32(0.5)) / np.float32(s)
     assert not np.array_equal(naive, official)  # the plain float32 cast would differ
+
+
+def test_results_do_not_depend_on_points_per_batch(models, image):
+    """64 points in chunks of 24 (the last one padded) give the records of chunks of 16 (up to
+    float rounding: the decoder runs at another batch size)."""
+    _, model, params = models
+    ref = SamAutomaticMaskGenerator(model, params, **FILTERED).generate(image)
+    other = SamAutomaticMaskGenerator(model, params, **dict(FILTERED, points_per_batch=24))
+    got = other.generate(image)
+    assert len(got) == len(ref) > 0
+    _match(ref, got)
+    assert sorted(r["point_coords"] for r in got) == sorted(r["point_coords"] for r in ref)

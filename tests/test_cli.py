@@ -13,7 +13,7 @@ from pycocotools import mask as mask_utils
 from sam_jax import amg, predict
 from sam_jax.automatic_mask_generator import SamAutomaticMaskGenerator
 from sam_jax.checkpoint_mapping import state_dict_to_params
-from sam_jax.checkpoints import save_converted
+from sam_jax.checkpoints import save_converted, save_pth
 from sam_jax.config import tiny_config
 from sam_jax.modeling import build_sam
 from sam_jax.predictor import SamPredictor
@@ -40,16 +40,24 @@ def _image(seed, h=72, w=96):
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     config = tiny_config()
-    params = state_dict_to_params(state_dict_numpy(build_official(config, seed=0)), config)
+    state_dict = state_dict_numpy(build_official(config, seed=0))
+    params = state_dict_to_params(state_dict, config)
     ckpt = root / "tiny_ckpt"
     save_converted(ckpt, config, params)
+    save_pth(root / "tiny.pth", state_dict)
     images = root / "images"
     images.mkdir()
     Image.fromarray(_image(0)).save(images / "a.png")
     Image.fromarray(_image(1)).save(images / "b.png")
     (images / "broken.jpg").write_bytes(b"this is not an image")
     (images / "subdir").mkdir()
-    return {"ckpt": str(ckpt), "images": images, "model": build_sam(config), "params": params}
+    return {
+        "ckpt": str(ckpt),
+        "pth": str(root / "tiny.pth"),
+        "images": images,
+        "model": build_sam(config),
+        "params": params,
+    }
 
 
 def _expected(setup, name, **kw):
@@ -118,6 +126,9 @@ def test_amg_bad_arguments(setup, tmp_path, capsys):
     assert "0 of 1 images processed, 1 failed" in capsys.readouterr().out
     missing_ckpt = ["--checkpoint", str(tmp_path / "nope"), "--output", str(tmp_path / "o")]
     assert amg.main(missing_ckpt + ["--input", str(setup["images"] / "a.png")]) == 2
+    wrong_type = ["--checkpoint", setup["pth"], "--model-type", "vit_b", "--output", str(tmp_path)]
+    assert amg.main(wrong_type + ["--input", str(setup["images"] / "a.png")]) == 2
+    assert "vit_b" in capsys.readouterr().err
 
 
 def test_predict_points_and_box(setup, tmp_path, capsys):
