@@ -21,5 +21,11 @@ lint: install
 test: install lint
 	$(VENV)/bin/pytest -q
 
+# The main job: train a small SAM on the built-in synthetic data, then evaluate it on held-out images.
+DEMO_DIR ?= workdir/demo
+demo: install
+	$(PY) train.py --config configs/demo.py --workdir $(DEMO_DIR)
+	$(PY) eval.py --checkpoint $(DEMO_DIR)/model --dataset synthetic:test --output $(DEMO_DIR)/eval
+
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,19 @@
+"""SAM training: the interactive recipe, sharded over a device mesh, with orbax checkpoints.
+
+Needs the training extras (optax, orbax-checkpoint, ml_collections; tensorflow for TensorBoard
+events), so the inference path never imports this package. Modules:
+
+    defaults          the experiment ConfigDict every file in configs/ starts from (all fields)
+    losses            focal / dice / IoU-MSE and SAM's minimum-loss rule
+    prompt_sampling   first prompt (point or noisy box) and error-region correction clicks
+    train_step        encoder once per image, the simulated rounds under lax.scan, the update
+    optimizer         AdamW, warm-up + step/cosine decay, layer-wise lr decay, frozen parts
+    train_state       TrainState (step, params, opt_state, rng)
+    sharding          (data, fsdp) mesh, parameter / optimizer-state / batch sharding rules
+    checkpointing     orbax CheckpointManager: async saves, keep-last-N, data position
+    initialization    SamConfig and initial params: random, a SAM checkpoint or MAE
+    metrics           metrics.jsonl, TensorBoard events, MFU
+    validation        periodic point-prompt mIoU on held-out images (sam_jax.evaluation)
+    visualize         the predictions picture written at the end of training
+    train_loop        train_and_evaluate(config, workdir): what train.py runs
+"""

@@ -1,0 +1,74 @@
+"""Train checkpoints with an orbax CheckpointManager (async saves, keep the last N).
+
+Layout: WORKDIR/checkpoints/<step>/{state, meta}. `state` is the TrainState (params, opt_state,
+step, rng; restored straight into its shardings); `meta` is JSON: the data-iterator position
+(batches consumed), the SamConfig and the experiment config, so a checkpoint is self-describing.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    """Thin wrapper over ocp.CheckpointManager for the train state and its metadata."""
+
+    def __init__(self, directory: str, max_to_keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "meta")
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, meta: dict[str, Any], force: bool = False) -> bool:
+        """Starts an (async) save of `state` and `meta` at `step`; returns whether it saved."""
+        return self.manager.save(
+            int(step),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+            ),
+            force=force,
+        )
+
+    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
+        """Restores (state, meta) at `step` (default: latest) into abstract_state's shardings.
+
+        abstract_state: a pytree of jax.ShapeDtypeStruct with .sharding set (jax.eval_shape of the
+        init function, with shardings attached).
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        out = self.manager.restore(
+            int(step),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+            ),
+        )
+        return out["state"], dict(out["meta"])
+
+    def wait(self) -> None:
+        """Blocks until pending async saves are committed."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs of `tree` (arrays or abstract) carrying the given shardings."""
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )

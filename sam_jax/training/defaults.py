@@ -1,0 +1,119 @@
+"""Default experiment config (ml_collections.ConfigDict); files in configs/ start from it.
+
+Every field can be overridden from the command line: `--config.optimizer.lr=1e-4`,
+`--config.mesh_shape="(4,2)"`. Fields:
+
+model            "vit_b" | "vit_l" | "vit_h" | "tiny" (sam_jax.config.tiny_config)
+model_overrides  SamConfig fields to change (image_size, drop_path_rate, ...)
+dtype            compute dtype ("bfloat16" or "float32"); params and optimizer state are float32
+attention_impl   "xla" | "cudnn" | "auto"
+remat_policy     encoder block remat: "none", "full", "dots_saveable", ... (jax.checkpoint_policies)
+init.type        "random" | "sam" (converted orbax dir or official .pth) | "mae" (official MAE .pth)
+init.path        checkpoint path for "sam" / "mae"
+trainable        "all" | "prompt_encoder_and_decoder" | "mask_decoder"
+data.train       training dataset spec (synthetic, sa1b:PATH, coco:ANN:IMAGES, tfds:NAME)
+data.train_split split name passed to the iterator
+data.max_masks   masks per image (64 in the paper)
+data.large_scale_jitter  None or (min, max) scale range
+batch_size       global batch (images per step, over all devices and processes)
+total_steps      optimizer steps
+seed             model init, prompt sampling, drop path and data order
+optimizer.*      lr, b1, b2, eps, weight_decay, warmup_steps, decay ("step" | "cosine" |
+                 "constant"), decay_steps, decay_factor, layer_decay, grad_clip_norm (0 = off)
+train.*          num_rounds (11), box_prob, box_noise_std (fraction of side), box_noise_max (px),
+                 focal_weight (20), focal_alpha (0.25; < 0: none), focal_gamma (2; 0 with
+                 alpha < 0 gives binary cross-entropy), dice_weight (1), iou_weight (1),
+                 supervise_all_iou,
+                 max_mask_area_fraction (0.9), mask_prompt_prob (chance that a correction
+                 round gets the previous logits as mask prompt; 1 in the paper),
+                 unroll_rounds (lax.scan unroll of the rounds: faster steps, longer compile)
+mesh_shape       (data, fsdp); -1 takes the remaining devices
+sharding_rules   ((regex, spec tuple), ...) overrides; min_fsdp_size: smaller arrays replicate
+checkpoint.*     every_steps, max_to_keep, async_save
+log_every_steps  metrics.jsonl / TensorBoard / progress-bar period
+eval.*           dataset (spec, "" = off), split, every_steps (0 = only at the end), max_images,
+                 max_masks, num_points (mIoU after these clicks), batch_size, feed_mask
+                 (previous logits as mask prompt, as eval.py --feed-mask)
+peak_tflops_per_device  for the MFU estimate; 0 = look up the device kind (None if unknown)
+compilation_cache_dir  persistent jax compilation cache ("" = off): reruns and resumes skip
+                 compiling the train step
+progress_bar     show a tqdm bar
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = "vit_b"
+    c.model_overrides = ml_collections.ConfigDict()
+    c.dtype = "bfloat16"
+    c.attention_impl = "xla"
+    c.remat_policy = "full"
+    c.init = ml_collections.ConfigDict({"type": "random", "path": ""})
+    c.trainable = "all"
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train = "synthetic"
+    c.data.train_split = "train"
+    c.data.max_masks = 64
+    c.data.large_scale_jitter = ml_collections.FieldReference(None, field_type=tuple)
+
+    c.batch_size = 256
+    c.total_steps = 90_000
+    c.seed = 0
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.lr = 8e-4
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.eps = 1e-8
+    c.optimizer.weight_decay = 0.1
+    c.optimizer.warmup_steps = 250
+    c.optimizer.decay = "step"
+    c.optimizer.decay_steps = (60_000, 86_666)
+    c.optimizer.decay_factor = 0.1
+    c.optimizer.layer_decay = 0.8
+    c.optimizer.grad_clip_norm = 0.0
+
+    c.train = ml_collections.ConfigDict()
+    c.train.num_rounds = 11
+    c.train.box_prob = 0.5
+    c.train.box_noise_std = 0.1
+    c.train.box_noise_max = 20.0
+    c.train.focal_weight = 20.0
+    c.train.focal_alpha = 0.25
+    c.train.focal_gamma = 2.0
+    c.train.dice_weight = 1.0
+    c.train.iou_weight = 1.0
+    c.train.supervise_all_iou = True
+    c.train.max_mask_area_fraction = 0.9
+    c.train.mask_prompt_prob = 1.0
+    c.train.unroll_rounds = 1
+
+    c.mesh_shape = (-1, 1)
+    c.sharding_rules = ()
+    c.min_fsdp_size = 2**14
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 1000
+    c.checkpoint.max_to_keep = 3
+    c.checkpoint.async_save = True
+
+    c.log_every_steps = 50
+    c.eval = ml_collections.ConfigDict()
+    c.eval.dataset = ""
+    c.eval.split = "val"
+    c.eval.every_steps = 0
+    c.eval.max_images = 50
+    c.eval.max_masks = 500
+    c.eval.num_points = (1, 5)
+    c.eval.batch_size = 64
+    c.eval.feed_mask = False
+
+    c.peak_tflops_per_device = 0.0
+    c.compilation_cache_dir = ""
+    c.progress_bar = True
+    return c

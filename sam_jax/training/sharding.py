@@ -1,0 +1,119 @@
+"""Device mesh and sharding rules (data parallel + FSDP), the same code on 1 to N devices.
+
+Mesh axes: ("data", "fsdp"). The batch is split over both axes (every device gets its own
+images); parameters and optimizer state are split over "fsdp" (ZeRO-3 style, XLA inserts the
+all-gathers) and replicated over "data". Rules, in order, per array leaf:
+  1. the first regex in `rules` (a sequence of (regex, PartitionSpec-like tuple)) matching the
+     leaf's path decides;
+  2. otherwise an array with at least `min_fsdp_size` elements is split over "fsdp" on its largest
+     dimension divisible by the fsdp size;
+  3. otherwise it is replicated.
+Optimizer-state leaves mirror parameter paths (e.g. `.../mu/image_encoder/blocks_0/...`), so
+the same rules shard them like their parameters.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from sam_jax.training.optimizer import path_str
+
+MESH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp")
+
+
+def maybe_initialize_distributed() -> None:
+    """Calls jax.distributed.initialize() when the environment describes several processes.
+
+    Detects TPU pods (several TPU worker hostnames), SLURM / Open MPI launches with more than one
+    task, or an explicit JAX_COORDINATOR_ADDRESS. Must run before any other jax call.
+    """
+    tpu_hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    several = (
+        "," in tpu_hosts
+        or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+        or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+        or bool(os.environ.get("JAX_COORDINATOR_ADDRESS"))
+    )
+    if several and not jax.distributed.is_initialized():
+        jax.distributed.initialize()
+
+
+def make_mesh(mesh_shape: Sequence[int], devices: Sequence[Any] | None = None) -> Mesh:
+    """Mesh of shape (data, fsdp). A -1 entry takes all remaining devices (like big_vision)."""
+    devices = list(devices if devices is not None else jax.devices())
+    shape = [int(s) for s in mesh_shape]
+    if len(shape) != 2:
+        raise ValueError(f"mesh_shape must have 2 entries (data, fsdp), got {mesh_shape}")
+    if shape.count(-1) > 1:
+        raise ValueError(f"at most one mesh_shape entry may be -1, got {mesh_shape}")
+    known = int(np.prod([s for s in shape if s != -1]))
+    if -1 in shape:
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices do not divide into mesh {mesh_shape}")
+        shape[shape.index(-1)] = len(devices) // known
+    if int(np.prod(shape)) != len(devices):
+        raise ValueError(f"mesh {tuple(shape)} needs {np.prod(shape)} devices, have {len(devices)}")
+    # Auto axes: XLA propagates shardings (GSPMD); the model code needs no sharding annotations.
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=auto, devices=devices)
+
+
+def spec_for(
+    path: str,
+    shape: tuple[int, ...],
+    fsdp_size: int,
+    rules: Sequence[tuple[str, tuple]] = (),
+    min_fsdp_size: int = 2**14,
+) -> P:
+    """PartitionSpec of one array leaf (see module doc)."""
+    for pattern, spec in rules:
+        if re.search(pattern, path):
+            return P(*spec)
+    size = int(np.prod(shape)) if shape else 1
+    if fsdp_size > 1 and size >= min_fsdp_size:
+        for d in sorted(range(len(shape)), key=lambda i: -shape[i]):
+            if shape[d] % fsdp_size == 0:
+                spec = [None] * len(shape)
+                spec[d] = "fsdp"
+                return P(*spec)
+    return P()
+
+
+def tree_shardings(
+    mesh: Mesh, tree: Any, rules: Sequence[tuple[str, tuple]] = (), min_fsdp_size: int = 2**14
+) -> Any:
+    """NamedSharding for every leaf of an (abstract) pytree of arrays."""
+    fsdp = mesh.shape["fsdp"]
+
+    def one(path, x):
+        shape = tuple(getattr(x, "shape", ()))
+        return NamedSharding(mesh, spec_for(path_str(path), shape, fsdp, rules, min_fsdp_size))
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Leading (batch) axis split over all mesh axes, the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def shard_batch(mesh: Mesh, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Process-local numpy batch -> global jax arrays sharded over the batch axes.
+
+    Each process passes only its own share (process_count > 1 on pods): the global batch is the
+    concatenation over processes.
+    """
+    out = {}
+    for k, v in batch.items():
+        v = np.asarray(v)
+        out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
+    return out

@@ -1,0 +1,303 @@
+"""The training main loop: mesh -> sharded state (fresh or restored) -> steps -> logs/ckpts.
+
+`train_and_evaluate(config, workdir)` is what train.py calls. Rerunning it on the same workdir
+resumes from the latest checkpoint (train state, step, RNG and data position). SIGTERM saves a
+checkpoint at the next step boundary and returns normally (train.py then exits 0). A non-finite
+loss or update stops the run with NonFiniteLossError and saves nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from sam_jax.modeling import build_sam
+from sam_jax.training import checkpointing, initialization, metrics, sharding
+from sam_jax.training.optimizer import lr_schedule_from_config, make_optimizer
+from sam_jax.training.train_state import create_train_state
+from sam_jax.training.train_step import make_train_step
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (or the update) became NaN or infinite."""
+
+
+class PreemptionFlag:
+    """Set by SIGTERM (how TPU pods and most schedulers preempt); checked at step boundaries."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        if jax.process_count() == 1:  # several processes: jax's preemption sync point instead
+            try:
+                self._previous = signal.signal(signal.SIGTERM, self._handle)
+            except ValueError:  # not the main thread
+                pass
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self.requested = True
+
+    def should_stop(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def default_iterator(config: Any, sam_config: Any, start_batch: int) -> Iterator[dict]:
+    """The process-local training batches from sam_jax.data, starting at batch `start_batch`."""
+    from sam_jax.data import make_train_iterator
+
+    lsj = config.data.large_scale_jitter
+    return make_train_iterator(
+        config.data.train,
+        split=config.data.train_split,
+        batch_size=config.batch_size // jax.process_count(),
+        image_size=sam_config.image_size,
+        mask_size=sam_config.low_res_size,
+        max_masks=config.data.max_masks,
+        seed=config.seed,
+        start_batch=start_batch,
+        large_scale_jitter=tuple(lsj) if lsj else None,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        max_mask_area_fraction=config.train.max_mask_area_fraction,
+    )
+
+
+def _mean_metrics(history: list[dict[str, Any]]) -> dict[str, float]:
+    return {k: float(np.mean([h[k] for h in history])) for k in history[0]}
+
+
+def _check_config(config: Any, num_devices: int) -> None:
+    if config.batch_size % num_devices:
+        raise ValueError(
+            f"batch_size {config.batch_size} is not divisible by {num_devices} devices"
+        )
+    if config.batch_size % jax.process_count():
+        raise ValueError(f"batch_size {config.batch_size} not divisible by the process count")
+    if config.total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {config.total_steps}")
+    if config.train.num_rounds < 1:
+        raise ValueError(f"train.num_rounds must be >= 1, got {config.train.num_rounds}")
+
+
+def train_and_evaluate(
+    config: Any,
+    workdir: str,
+    make_iterator: Callable[[Any, Any, int], Iterator[dict]] = default_iterator,
+) -> dict[str, Any]:
+    """Trains (or resumes) `config` in `workdir`; returns the last logged metrics.
+
+    make_iterator(config, sam_config, start_batch) -> iterator of process-local numpy batches
+    (tests pass a fake one). Returns {"step", "preempted", **last metrics, **validation}.
+    """
+    sharding.maybe_initialize_distributed()
+    if config.compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    mesh = sharding.make_mesh(config.mesh_shape)
+    _check_config(config, mesh.devices.size)
+    is_main = jax.process_index() == 0
+
+    # Model, optimizer and the abstract (shape-only) train state with its shardings.
+    sam_config = initialization.sam_config_from(config)
+    remat = None if config.remat_policy in (None, "", "none") else config.remat_policy
+    model = build_sam(sam_config, config.dtype, config.attention_impl, remat)
+    param_shapes = model.param_shapes()
+    tx = make_optimizer(config, param_shapes, sam_config.encoder_depth)
+    init_params = initialization.initial_params(config, sam_config, model)
+
+    def init_state(params):
+        if params is None:
+            params = model.init_params(jax.random.key(config.seed))
+        return create_train_state(params, tx, config.seed)
+
+    abstract_state = jax.eval_shape(init_state, init_params)
+    rules = [tuple(r) for r in config.sharding_rules]
+    state_shardings = sharding.tree_shardings(mesh, abstract_state, rules, config.min_fsdp_size)
+
+    ckpt = checkpointing.Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        config.checkpoint.max_to_keep,
+        config.checkpoint.async_save,
+    )
+    if ckpt.latest_step() is not None:
+        target = checkpointing.abstract_with_shardings(abstract_state, state_shardings)
+        state, meta = ckpt.restore(target)
+        start_batch = int(meta["batches_consumed"])
+        print(f"resumed from {ckpt.directory} at step {int(state.step)}")
+    else:
+        state = jax.jit(init_state, out_shardings=state_shardings)(init_params)
+        start_batch = 0
+    del init_params
+    step = int(state.step)
+    preempt = PreemptionFlag()
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json(indent=2))
+
+    # The jitted train step.
+    train_step = make_train_step(model, tx, config, param_shapes)
+    replicated = NamedSharding(mesh, P())
+    jitted = jax.jit(
+        train_step,
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=(0,),
+    )
+    validator = _make_validator(config, sam_config)
+    writer = metrics.MetricWriter(workdir, resume_step=step)
+    batches = make_iterator(config, sam_config, start_batch)
+    peak = metrics.peak_flops_per_device(config.peak_tflops_per_device)
+    schedule = lr_schedule_from_config(config)
+    num_devices = mesh.devices.size
+
+    compiled, flops, history, last = None, None, [], {}
+    pbar = _progress_bar(config, step) if is_main else None
+    t_log, steps_since_log = time.perf_counter(), 0
+    try:
+        while step < config.total_steps:
+            batch = sharding.shard_batch(mesh, next(batches))
+            if compiled is None:
+                t0 = time.perf_counter()
+                lowered = jitted.lower(state, batch)
+                compiled = lowered.compile()
+                flops = model_flops(config, sam_config, tx, state, batch)
+                if is_main:
+                    print(f"compiled the train step in {time.perf_counter() - t0:.1f} s")
+                t_log = time.perf_counter()
+            state, m = compiled(state, batch)
+            m = jax.device_get(m)
+            step += 1
+            steps_since_log += 1
+            finite = bool(m.pop("finite")) and math.isfinite(m["loss"])
+            if not finite:
+                writer.write(step, {"loss": m["loss"], "grad_norm": m["grad_norm"]})
+                raise NonFiniteLossError(
+                    f"loss became {m['loss']} (grad norm {m['grad_norm']}) at step {step}: the "
+                    "loss, its gradient or the update is NaN or infinite; stopped without "
+                    f"saving (last good checkpoint: step {ckpt.latest_step()})"
+                )
+            history.append({k: float(v) for k, v in m.items()})
+            record = {}
+            if step % config.log_every_steps == 0 or step == config.total_steps:
+                dt = time.perf_counter() - t_log
+                record = _mean_metrics(history)
+                record["lr"] = float(schedule(step - 1))
+                record["images_per_s"] = config.batch_size * steps_since_log / dt
+                record["step_time_s"] = dt / steps_since_log
+                if flops is not None and peak is not None:
+                    record["mfu"] = flops * steps_since_log / dt / (peak * num_devices)
+                if pbar is not None:
+                    pbar.set_postfix(_postfix(record), refresh=False)
+                history, steps_since_log = [], 0
+                t_log = time.perf_counter()
+            if pbar is not None:
+                pbar.update(1)
+            every = config.eval.every_steps
+            if validator and (step == config.total_steps or (every and step % every == 0)):
+                t_val = time.perf_counter()
+                val = validator(state.params)
+                t_log += time.perf_counter() - t_val  # not counted in images/s
+                record.update(val)
+                if is_main:
+                    print(f"step {step}: " + json.dumps({k: round(v, 4) for k, v in val.items()}))
+            if record:
+                writer.write(step, record)
+                last.update(record)
+            stop = preempt.should_stop(step)
+            if stop or step % config.checkpoint.every_steps == 0 or step == config.total_steps:
+                meta = {"batches_consumed": step, "sam_config": sam_config.to_dict()}
+                ckpt.save(step, state, meta, force=True)
+            if stop:
+                ckpt.wait()
+                if is_main:
+                    print(f"preempted: saved a checkpoint at step {step} and stopping")
+                return {"step": step, "preempted": True, **last}
+        ckpt.wait()
+        _finish(workdir, sam_config, state.params, validator)
+        return {"step": step, "preempted": False, **last}
+    finally:
+        if hasattr(batches, "close"):
+            batches.close()
+        preempt.restore()
+        if pbar is not None:
+            pbar.close()
+        writer.close()
+        ckpt.close()
+
+
+def model_flops(config, sam_config, tx, state, batch) -> float | None:
+    """Model FLOPs of one train step of `config`: XLA's count of the step lowered (not compiled)
+    without remat (no recompute) and with the rounds unrolled (XLA counts a loop body once)."""
+    flops_config = config.copy_and_resolve_references()
+    flops_config.train.unroll_rounds = config.train.num_rounds
+    model = build_sam(sam_config, config.dtype, config.attention_impl, None)
+    step_fn = make_train_step(model, tx, flops_config, model.param_shapes())
+    return metrics.flops_of(jax.jit(step_fn).lower(state, batch))
+
+
+def _make_validator(config: Any, sam_config: Any):
+    if not config.eval.dataset:
+        return None
+    from sam_jax.training.validation import Validator, load_examples
+
+    examples = load_examples(config.eval.dataset, config.eval.split, config.eval.max_images)
+    eval_model = build_sam(sam_config.replace(drop_path_rate=0.0), jnp.float32, "xla")
+    ec = config.eval
+    return Validator(eval_model, examples, ec.num_points, ec.max_masks, ec.batch_size, ec.feed_mask)
+
+
+def _finish(workdir: str, sam_config: Any, params: Any, validator: Any) -> None:
+    """Exports the final params as a converted checkpoint (WORKDIR/model, for sam_jax.load and
+    eval.py) and draws predictions on held-out images (WORKDIR/predictions.png)."""
+    from sam_jax.checkpoints import save_converted
+    from sam_jax.training.validation import host_params
+
+    params = host_params(params)  # every process takes part in the gather
+    if jax.process_index() != 0:
+        return
+    path = os.path.join(workdir, "model")
+    save_converted(path, sam_config.replace(drop_path_rate=0.0), params, True)
+    print(f"exported the trained model to {path}")
+    if validator is not None:
+        from sam_jax.training.visualize import save_prediction_figure
+
+        path = save_prediction_figure(
+            validator.model, params, validator.examples, os.path.join(workdir, "predictions.png")
+        )
+        print(f"wrote {path}")
+
+
+def _progress_bar(config: Any, step: int):
+    if not config.progress_bar:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=config.total_steps, initial=step, unit="step", dynamic_ncols=True)
+
+
+def _postfix(m: dict[str, float]) -> dict[str, str]:
+    out = {"loss": f"{m['loss']:.3f}", "lr": f"{m['lr']:.2e}", "img/s": f"{m['images_per_s']:.1f}"}
+    if "mfu" in m:
+        out["mfu"] = f"{100 * m['mfu']:.1f}%"
+    return out

@@ -1,0 +1,219 @@
+"""The SAM train step: encoder once per image, then the 11-round interactive simulation.
+
+Batch (global, sharded over the batch axes), as produced by `sam_jax.data.make_train_iterator`:
+    image (B, S, S, 3) uint8, resized longest side S and zero-padded bottom/right
+    image_hw (B, 2) int32 resized (h, w) before padding
+    masks (B, M, m, m) uint8 ground truth at the low-res size m = 4g, in the padded frame
+    mask_valid (B, M) bool
+Every mask is one prompt sequence: the decoder sees (B, M) prompts per step and round.
+
+Rounds (paper appendix A): round 0 is a uniform foreground point or a noisy box (equal chance);
+rounds 1..R-1 feed the previous round's logits back as the mask prompt (each with probability
+train.mask_prompt_prob, 1 in the paper) and add one click drawn uniformly from the error region
+(positive in a false negative, negative in a false positive), except in the last round and one
+random correction round. A prompt of a single
+point uses the 3-output head with the minimum-loss rule; any other prompt (a box, several
+points) uses the single output (SAM 2's rule, a box counting as two points). The fed-back mask is
+the most confident output (highest predicted IoU). Fed-back logits and sampled points carry no
+gradient; the losses of all rounds are summed; per-mask losses are averaged over valid masks.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sam_jax.config import PIXEL_MEAN, PIXEL_STD
+from sam_jax.modeling.common import gelu
+from sam_jax.training import losses, prompt_sampling
+from sam_jax.training.optimizer import trainable_labels
+from sam_jax.training.train_state import TrainState
+
+
+def num_click_slots(num_rounds: int) -> int:
+    """Click slots needed: the first point plus one per correction round that adds a point."""
+    return 1 + max(num_rounds - 3, 0) + (1 if num_rounds == 2 else 0)
+
+
+def normalize_images(image: jax.Array, image_hw: jax.Array) -> jax.Array:
+    """uint8 (B, S, S, 3) -> float32 normalised, zero outside the (h, w) image (as official)."""
+    x = (image.astype(jnp.float32) - jnp.asarray(PIXEL_MEAN)) / jnp.asarray(PIXEL_STD)
+    s = image.shape[1]
+    rows = jnp.arange(s)[None, :, None] < image_hw[:, 0, None, None]
+    cols = jnp.arange(s)[None, None, :] < image_hw[:, 1, None, None]
+    return jnp.where((rows & cols)[..., None], x, 0.0)
+
+
+def valid_masks(batch: dict[str, jax.Array], image_size: int, max_area_fraction: float):
+    """mask_valid & non-empty & covering at most max_area_fraction of the (unpadded) image."""
+    masks = batch["masks"] > 0
+    m = masks.shape[-1]
+    area = masks.sum(axis=(-2, -1)).astype(jnp.float32)
+    cell = (image_size / m) ** 2
+    image_area = (batch["image_hw"][:, 0] * batch["image_hw"][:, 1]).astype(jnp.float32) / cell
+    return batch["mask_valid"] & (area > 0) & (area <= max_area_fraction * image_area[:, None])
+
+
+def _select(x: jax.Array, idx: jax.Array) -> jax.Array:
+    """x (B, M, C, ...), idx (B, M) -> (B, M, ...)."""
+    idx = idx.reshape(idx.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, idx, axis=2)[:, :, 0]
+
+
+_CAPTURED = ("output_hypernetworks_mlps_0", "output_upscaling_3", "iou_prediction_head")
+
+
+def decode_all_outputs(model, params, emb, points, labels, mask_input, has_mask):
+    """All four decoder outputs in one pass: logits (B, P, 4, m, m) and IoU (B, P, 4), float32.
+
+    Output 0 is what `decode(multimask_output=False)` returns, outputs 1..3 what
+    `decode(multimask_output=True)` returns. `Sam.decode` computes all four and slices; the
+    single-output mask is rebuilt from the captured hypernetwork / upscaling activations
+    (`mask = hyper_0 . gelu(upscaled)`, as in MaskDecoder), so one decoder pass serves both
+    rules. tests/test_training_train_step.py checks this against the two `decode` calls.
+    """
+    b, p = labels.shape[:2]
+
+    def capture(mdl, method_name):
+        return method_name == "__call__" and mdl.name in _CAPTURED
+
+    (multi, _), state = model.apply(
+        {"params": params},
+        emb,
+        points,
+        labels,
+        mask_input,
+        has_mask,
+        True,
+        method=model.decode,
+        capture_intermediates=capture,
+        mutable=["intermediates"],
+    )
+    inter = state["intermediates"]["mask_decoder"]
+    hyper0 = inter["output_hypernetworks_mlps_0"]["__call__"][0]  # (B*P, C/8)
+    upscaled = gelu(inter["output_upscaling_3"]["__call__"][0])  # (B*P, m, m, C/8)
+    mask0 = jnp.einsum("bc,bhwc->bhw", hyper0, upscaled.astype(hyper0.dtype))
+    mask0 = mask0.astype(jnp.float32).reshape(b, p, 1, *mask0.shape[1:])
+    iou = inter["iou_prediction_head"]["__call__"][0].astype(jnp.float32).reshape(b, p, -1)
+    return jnp.concatenate([mask0, multi], axis=2), iou
+
+
+def simulate_and_loss(
+    model: Any, params: Any, emb: jax.Array, batch: dict[str, jax.Array], key: jax.Array, tc: Any
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Runs the interactive rounds on image embeddings (B, g, g, D); returns (loss, metrics).
+
+    tc: the `config.train` ConfigDict (num_rounds, loss weights, box noise, ...). All rounds
+    share one `lax.scan` body (one decoder pass per round, compiled once).
+    """
+    image_size = batch["image"].shape[1]
+    gt = batch["masks"] > 0
+    b, n_masks, m, _ = gt.shape
+    valid = valid_masks(batch, image_size, tc.max_mask_area_fraction)
+    loss_kw = dict(
+        focal_weight=tc.focal_weight,
+        dice_weight=tc.dice_weight,
+        iou_weight=tc.iou_weight,
+        supervise_all_iou=tc.supervise_all_iou,
+        focal_alpha=tc.focal_alpha,
+        focal_gamma=tc.focal_gamma,
+    )
+    k_init, k_sched, k_rounds, k_mask = jax.random.split(key, 4)
+    prompts = prompt_sampling.initial_prompts(
+        k_init,
+        gt,
+        batch["image_hw"],
+        image_size,
+        num_click_slots(tc.num_rounds),
+        tc.box_prob,
+        tc.box_noise_std,
+        tc.box_noise_max,
+    )
+    # Round 0 adds no click; rounds 1.. follow the paper's schedule.
+    add = jnp.concatenate(
+        [
+            jnp.zeros((1, b, n_masks), bool),
+            prompt_sampling.point_round_schedule(k_sched, (b, n_masks), tc.num_rounds),
+        ]
+    )
+
+    def one_round(carry, xs):
+        prompts, prev = carry
+        k, add_r, has_mask = xs
+        prompts = prompt_sampling.add_correction_click(k, prompts, prev > 0, gt, image_size, add_r)
+        prompts = jax.lax.stop_gradient(prompts)
+        logits, iou = decode_all_outputs(
+            model, params, emb, prompts["points"], prompts["labels"], prev, has_mask
+        )
+        # One point (no box): 3 outputs, back-propagate the min-loss one; otherwise output 0.
+        multi = (prompts["num_clicks"] == 1) & ~prompts["is_box"]
+        l3 = losses.sam_round_loss(logits[:, :, 1:], iou[:, :, 1:], gt, **loss_kw)
+        l1 = losses.sam_round_loss(logits[:, :, :1], iou[:, :, :1], gt, **loss_kw)
+        out = jax.tree.map(lambda a, c: jnp.where(multi, a, c), l3, l1)
+        # Feed back the most confident output (unthresholded logits), without gradient.
+        confident = _select(logits[:, :, 1:], jnp.argmax(iou[:, :, 1:], axis=-1))
+        fed = jnp.where(multi[..., None, None], confident, logits[:, :, 0])
+        return (prompts, jax.lax.stop_gradient(fed)), out
+
+    # The mask prompt of rounds 1.. (always, unless mask_prompt_prob < 1; none in round 0).
+    has_mask = jax.random.bernoulli(k_mask, tc.mask_prompt_prob, add.shape).at[0].set(False)
+    init = (prompts, jnp.zeros((b, n_masks, m, m), jnp.float32))
+    keys = jax.random.split(k_rounds, tc.num_rounds)
+    xs = (keys, add, has_mask)
+    _, per_round = jax.lax.scan(one_round, init, xs, unroll=tc.unroll_rounds)  # leaves (R, B, M)
+
+    rmean = jax.vmap(functools.partial(losses.masked_mean, valid=valid))
+    metrics = {k: rmean(per_round[k]).sum() for k in ("loss", "focal", "dice", "iou_mse")}
+    ious = rmean(per_round["iou"])
+    metrics["iou_first_round"] = ious[0]
+    metrics["iou_last_round"] = ious[-1]
+    metrics["num_valid_masks"] = valid.sum()
+    return metrics["loss"], metrics
+
+
+def make_train_step(model: Any, tx: optax.GradientTransformation, config: Any, params_template):
+    """Returns train_step(state, batch) -> (state, metrics) (to be jitted by the caller).
+
+    A step with a non-finite loss or gradient leaves the state unchanged (the loop then stops).
+    """
+    tc = config.train
+    labels = trainable_labels(params_template, config.trainable)
+    encoder_trains = any(lab == "train" for lab in jax.tree.leaves(labels["image_encoder"]))
+
+    def loss_fn(params, batch, key):
+        # Frozen parts are constants: no gradient is computed for them.
+        params = jax.tree.map(
+            lambda p, lab: p if lab == "train" else jax.lax.stop_gradient(p), params, labels
+        )
+        k_drop, k_sim = jax.random.split(key)
+        images = normalize_images(batch["image"], batch["image_hw"])
+        emb = model.apply(
+            {"params": params},
+            images,
+            deterministic=not encoder_trains,
+            rngs={"dropout": k_drop},
+            method=model.encode,
+        )
+        return simulate_and_loss(model, params, emb, batch, k_sim, tc)
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array]):
+        key = jax.random.fold_in(state.key(), state.step)
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.tree.norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(params))
+        keep = lambda new, old: jax.tree.map(lambda a, c: jnp.where(ok, a, c), new, old)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+        )
+        metrics = {**metrics, "loss": loss, "grad_norm": grad_norm, "finite": ok}
+        return new_state, metrics
+
+    return train_step

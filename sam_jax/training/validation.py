@@ -1,0 +1,62 @@
+"""Periodic validation during training: single- and multi-point mIoU on a held-out split.
+
+Runs the zero-shot point protocol of `sam_jax.evaluation.evaluate_points` (first click farthest
+from the boundary, RITM correction clicks, most confident mask, original resolution) through a
+`SamPredictor` on the current parameters, so the numbers match `eval.py` on the same examples.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def load_examples(spec: str, split: str, max_images: int, seed: int = 0) -> list[dict]:
+    """The first max_images held-out examples of a dataset spec, kept in memory."""
+    from sam_jax.data import iterate_examples
+
+    return list(iterate_examples(spec, split=split, max_images=max_images, seed=seed))
+
+
+def host_params(params: Any) -> Any:
+    """Full (unsharded) params as numpy on every process."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(params, tiled=True)
+    return jax.device_get(params)
+
+
+class Validator:
+    """Evaluates point-prompt mIoU of params on fixed held-out examples."""
+
+    def __init__(
+        self, eval_model: Any, examples: list[dict], num_points, max_masks, batch_size, feed_mask
+    ):
+        self.model = eval_model
+        self.feed_mask = bool(feed_mask)
+        self.examples = examples
+        self.num_points = tuple(int(n) for n in num_points)
+        self.max_masks = max_masks or None
+        self.batch_size = batch_size
+
+    def __call__(self, params: Any) -> dict[str, float]:
+        from sam_jax import SamPredictor
+        from sam_jax.evaluation import evaluate_points
+
+        predictor = SamPredictor(self.model, jax.tree.map(np.asarray, host_params(params)))
+        result = evaluate_points(
+            predictor,
+            self.examples,
+            num_points=self.num_points,
+            max_masks=self.max_masks,
+            batch_size=self.batch_size,
+            feed_mask=self.feed_mask,
+        )
+        out = {f"val/miou_{n}": v for n, v in result["miou"].items()}
+        out["val/oracle_miou_1"] = result["oracle_miou_1"]
+        out["val/num_masks"] = result["num_masks"]
+        out["val/seconds"] = result["timing"]["seconds"]
+        return out
