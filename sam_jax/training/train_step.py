@@ -28,7 +28,6 @@ import jax.numpy as jnp
 import optax
 
 from sam_jax.config import PIXEL_MEAN, PIXEL_STD
-from sam_jax.modeling.common import gelu
 from sam_jax.training import losses, prompt_sampling
 from sam_jax.training.optimizer import trainable_labels
 from sam_jax.training.train_state import TrainState
@@ -64,42 +63,23 @@ def _select(x: jax.Array, idx: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, idx, axis=2)[:, :, 0]
 
 
-_CAPTURED = ("output_hypernetworks_mlps_0", "output_upscaling_3", "iou_prediction_head")
-
-
 def decode_all_outputs(model, params, emb, points, labels, mask_input, has_mask):
     """All four decoder outputs in one pass: logits (B, P, 4, m, m) and IoU (B, P, 4), float32.
 
     Output 0 is what `decode(multimask_output=False)` returns, outputs 1..3 what
-    `decode(multimask_output=True)` returns. `Sam.decode` computes all four and slices; the
-    single-output mask is rebuilt from the captured hypernetwork / upscaling activations
-    (`mask = hyper_0 . gelu(upscaled)`, as in MaskDecoder), so one decoder pass serves both
-    rules. tests/test_training_train_step.py checks this against the two `decode` calls.
+    `decode(multimask_output=True)` returns (`multimask_output=None`), so one decoder pass serves
+    both the single-point and the multi-prompt rule.
     """
-    b, p = labels.shape[:2]
-
-    def capture(mdl, method_name):
-        return method_name == "__call__" and mdl.name in _CAPTURED
-
-    (multi, _), state = model.apply(
+    return model.apply(
         {"params": params},
         emb,
         points,
         labels,
         mask_input,
         has_mask,
-        True,
+        None,
         method=model.decode,
-        capture_intermediates=capture,
-        mutable=["intermediates"],
     )
-    inter = state["intermediates"]["mask_decoder"]
-    hyper0 = inter["output_hypernetworks_mlps_0"]["__call__"][0]  # (B*P, C/8)
-    upscaled = gelu(inter["output_upscaling_3"]["__call__"][0])  # (B*P, m, m, C/8)
-    mask0 = jnp.einsum("bc,bhwc->bhw", hyper0, upscaled.astype(hyper0.dtype))
-    mask0 = mask0.astype(jnp.float32).reshape(b, p, 1, *mask0.shape[1:])
-    iou = inter["iou_prediction_head"]["__call__"][0].astype(jnp.float32).reshape(b, p, -1)
-    return jnp.concatenate([mask0, multi], axis=2), iou
 
 
 def simulate_and_loss(
