@@ -5,29 +5,17 @@ python train.py --config configs/sam_vit_b_sa1b.py --workdir gs://BUCKET/sam_vit
     --config.data.train=sa1b:/path/to/sa1b --config.init.path=/path/to/mae_pretrain_vit_base.pth
 """
 
-from sam_jax.training.defaults import base_config
+from sam_jax.training.defaults import sa1b_recipe
 
 
 def get_config():
-    c = base_config()
+    c = sa1b_recipe()
     c.model = "vit_b"
     c.model_overrides.drop_path_rate = 0.6
-    c.init.type = "mae"
     c.init.path = ""  # official MAE ViT-B checkpoint (mae_pretrain_vit_base.pth)
-    c.data.train = "sa1b:"  # set the folder: --config.data.train=sa1b:PATH
-    c.data.max_masks = 64
     c.batch_size = 128
     c.total_steps = 180_000
-    c.optimizer.lr = 8e-4
-    c.optimizer.warmup_steps = 250
-    c.optimizer.decay = "step"
     # The ViT-H schedule (/10 at 2/3 and 26/27 of training) stretched to 180k steps.
     c.optimizer.decay_steps = (120_000, 173_333)
     c.optimizer.layer_decay = 0.6
-    c.optimizer.weight_decay = 0.1
-    c.dtype = "bfloat16"
-    c.remat_policy = "full"
-    c.mesh_shape = (-1, 1)
-    c.checkpoint.every_steps = 1000
-    c.log_every_steps = 50
     return c

@@ -7,28 +7,13 @@ python train.py --config configs/sam_vit_h_sa1b.py --workdir gs://BUCKET/sam_vit
     --config.data.train=sa1b:/path/to/sa1b --config.init.path=/path/to/mae_pretrain_vit_huge.pth
 """
 
-from sam_jax.training.defaults import base_config
+from sam_jax.training.defaults import sa1b_recipe
 
 
 def get_config():
-    c = base_config()
+    c = sa1b_recipe()
     c.model = "vit_h"
     c.model_overrides.drop_path_rate = 0.4
-    c.init.type = "mae"
     c.init.path = ""  # official MAE ViT-H/14 checkpoint; the patch kernel is resized to 16x16
-    c.data.train = "sa1b:"  # set the folder: --config.data.train=sa1b:PATH
-    c.data.max_masks = 64
-    c.batch_size = 256
-    c.total_steps = 90_000
-    c.optimizer.lr = 8e-4
-    c.optimizer.warmup_steps = 250
-    c.optimizer.decay = "step"
-    c.optimizer.decay_steps = (60_000, 86_666)
-    c.optimizer.layer_decay = 0.8
-    c.optimizer.weight_decay = 0.1
-    c.dtype = "bfloat16"
-    c.remat_policy = "full"
     c.mesh_shape = (-1, 8)
-    c.checkpoint.every_steps = 1000
-    c.log_every_steps = 50
     return c

@@ -41,8 +41,10 @@ class SamConfig:
     num_multimask_outputs: int = 3
     iou_head_depth: int = 3
     iou_head_hidden_dim: int = 256
-    # Training-only regularisation (no effect at inference).
+    # Training-only (no effect at inference): drop path, and the std of the prompt encoder's random
+    # Fourier matrix at random init (a fixed buffer; 1.0 as official, checkpoints carry its value).
     drop_path_rate: float = 0.0
+    pe_scale: float = 1.0
 
     def __post_init__(self):
         indexes = tuple(int(i) for i in self.encoder_global_attn_indexes)

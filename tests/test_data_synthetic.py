@@ -78,6 +78,51 @@ def test_dataset_sizes_and_spec_options():
     assert np.array_equal(exs[1]["masks"], ref["masks"])
 
 
+def _exclusive_stds(ex):
+    """Per-mask pixel std over the pixels that belong to that mask only (not to its part)."""
+    image, masks = ex["image"].astype(np.float32), ex["masks"]
+    out = []
+    for j, m in enumerate(masks):
+        own = m & ~np.any([masks[k] for k in range(len(masks)) if k != j], axis=0)
+        if own.sum() > 20:
+            out.append(image[own].std(0).max())
+    return np.array(out)
+
+
+def test_texture_strength_keeps_layouts_and_scales_contrast():
+    stds = {}
+    for strength in (1.0, 0.5, 0.0):
+        config = SyntheticConfig(texture_strength=strength)
+        exs = [synthetic_example(i, "val", config) for i in range(12)]
+        if strength != 1.0:  # same random stream: same layouts and masks
+            for a, b in zip(exs, [synthetic_example(i, "val") for i in range(12)], strict=True):
+                assert np.array_equal(a["masks"], b["masks"])
+        stds[strength] = np.concatenate([_exclusive_stds(e) for e in exs])
+    # Flat colours (a few masks keep a dropped, too-small part of another colour).
+    assert np.mean(stds[0.0] == 0.0) > 0.8 and np.mean(stds[1.0] == 0.0) < 0.6
+    textured = stds[1.0] > 5
+    assert 0.3 < np.median(stds[0.5][textured] / stds[1.0][textured]) < 0.7
+
+
+def test_part_prob_and_texture_strength():
+    no_parts = SyntheticConfig(part_prob=0.0)
+    assert all((synthetic_example(i, "val", no_parts)["parents"] == -1).all() for i in range(20))
+    all_parts = SyntheticConfig(part_prob=1.0)
+    assert (
+        sum((synthetic_example(i, "val", all_parts)["parents"] >= 0).sum() for i in range(20)) >= 8
+    )
+    exs = list(iterate_examples("synthetic:test?num_images=3&part_prob=0.5&texture_strength=0.25"))
+    config = SyntheticConfig(part_prob=0.5, texture_strength=0.25)
+    for i, ex in enumerate(exs):
+        assert np.array_equal(ex["image"], synthetic_example(i, "test", config)["image"])
+    for bad, match in [
+        ("texture_strength=2", "texture_strength must be in"),
+        ("part_prob=x", "number"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            list(iterate_examples(f"synthetic:test?num_images=1&{bad}"))
+
+
 def test_bad_config_raises():
     with pytest.raises(ValueError, match="split"):
         synthetic_example(0, "validation")

@@ -315,11 +315,12 @@ def _iou(a, b):
 
 
 def test_bfloat16_masks_agree_with_float32(pair, predictors):
-    """bf16 compute (params, LayerNorm and softmax in f32) vs f32 on the photos.
+    """bf16 compute (params, LayerNorm and softmax in f32) vs f32, every photo, prompt kind and
+    multimask setting: mean mask IoU >= 0.99 (issue 3).
 
     With random weights the logits are small and flat (max ~0.3), so bf16 rounding (~1% relative
-    on the low-res logits) can move borderline pixels; single-mask outputs of one click measured
-    IoU 0.93-0.95, every other output >= 0.985.
+    on the low-res logits) can move borderline pixels: measured mean IoU 0.995 over the 48 masks,
+    lowest 0.93 (a single-mask output of one click).
     """
     _, model, params = pair
     bf16 = SamPredictor(build_sam(CONFIG, dtype=jnp.bfloat16), params)
@@ -327,16 +328,16 @@ def test_bfloat16_masks_agree_with_float32(pair, predictors):
     for name, (_, f32) in predictors.items():
         bf16.set_image(PHOTOS[name])
         assert rel_err(bf16.get_image_embedding(), f32.get_image_embedding()) <= 0.03
-        for kind, kw in _prompts(PHOTOS[name]).items():
-            if kind not in ("point", "box"):
-                continue
-            multimask = kind == "point"
-            a = f32.predict(multimask_output=multimask, **kw)
-            b = bf16.predict(multimask_output=multimask, **kw)
-            assert rel_err(b[2], a[2]) <= 0.05
-            np.testing.assert_allclose(b[1], a[1], atol=0.01)
-            ious += [_iou(x, y) for x, y in zip(a[0], b[0], strict=True)]
-    assert min(ious) >= 0.98, ious
+        for kw in _prompts(PHOTOS[name]).values():
+            for multimask in (True, False):
+                a = f32.predict(multimask_output=multimask, **kw)
+                b = bf16.predict(multimask_output=multimask, **kw)
+                assert rel_err(b[2], a[2]) <= 0.06  # measured at most 0.051
+                np.testing.assert_allclose(b[1], a[1], atol=0.01)
+                ious += [_iou(x, y) for x, y in zip(a[0], b[0], strict=True)]
+    assert len(ious) == 48
+    assert np.mean(ious) >= 0.99, ious
+    assert min(ious) >= 0.9, ious
 
 
 @pytest.mark.slow

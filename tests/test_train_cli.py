@@ -52,6 +52,18 @@ def _env():
     return env
 
 
+def _run(config, workdir, *overrides, timeout=600):
+    """Runs train.py to completion; returns the CompletedProcess (text stdout/stderr)."""
+    return subprocess.run(
+        _cmd(config, workdir, *overrides),
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def _losses(workdir):
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
@@ -61,21 +73,8 @@ def _losses(workdir):
 def test_cli_run_with_overrides(tmp_path):
     config = _config_file(tmp_path)
     workdir = tmp_path / "run"
-    proc = subprocess.run(
-        _cmd(
-            config,
-            workdir,
-            "--config.total_steps=2",
-            "--config.optimizer.lr=5e-4",
-            "--config.train.num_rounds=2",
-            "--config.mesh_shape=(1,1)",
-        ),
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    common = ("--config.total_steps=2", "--config.optimizer.lr=5e-4", "--config.train.num_rounds=2")
+    proc = _run(config, workdir, *common, "--config.mesh_shape=(1,1)")
     assert proc.returncode == 0, proc.stderr[-3000:]
     saved = json.load(open(workdir / "config.json"))
     assert saved["total_steps"] == 2 and saved["optimizer"]["lr"] == 5e-4
@@ -83,43 +82,16 @@ def test_cli_run_with_overrides(tmp_path):
     assert sorted(_losses(workdir)) == [1, 2]
     assert (workdir / "model" / "config").is_dir()
     # Rerunning a finished run resumes at the end and does nothing more.
-    again = subprocess.run(
-        _cmd(
-            config,
-            workdir,
-            "--config.total_steps=2",
-            "--config.optimizer.lr=5e-4",
-            "--config.train.num_rounds=2",
-        ),
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    again = _run(config, workdir, *common)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed" in again.stdout and sorted(_losses(workdir)) == [1, 2]
 
 
 def test_cli_rejects_bad_values(tmp_path):
     config = _config_file(tmp_path)
-    bad = subprocess.run(
-        _cmd(config, tmp_path / "bad", "--config.trainable=encoder"),
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    bad = _run(config, tmp_path / "bad", "--config.trainable=encoder", timeout=300)
     assert bad.returncode != 0 and "trainable must be one of" in bad.stderr
-    unknown = subprocess.run(
-        _cmd(config, tmp_path / "bad2", "--config.no_such_field=1"),
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    unknown = _run(config, tmp_path / "bad2", "--config.no_such_field=1", timeout=300)
     assert unknown.returncode != 0 and "no_such_field" in unknown.stderr
 
 
@@ -159,14 +131,7 @@ def test_sigterm_midway_then_resume_gives_identical_losses(tmp_path):
     assert 3 <= stopped_at < 8
     assert (workdir / "checkpoints" / str(stopped_at)).is_dir()  # saved off the 5-step interval
 
-    resumed = subprocess.run(
-        _cmd(config, workdir, *args),
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    resumed = _run(config, workdir, *args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {workdir / 'checkpoints'} at step {stopped_at}" in resumed.stdout
     _, err = reference.communicate(timeout=600)

@@ -40,6 +40,9 @@ def synthetic_config(spec: DatasetSpec, split: str) -> SyntheticConfig:
     for key in ("seed", "min_objects", "max_objects"):
         if spec.option(key) is not None:
             kwargs[key] = int(spec.option(key))
+    for key in ("part_prob", "texture_strength"):
+        if spec.option(key) is not None:
+            kwargs[key] = float(spec.option(key))
     if spec.option("num_images") is not None:
         kwargs[f"num_{split}"] = int(spec.option("num_images"))
     try:

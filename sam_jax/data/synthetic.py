@@ -30,6 +30,8 @@ class SyntheticConfig:
     image_size: (H, W) or an int for square images. Object areas are drawn in
     [min_area, max_area] (fractions of the image); visible masks under `min_visible` of the image
     are dropped. part_prob: chance that an object (of area >= 0.1) gets an inner part.
+    texture_strength scales the contrast inside textured objects (stripes, noise, gradient,
+    checker; 1 = full, 0 = flat colours): lower values give an easier dataset, same layouts.
     """
 
     image_size: int | tuple[int, int] = 128
@@ -42,6 +44,7 @@ class SyntheticConfig:
     max_area: float = 0.4
     part_prob: float = 0.4
     min_visible: float = 0.01
+    texture_strength: float = 1.0
     seed: int = 0
 
     def __post_init__(self):
@@ -52,6 +55,12 @@ class SyntheticConfig:
             raise ValueError("synthetic needs 1 <= min_objects <= max_objects")
         if not 0 < self.min_area <= self.max_area < 1:
             raise ValueError("synthetic needs 0 < min_area <= max_area < 1")
+        if not 0 <= self.part_prob <= 1:
+            raise ValueError(f"synthetic part_prob must be in [0, 1], got {self.part_prob}")
+        if not 0 <= self.texture_strength <= 1:
+            raise ValueError(
+                f"synthetic texture_strength must be in [0, 1], got {self.texture_strength}"
+            )
         if min(self.num_train, self.num_val, self.num_test) < 0:
             raise ValueError("synthetic split sizes must be >= 0")
 
@@ -116,26 +125,28 @@ def _shape_mask(rng: np.random.Generator, kind: str, cx, cy, area: float, hw) ->
     return _polygon_mask(_ellipse_points(cx, cy, aspect * b, b, theta), hw)
 
 
-def _texture(rng: np.random.Generator, color: np.ndarray, hw, yy, xx) -> np.ndarray:
-    """A float32 (H, W, 3) fill of a random texture kind around `color`."""
+def _texture(
+    rng: np.random.Generator, color: np.ndarray, hw, yy, xx, strength: float = 1.0
+) -> np.ndarray:
+    """A float32 (H, W, 3) fill of a random texture kind around `color` (contrast x strength)."""
     kind = TEXTURES[int(rng.integers(len(TEXTURES)))]
     base = np.broadcast_to(color, (*hw, 3)).astype(np.float32)
     if kind == "solid":
         return base
     if kind == "noise":
-        return base + rng.normal(0.0, 18.0, (*hw, 1)).astype(np.float32)
+        return base + strength * rng.normal(0.0, 18.0, (*hw, 1)).astype(np.float32)
     angle = rng.uniform(0, np.pi)
     u = np.cos(angle) * xx + np.sin(angle) * yy
     if kind == "stripes":
         period = rng.uniform(4.0, 12.0)
         on = (np.floor(u / (period / 2)) % 2)[..., None].astype(np.float32)
-        return base * (1.0 - 0.45 * on)
+        return base * (1.0 - 0.45 * strength * on)
     if kind == "gradient":
         t = ((u - u.min()) / max(np.ptp(u), 1e-6))[..., None].astype(np.float32)
-        return base * (1.0 - 0.5 * t)
+        return base * (1.0 - 0.5 * strength * t)
     cell = rng.uniform(4.0, 10.0)  # checker
     on = ((np.floor(xx / cell) + np.floor(yy / cell)) % 2)[..., None].astype(np.float32)
-    return base * (1.0 - 0.4 * on)
+    return base * (1.0 - 0.4 * strength * on)
 
 
 def _background(rng: np.random.Generator, hw, yy, xx) -> np.ndarray:
@@ -206,7 +217,7 @@ def _draw(rng, config: SyntheticConfig, hw, yy, xx):
         whole = _shape_mask(rng, kind, cx, cy, area_frac * h * w, hw)
         hue = rng.uniform()
         color = _hsv(hue, rng.uniform(0.6, 1.0), rng.uniform(0.65, 1.0))
-        image[whole] = _texture(rng, color, hw, yy, xx)[whole]
+        image[whole] = _texture(rng, color, hw, yy, xx, config.texture_strength)[whole]
         part = None
         if area_frac >= 0.1 and rng.uniform() < config.part_prob and whole.any():
             ys, xs = np.nonzero(whole)
@@ -217,7 +228,7 @@ def _draw(rng, config: SyntheticConfig, hw, yy, xx):
             pcolor = _hsv(
                 hue + rng.uniform(0.3, 0.7), rng.uniform(0.6, 1.0), rng.uniform(0.65, 1.0)
             )
-            image[part] = _texture(rng, pcolor, hw, yy, xx)[part]
+            image[part] = _texture(rng, pcolor, hw, yy, xx, config.texture_strength)[part]
         objects.append((whole, part))
     masks, parents = [], []
     covered = np.zeros(hw, dtype=bool)  # union of the objects painted later

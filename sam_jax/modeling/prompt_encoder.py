@@ -57,10 +57,11 @@ class PromptEncoder(nn.Module):
     image_embedding_size: tuple[int, int] = (64, 64)
     input_image_size: tuple[int, int] = (1024, 1024)
     mask_in_chans: int = 16
+    pe_scale: float = 1.0
     dtype: Dtype = jnp.float32
 
     def setup(self):
-        self.pe_layer = PositionEmbeddingRandom(self.embed_dim // 2)
+        self.pe_layer = PositionEmbeddingRandom(self.embed_dim // 2, scale=self.pe_scale)
         self.point_embeddings = [embedding(1, self.embed_dim) for _ in range(4)]
         self.not_a_point_embed = embedding(1, self.embed_dim)
         self.no_mask_embed = embedding(1, self.embed_dim)

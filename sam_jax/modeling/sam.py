@@ -55,6 +55,7 @@ class Sam(nn.Module):
             image_embedding_size=(g, g),
             input_image_size=(c.image_size, c.image_size),
             mask_in_chans=c.mask_in_chans,
+            pe_scale=c.pe_scale,
             dtype=self.dtype,
         )
         self.mask_decoder = MaskDecoder(

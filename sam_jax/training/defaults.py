@@ -117,3 +117,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.compilation_cache_dir = ""
     c.progress_bar = True
     return c
+
+
+def sa1b_recipe() -> ml_collections.ConfigDict:
+    """The paper's SA-1B recipe (appendix A) shared by configs/sam_vit_{b,h}_sa1b.py: the base
+    config (ViT-H schedule: batch 256, 90k steps, lr 8e-4, 250 warm-up steps, /10 at 60k and
+    86,666, weight decay 0.1, layer decay 0.8, 64 masks, 11 rounds, bfloat16, remat) with MAE
+    init and SA-1B data. Set init.path and the data folder on the command line."""
+    c = base_config()
+    c.init.type = "mae"
+    c.data.train = "sa1b:"  # set the folder: --config.data.train=sa1b:PATH
+    c.checkpoint.every_steps = 1000
+    return c
