@@ -30,6 +30,7 @@ def get_config():
     c.model_overrides.prompt_embed_dim = 64
     c.model_overrides.decoder_mlp_dim = 256
     c.model_overrides.decoder_num_heads = 4
+    c.model_overrides.attention_downsample_rate = 2
     c.model_overrides.iou_head_hidden_dim = 64
     c.model_overrides.mask_in_chans = 8
     c.model_overrides.pe_scale = 1.0

@@ -76,6 +76,17 @@ def test_valid_masks_drops_empty_and_large_masks():
     np.testing.assert_array_equal(valid, [[True, False, False, True]])
 
 
+def test_mask_prompt_rounds():
+    add = jnp.array([False, True, True, False, True, False])[:, None] & jnp.ones((6, 500), bool)
+    has = np.asarray(train_step.mask_prompt_rounds(jax.random.key(0), add, 0.25))
+    assert not has[0].any()  # round 0: no previous mask
+    assert has[[3, 5]].all()  # rounds without a click always refine the previous mask
+    frac = has[[1, 2, 4]].mean()
+    assert 0.2 < frac < 0.3  # rounds with a click: with probability 0.25
+    always = np.asarray(train_step.mask_prompt_rounds(jax.random.key(1), add, 1.0))
+    assert always[1:].all() and not always[0].any()
+
+
 def test_num_click_slots():
     # 11 rounds: the first point + 8 correction clicks.
     assert train_step.num_click_slots(11) == 9

@@ -25,7 +25,8 @@ train.*          num_rounds (11), box_prob, box_noise_std (fraction of side), bo
                  alpha < 0 gives binary cross-entropy), dice_weight (1), iou_weight (1),
                  supervise_all_iou,
                  max_mask_area_fraction (0.9), mask_prompt_prob (chance that a correction
-                 round gets the previous logits as mask prompt; 1 in the paper),
+                 round with a click gets the previous logits as mask prompt; 1 in the paper;
+                 rounds without a click always get them),
                  unroll_rounds (lax.scan unroll of the rounds: faster steps, longer compile)
 mesh_shape       (data, fsdp); -1 takes the remaining devices
 sharding_rules   ((regex, spec tuple), ...) overrides; min_fsdp_size: smaller arrays replicate

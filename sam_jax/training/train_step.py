@@ -82,6 +82,16 @@ def decode_all_outputs(model, params, emb, points, labels, mask_input, has_mask)
     )
 
 
+def mask_prompt_rounds(key: jax.Array, add: jax.Array, prob: float) -> jax.Array:
+    """Which rounds get the previous logits as mask prompt: (R, ...) bool from `add` (R, ...).
+
+    None in round 0; in a correction round with a click, with probability `prob` (1 in the
+    paper); always in a round without a new click, which exists to refine the previous mask.
+    """
+    has_mask = jax.random.bernoulli(key, prob, add.shape) | ~add
+    return has_mask.at[0].set(False)
+
+
 def simulate_and_loss(
     model: Any, params: Any, emb: jax.Array, batch: dict[str, jax.Array], key: jax.Array, tc: Any
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -139,8 +149,7 @@ def simulate_and_loss(
         fed = jnp.where(multi[..., None, None], confident, logits[:, :, 0])
         return (prompts, jax.lax.stop_gradient(fed)), out
 
-    # The mask prompt of rounds 1.. (always, unless mask_prompt_prob < 1; none in round 0).
-    has_mask = jax.random.bernoulli(k_mask, tc.mask_prompt_prob, add.shape).at[0].set(False)
+    has_mask = mask_prompt_rounds(k_mask, add, tc.mask_prompt_prob)
     init = (prompts, jnp.zeros((b, n_masks, m, m), jnp.float32))
     keys = jax.random.split(k_rounds, tc.num_rounds)
     xs = (keys, add, has_mask)
