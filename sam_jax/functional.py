@@ -112,13 +112,15 @@ def decode_prompts(
     labels: jax.Array,
     mask_input: jax.Array | None = None,
     has_mask: jax.Array | None = None,
-    multimask_output: bool = True,
+    multimask_output: bool | None = True,
 ) -> tuple[jax.Array, jax.Array]:
     """Prompt encoder + mask decoder for P prompts on each of B images.
 
     image_embeddings (B, g, g, D); points (B, P, N, 2) float32 xy in the input frame; labels
     (B, P, N) int32; mask_input (B, P, m, m) float32 logits or None; has_mask (B, P) bool or None
-    (None: every prompt has its mask). Returns low_res (B, P, C, m, m) logits and iou (B, P, C).
+    (None: every prompt has its mask). multimask_output: True (C = 3 masks), False (C = 1) or None
+    (C = 4 from one decoder pass: the single-mask output, then the three multimask outputs).
+    Returns low_res (B, P, C, m, m) logits and iou (B, P, C).
     """
     c = model.config
     g, d, m = c.embedding_size, c.prompt_embed_dim, c.low_res_size
@@ -154,7 +156,7 @@ def decode_prompts(
         labels,
         mask_input,
         has_mask,
-        bool(multimask_output),
+        None if multimask_output is None else bool(multimask_output),
     )
 
 

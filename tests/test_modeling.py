@@ -240,3 +240,35 @@ def test_all_outputs_are_single_and_multimask_outputs(pair):
     np.testing.assert_array_equal(low_all[:, :, 1:], low_three)
     np.testing.assert_array_equal(iou_all[:, :, :1], iou_one)
     np.testing.assert_array_equal(iou_all[:, :, 1:], iou_three)
+
+
+def test_pe_scale_sets_the_random_fourier_matrix_std():
+    """`SamConfig.pe_scale` scales the (frozen) Fourier matrix at init, as the official `scale`."""
+    matrices = {}
+    for scale in (1.0, 3.0):
+        config = tiny_config(image_size=64, encoder_depth=1, encoder_global_attn_indexes=(0,))
+        params = build_sam(config.replace(pe_scale=scale)).init_params(jax.random.key(0))
+        matrices[scale] = params["prompt_encoder"]["pe_layer"][
+            "positional_encoding_gaussian_matrix"
+        ]
+    np.testing.assert_allclose(matrices[3.0], 3.0 * matrices[1.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [None, 1, 3])
+def test_chunked_global_attention_equals_dense(rows):
+    """The query-blocked global attention (used above CHUNK_ABOVE_TOKENS with the XLA path) gives
+    the dense attention with the full decomposed rel-pos bias."""
+    from sam_jax.modeling.common import attention
+    from sam_jax.modeling.image_encoder import (
+        chunked_rel_pos_attention,
+        decomposed_rel_pos_bias,
+    )
+
+    rng = np.random.default_rng(0)
+    h, w, heads, hd = 12, 20, 3, 8
+    q, k, v = (jnp.asarray(rng.normal(size=(2, h * w, heads, hd)), jnp.float32) for _ in range(3))
+    rel_h = jnp.asarray(rng.normal(size=(2 * h - 1, hd)), jnp.float32)
+    rel_w = jnp.asarray(rng.normal(size=(2 * w - 1, hd)), jnp.float32)
+    dense = attention(q, k, v, bias=decomposed_rel_pos_bias(q, rel_h, rel_w, (h, w)))
+    chunked = chunked_rel_pos_attention(q, k, v, rel_h, rel_w, (h, w), rows=rows)
+    np.testing.assert_allclose(chunked, dense, rtol=1e-5, atol=1e-5)

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sam_jax import functional as F
 from sam_jax.config import PIXEL_MEAN, PIXEL_STD
 from sam_jax.training import losses, prompt_sampling
 from sam_jax.training.optimizer import trainable_labels
@@ -70,16 +71,7 @@ def decode_all_outputs(model, params, emb, points, labels, mask_input, has_mask)
     `decode(multimask_output=True)` returns (`multimask_output=None`), so one decoder pass serves
     both the single-point and the multi-prompt rule.
     """
-    return model.apply(
-        {"params": params},
-        emb,
-        points,
-        labels,
-        mask_input,
-        has_mask,
-        None,
-        method=model.decode,
-    )
+    return F.decode_prompts(model, params, emb, points, labels, mask_input, has_mask, None)
 
 
 def mask_prompt_rounds(key: jax.Array, add: jax.Array, prob: float) -> jax.Array:
