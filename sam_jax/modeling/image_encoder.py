@@ -41,6 +41,17 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos: jax.Array) -> jax.Array:
     return rel_pos[rel_pos_index(q_size, k_size)]
 
 
+def _rel_pos_bias(r_q: jax.Array, r_h: jax.Array, r_w: jax.Array) -> jax.Array:
+    """r_q (B, qh, qw, heads, hd) float32 queries; r_h (qh, kh, hd); r_w (qw, kw, hd) ->
+    bias (B, heads, qh*qw, kh*kw) with bias[.., (i, j), (k, l)] = q . R_h[i, k] + q . R_w[j, l]."""
+    b, qh, qw, heads, _ = r_q.shape
+    hp = jax.lax.Precision.HIGHEST
+    rel_h = jnp.einsum("bhwnc,hkc->bnhwk", r_q, r_h, precision=hp)
+    rel_w = jnp.einsum("bhwnc,wkc->bnhwk", r_q, r_w, precision=hp)
+    bias = rel_h[..., :, None] + rel_w[..., None, :]  # (b, n, qh, qw, kh, kw)
+    return bias.reshape(b, heads, qh * qw, r_h.shape[1] * r_w.shape[1])
+
+
 def decomposed_rel_pos_bias(q: jax.Array, rel_pos_h, rel_pos_w, size: tuple[int, int]):
     """Decomposed relative-position bias (B, heads, h*w, h*w) for unscaled queries.
 
@@ -50,12 +61,7 @@ def decomposed_rel_pos_bias(q: jax.Array, rel_pos_h, rel_pos_w, size: tuple[int,
     b, _, heads, hd = q.shape
     r_h = get_rel_pos(h, h, rel_pos_h).astype(jnp.float32)
     r_w = get_rel_pos(w, w, rel_pos_w).astype(jnp.float32)
-    r_q = q.reshape(b, h, w, heads, hd).astype(jnp.float32)
-    hp = jax.lax.Precision.HIGHEST
-    rel_h = jnp.einsum("bhwnc,hkc->bnhwk", r_q, r_h, precision=hp)
-    rel_w = jnp.einsum("bhwnc,wkc->bnhwk", r_q, r_w, precision=hp)
-    bias = rel_h[..., :, None] + rel_w[..., None, :]  # (b, n, h, w, kh, kw)
-    return bias.reshape(b, heads, h * w, h * w)
+    return _rel_pos_bias(q.reshape(b, h, w, heads, hd).astype(jnp.float32), r_h, r_w)
 
 
 # Global attention over more tokens than this runs in blocks of about CHUNK_QUERIES queries with the
@@ -79,14 +85,10 @@ def chunked_rel_pos_attention(q, k, v, rel_pos_h, rel_pos_w, size, impl="xla", r
             rows -= 1
     r_h = get_rel_pos(h, h, rel_pos_h).astype(jnp.float32).reshape(h // rows, rows, h, hd)
     r_w = get_rel_pos(w, w, rel_pos_w).astype(jnp.float32)
-    hp = jax.lax.Precision.HIGHEST
 
     def block(args):
         qc, rh = args  # (B, rows, w, heads, hd), (rows, h, hd)
-        r_q = qc.astype(jnp.float32)
-        rel_h = jnp.einsum("bhwnc,hkc->bnhwk", r_q, rh, precision=hp)
-        rel_w = jnp.einsum("bhwnc,wkc->bnhwk", r_q, r_w, precision=hp)
-        bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, heads, rows * w, h * w)
+        bias = _rel_pos_bias(qc.astype(jnp.float32), rh, r_w)
         return attention(qc.reshape(b, rows * w, heads, hd), k, v, bias=bias, impl=impl)
 
     qs = jnp.moveaxis(q.reshape(b, h // rows, rows, w, heads, hd), 1, 0)
