@@ -30,7 +30,7 @@ from sam_jax.modeling import build_sam  # noqa: E402
 from sam_jax.training import initialization, metrics, sharding  # noqa: E402
 from sam_jax.training.defaults import base_config  # noqa: E402
 from sam_jax.training.optimizer import make_optimizer  # noqa: E402
-from sam_jax.training.train_loop import model_flops  # noqa: E402
+from sam_jax.training.train_loop import model_flops, remat_policy  # noqa: E402
 from sam_jax.training.train_state import create_train_state  # noqa: E402
 from sam_jax.training.train_step import make_train_step  # noqa: E402
 
@@ -63,10 +63,7 @@ def bench_config(args, model_name):
     c.batch_size = args.batch_per_device * jax.device_count()
     c.mesh_shape = (-1, args.fsdp)
     c.model_overrides.drop_path_rate = 0.1
-    if model_name == "tiny":
-        c.model_overrides.image_size = args.image_size
-    else:
-        c.model_overrides.image_size = args.image_size
+    c.model_overrides.image_size = args.image_size
     return c
 
 
@@ -74,8 +71,7 @@ def run_one(args, model_name):
     c = bench_config(args, model_name)
     sam_config = initialization.sam_config_from(c)
     mesh = sharding.make_mesh(c.mesh_shape)
-    remat = None if c.remat_policy == "none" else c.remat_policy
-    model = build_sam(sam_config, c.dtype, c.attention_impl, remat)
+    model = build_sam(sam_config, c.dtype, c.attention_impl, remat_policy(c))
     shapes = model.param_shapes()
     tx = make_optimizer(c, shapes, sam_config.encoder_depth)
 
@@ -98,7 +94,7 @@ def run_one(args, model_name):
     lowered = step_fn.lower(state, batch)
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
-    flops = model_flops(c, sam_config, tx, state, batch)
+    flops = model_flops(c, sam_config, tx, state, batch, lowered)
     for _ in range(args.warmup):
         state, m = compiled(state, batch)
     jax.block_until_ready(m)

@@ -2,7 +2,7 @@
 
 Layout: WORKDIR/checkpoints/<step>/{state, meta}. `state` is the TrainState (params, opt_state,
 step, rng; restored straight into its shardings); `meta` is JSON: the data-iterator position
-(batches consumed), the SamConfig and the experiment config, so a checkpoint is self-describing.
+(batches consumed) and the SamConfig (the experiment config is WORKDIR/config.json).
 """
 
 from __future__ import annotations

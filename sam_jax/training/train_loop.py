@@ -82,6 +82,11 @@ def default_iterator(config: Any, sam_config: Any, start_batch: int) -> Iterator
     )
 
 
+def remat_policy(config: Any) -> str | None:
+    """The encoder remat policy of an experiment config (None: no remat)."""
+    return None if config.remat_policy in (None, "", "none") else config.remat_policy
+
+
 def _mean_metrics(history: list[dict[str, Any]]) -> dict[str, float]:
     return {k: float(np.mean([h[k] for h in history])) for k in history[0]}
 
@@ -121,8 +126,7 @@ def train_and_evaluate(
 
     # Model, optimizer and the abstract (shape-only) train state with its shardings.
     sam_config = initialization.sam_config_from(config)
-    remat = None if config.remat_policy in (None, "", "none") else config.remat_policy
-    model = build_sam(sam_config, config.dtype, config.attention_impl, remat)
+    model = build_sam(sam_config, config.dtype, config.attention_impl, remat_policy(config))
     param_shapes = model.param_shapes()
     tx = make_optimizer(config, param_shapes, sam_config.encoder_depth)
     init_params = initialization.initial_params(config, sam_config, model)
@@ -181,7 +185,7 @@ def train_and_evaluate(
                 t0 = time.perf_counter()
                 lowered = jitted.lower(state, batch)
                 compiled = lowered.compile()
-                flops = model_flops(config, sam_config, tx, state, batch)
+                flops = model_flops(config, sam_config, tx, state, batch, lowered)
                 if is_main:
                     print(f"compiled the train step in {time.perf_counter() - t0:.1f} s")
                 t_log = time.perf_counter()
@@ -246,9 +250,19 @@ def train_and_evaluate(
         ckpt.close()
 
 
-def model_flops(config, sam_config, tx, state, batch) -> float | None:
+def model_flops(config, sam_config, tx, state, batch, lowered=None) -> float | None:
     """Model FLOPs of one train step of `config`: XLA's count of the step lowered (not compiled)
-    without remat (no recompute) and with the rounds unrolled (XLA counts a loop body once)."""
+    without remat (no recompute) and with the rounds unrolled (XLA counts a loop body once).
+
+    `lowered`: the train step as lowered for training; counted as is when it already has neither
+    remat nor a rounds loop, instead of lowering the step a second time.
+    """
+    if (
+        lowered is not None
+        and remat_policy(config) is None
+        and config.train.unroll_rounds >= config.train.num_rounds
+    ):
+        return metrics.flops_of(lowered)
     flops_config = config.copy_and_resolve_references()
     flops_config.train.unroll_rounds = config.train.num_rounds
     model = build_sam(sam_config, config.dtype, config.attention_impl, None)

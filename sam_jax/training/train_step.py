@@ -8,11 +8,11 @@ Batch (global, sharded over the batch axes), as produced by `sam_jax.data.make_t
 Every mask is one prompt sequence: the decoder sees (B, M) prompts per step and round.
 
 Rounds (paper appendix A): round 0 is a uniform foreground point or a noisy box (equal chance);
-rounds 1..R-1 feed the previous round's logits back as the mask prompt (each with probability
-train.mask_prompt_prob, 1 in the paper) and add one click drawn uniformly from the error region
-(positive in a false negative, negative in a false positive), except in the last round and one
-random correction round. A prompt of a single
-point uses the 3-output head with the minimum-loss rule; any other prompt (a box, several
+rounds 1..R-1 add one click drawn uniformly from the error region (positive in a false negative,
+negative in a false positive), except in the last round and one random correction round, and feed
+the previous round's logits back as the mask prompt (always in a round without a click, with
+probability train.mask_prompt_prob in the others; 1 in the paper). A prompt of a single point
+uses the 3-output head with the minimum-loss rule; any other prompt (a box, several
 points) uses the single output (SAM 2's rule, a box counting as two points). The fed-back mask is
 the most confident output (highest predicted IoU). Fed-back logits and sampled points carry no
 gradient; the losses of all rounds are summed; per-mask losses are averaged over valid masks.

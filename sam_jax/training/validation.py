@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import numpy as np
 
 
 def load_examples(spec: str, split: str, max_images: int, seed: int = 0) -> list[dict]:
@@ -46,7 +45,7 @@ class Validator:
         from sam_jax import SamPredictor
         from sam_jax.evaluation import evaluate_points
 
-        predictor = SamPredictor(self.model, jax.tree.map(np.asarray, host_params(params)))
+        predictor = SamPredictor(self.model, host_params(params))
         result = evaluate_points(
             predictor,
             self.examples,
