@@ -29,18 +29,9 @@ from sam_jax import amg_utils as au
 from sam_jax import functional as F
 from sam_jax import transforms
 
-try:
-    from jax.experimental import layout as _layout
-except ImportError:  # older jax: no layout constraints (only slower on CPU)
-    _layout = None
-
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 MASK_THRESHOLD = 0.0
 PAD_MULTIPLE = 32
-
-
-def _round_up(n: int) -> int:
-    return -(-n // PAD_MULTIPLE) * PAD_MULTIPLE
 
 
 def _input_frame_points(points: np.ndarray) -> np.ndarray:
@@ -49,39 +40,6 @@ def _input_frame_points(points: np.ndarray) -> np.ndarray:
     prompt encoder casts)."""
     shifted = (np.asarray(points, np.float64) + 0.5).astype(np.float32)
     return shifted - np.float32(0.5)  # exact in float32
-
-
-def _resize_taps(in_size: int, out_size: int, padded: int) -> tuple[np.ndarray, ...]:
-    """Bilinear taps (i0, i1, w0, w1) of an in_size -> out_size resize (official rule, see
-    `transforms`), zero-padded to `padded` outputs."""
-    pad = padded - out_size
-    taps = transforms._bilinear_taps(in_size, out_size)
-    return tuple(np.pad(t, (0, pad)) for t in taps)
-
-
-def _crop_taps(input_size, crop_size, padded_size) -> dict[str, np.ndarray]:
-    """Taps of the official post-processing's second resize, input_size (h, w) -> crop_size, padded
-    to padded_size, so that crops of one layer share one compiled function."""
-    rows = _resize_taps(input_size[0], crop_size[0], padded_size[0])
-    cols = _resize_taps(input_size[1], crop_size[1], padded_size[1])
-    return {"rows": rows, "cols": cols}
-
-
-def _row_major(x):
-    """Pins x to the row-major layout. Without it XLA:CPU keeps the gathers' transposed layouts
-    and the reductions that follow run some 20x slower."""
-    if _layout is None:
-        return x
-    return _layout.with_layout_constraint(x, _layout.Layout(tuple(range(x.ndim))))
-
-
-def _interp(x, axis: int, taps):
-    """One bilinear pass along `axis` (-1 or -2) with taps (i0, i1, w0, w1), computed as
-    `transforms.resize_bilinear` does (w0 * x[i0] + w1 * x[i1], in float32)."""
-    i0, i1, w0, w1 = taps
-    shape = (-1,) if axis == -1 else (-1, 1)
-    w0, w1 = jnp.asarray(w0, x.dtype).reshape(shape), jnp.asarray(w1, x.dtype).reshape(shape)
-    return _row_major(w0 * jnp.take(x, i0, axis=axis) + w1 * jnp.take(x, i1, axis=axis))
 
 
 def _decode_chunk(model, params, emb, points, taps, resized):
@@ -94,13 +52,9 @@ def _decode_chunk(model, params, emb, points, taps, resized):
     low_res, iou = model.apply(
         {"params": params}, emb, prompts, labels, None, None, True, method=model.decode
     )
-    s, m = model.config.image_size, low_res.shape[-1]
     # Official post-processing: bilinear to (S, S) (only its top-left `resized` part is needed),
     # crop to the input size and bilinear to the crop size (both folded into the taps).
-    x = _interp(low_res[0], -1, transforms._bilinear_taps(m, s, resized[1]))
-    x = _interp(x, -2, transforms._bilinear_taps(m, s, resized[0]))  # (B, C, *resized)
-    x = _interp(x, -1, taps["cols"])
-    x = _interp(x, -2, taps["rows"])
+    x = transforms.postprocess_masks_with_taps(low_res[0], taps, model.config.image_size, resized)
     inside = (taps["rows"][2] + taps["rows"][3] > 0)[:, None] & (
         taps["cols"][2] + taps["cols"][3] > 0
     )[None, :]
@@ -114,10 +68,10 @@ def _score_grid(
     """Scores every mask of a crop's point grid and runs the in-crop box NMS.
 
     emb (1, g, g, D); points (n_chunks, B, 2) float32 in the input frame; point_valid
-    (n_chunks, B) bool; taps from `_crop_taps`; crop_box, orig_box (4,) int32 XYXY; settings:
-    dict of scalars. Returns keep (M,) int32 flat indices (point * C + channel) by descending
-    predicted IoU, padded with -1; num_kept; iou (M,); stability (M,); boxes (M, 4) int32 in the
-    crop frame; M = n_chunks * B * C.
+    (n_chunks, B) bool; taps from `transforms.resize_taps`; crop_box, orig_box (4,) int32 XYXY;
+    settings: dict of scalars. Returns keep (M,) int32 flat indices (point * C + channel) by
+    descending predicted IoU, padded with -1; num_kept; iou (M,); stability (M,); boxes (M, 4)
+    int32 in the crop frame; M = n_chunks * B * C.
     """
 
     def one_chunk(pts):
@@ -322,10 +276,10 @@ class SamAutomaticMaskGenerator:
         for (x0, y0, x1, y1), layer in zip(crop_boxes, layer_idxs, strict=True):
             ih, iw = transforms.get_preprocess_shape(y1 - y0, x1 - x0, s)
             sizes = (
-                _round_up(y1 - y0),
-                _round_up(x1 - x0),
-                min(s, _round_up(ih)),
-                min(s, _round_up(iw)),
+                transforms.round_up(y1 - y0, PAD_MULTIPLE),
+                transforms.round_up(x1 - x0, PAD_MULTIPLE),
+                min(s, transforms.round_up(ih, PAD_MULTIPLE)),
+                min(s, transforms.round_up(iw, PAD_MULTIPLE)),
             )
             old = padded.get(layer, sizes)
             padded[layer] = tuple(max(a, b) for a, b in zip(old, sizes, strict=True))
@@ -361,7 +315,7 @@ class SamAutomaticMaskGenerator:
         images, input_sizes, _ = F.preprocess_images([cropped], model.config.image_size)
         emb = F.encode_images(model, params, jnp.asarray(images))
         padded_size, resized = padded[:2], padded[2:]
-        taps = _crop_taps(input_sizes[0], crop_size, padded_size)
+        taps = transforms.resize_taps(input_sizes[0], crop_size, padded_size)
 
         # Grid points in the crop frame (float64, as the official code), then the input frame.
         points = self.point_grids[layer_idx] * np.array(crop_size, np.float64)[None, ::-1]

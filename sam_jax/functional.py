@@ -32,12 +32,16 @@ import numpy as np
 from sam_jax import transforms
 from sam_jax.modeling import PAD_LABEL, pack_prompts
 
+# postprocess_masks_padded rounds output sizes up to this multiple (fewer compiled versions).
+PAD_MULTIPLE = 64
+
 __all__ = [
     "bucket_size",
     "decode_prompts",
     "encode_images",
     "pack_image_prompts",
     "postprocess_masks",
+    "postprocess_masks_padded",
     "preprocess_images",
     "stack_prompts",
 ]
@@ -248,6 +252,18 @@ def _postprocess(low_res, input_size, original_size, image_size, mask_threshold)
     return logits if mask_threshold is None else logits > mask_threshold
 
 
+def _postprocess_sizes(low_res_masks, input_size, original_size, image_size):
+    input_size = (int(input_size[0]), int(input_size[1]))
+    original_size = (int(original_size[0]), int(original_size[1]))
+    if low_res_masks.ndim < 2:
+        raise ValueError(f"low_res_masks must be (..., m, m), got {tuple(low_res_masks.shape)}")
+    if not (0 < input_size[0] <= image_size and 0 < input_size[1] <= image_size):
+        raise ValueError(f"input_size {input_size} must fit in the {image_size} model input")
+    if min(original_size) <= 0:
+        raise ValueError(f"original_size must be positive, got {original_size}")
+    return input_size, original_size
+
+
 def postprocess_masks(
     low_res_masks: jax.Array,
     input_size: Sequence[int],
@@ -259,18 +275,46 @@ def postprocess_masks(
 
     Bilinear to (S, S), crop to input_size (h, w), bilinear to original_size (H, W); no
     antialiasing. With mask_threshold (SAM uses 0.0) returns bool masks `logits > threshold`.
-    Sizes are static (Python ints).
+    Sizes are static (Python ints): each new size compiles a new version (see
+    `postprocess_masks_padded` for many image sizes).
     """
-    input_size = (int(input_size[0]), int(input_size[1]))
-    original_size = (int(original_size[0]), int(original_size[1]))
-    if low_res_masks.ndim < 2:
-        raise ValueError(f"low_res_masks must be (..., m, m), got {tuple(low_res_masks.shape)}")
-    if not (0 < input_size[0] <= image_size and 0 < input_size[1] <= image_size):
-        raise ValueError(f"input_size {input_size} must fit in the {image_size} model input")
-    if min(original_size) <= 0:
-        raise ValueError(f"original_size must be positive, got {original_size}")
+    input_size, original_size = _postprocess_sizes(
+        low_res_masks, input_size, original_size, image_size
+    )
     thr = None if mask_threshold is None else float(mask_threshold)
     return _postprocess(low_res_masks, input_size, original_size, int(image_size), thr)
+
+
+@functools.partial(jax.jit, static_argnames=("image_size", "resized", "mask_threshold"))
+def _postprocess_padded(low_res, taps, image_size, resized, mask_threshold):
+    logits = transforms.postprocess_masks_with_taps(low_res, taps, image_size, resized)
+    return logits if mask_threshold is None else logits > mask_threshold
+
+
+def postprocess_masks_padded(
+    low_res_masks: jax.Array,
+    input_size: Sequence[int],
+    original_size: Sequence[int],
+    image_size: int,
+    mask_threshold: float | None = None,
+    multiple: int = PAD_MULTIPLE,
+) -> jax.Array:
+    """`postprocess_masks` at sizes rounded up to `multiple`, for images of many sizes.
+
+    Returns (..., Hp, Wp) with (Hp, Wp) = original_size rounded up to `multiple`; its top-left
+    (H, W) corner is `postprocess_masks`'s result (slice it off on the host) and the padding is 0
+    (False). The resize taps are arguments rather than constants, so all images whose padded
+    sizes agree share one compiled version (eval.py over COCO, `SamPredictor`).
+    """
+    input_size, original_size = _postprocess_sizes(
+        low_res_masks, input_size, original_size, image_size
+    )
+    s = int(image_size)
+    resized = tuple(min(s, transforms.round_up(n, multiple)) for n in input_size)
+    padded = tuple(transforms.round_up(n, multiple) for n in original_size)
+    taps = transforms.resize_taps(input_size, original_size, padded)
+    thr = None if mask_threshold is None else float(mask_threshold)
+    return _postprocess_padded(low_res_masks, taps, s, resized, thr)
 
 
 def _cache_sizes() -> dict[str, Any]:
@@ -279,4 +323,5 @@ def _cache_sizes() -> dict[str, Any]:
         "encode": _encode._cache_size(),
         "decode": _decode._cache_size(),
         "postprocess": _postprocess._cache_size(),
+        "postprocess_padded": _postprocess_padded._cache_size(),
     }

@@ -252,14 +252,14 @@ class SamPredictor:
             has_mask,
             multimask_output=bool(multimask_output),
         )
-        out = F.postprocess_masks(
+        # Padded post-processing: images of similar sizes share one compiled version.
+        out = F.postprocess_masks_padded(
             low_res[0],
             self.input_size,
             self.original_size,
             self.image_size,
             mask_threshold=None if return_logits else 0.0,
         )
-        low_res, iou = low_res[0], iou[0]
-        if num < low_res.shape[0]:
-            out, iou, low_res = out[:num], iou[:num], low_res[:num]
-        return np.asarray(out), np.asarray(iou), np.asarray(low_res)
+        h, w = self.original_size
+        out = np.ascontiguousarray(np.asarray(out)[:num, ..., :h, :w])
+        return out, np.asarray(iou[0][:num]), np.asarray(low_res[0][:num])

@@ -20,6 +20,11 @@ from PIL import Image
 
 from sam_jax.config import PIXEL_MEAN, PIXEL_STD
 
+try:
+    from jax.experimental import layout as _layout
+except ImportError:  # older jax: no layout constraints (only slower on CPU)
+    _layout = None
+
 
 def get_preprocess_shape(oldh: int, oldw: int, long_side_length: int) -> tuple[int, int]:
     """Size (newh, neww) of an (oldh, oldw) image whose longest side is resized to long_side_length.
@@ -164,3 +169,60 @@ def postprocess_masks(
     x = jnp.asarray(low_res_masks, jnp.float32)
     x = resize_bilinear(x, (image_size, image_size), crop=input_size)
     return resize_bilinear(x, original_size)
+
+
+def round_up(n: int, multiple: int) -> int:
+    """n rounded up to a multiple of `multiple`."""
+    return -(-int(n) // multiple) * multiple
+
+
+def padded_taps(in_size: int, out_size: int, padded: int) -> tuple[np.ndarray, ...]:
+    """Taps (i0, i1, w0, w1) of an in_size -> out_size bilinear resize (the official rule, see
+    `_bilinear_taps`), zero-padded to `padded` outputs: padded outputs read index 0 with weight 0,
+    so resizes to different sizes share one compiled function."""
+    pad = padded - out_size
+    if pad < 0:
+        raise ValueError(f"padded size {padded} is smaller than the output size {out_size}")
+    return tuple(np.pad(t, (0, pad)) for t in _bilinear_taps(in_size, out_size))
+
+
+def resize_taps(
+    in_hw: Sequence[int], out_hw: Sequence[int], padded_hw: Sequence[int]
+) -> dict[str, tuple[np.ndarray, ...]]:
+    """Row and column taps of an (h, w) -> (H, W) resize padded to padded_hw (`padded_taps`)."""
+    return {
+        "rows": padded_taps(in_hw[0], out_hw[0], padded_hw[0]),
+        "cols": padded_taps(in_hw[1], out_hw[1], padded_hw[1]),
+    }
+
+
+def _row_major(x):
+    """Pins x to the row-major layout. Without it XLA:CPU keeps the gathers' transposed layouts
+    and the reductions that follow run some 20x slower."""
+    if _layout is None:
+        return x
+    return _layout.with_layout_constraint(x, _layout.Layout(tuple(range(x.ndim))))
+
+
+def interp_taps(x: jnp.ndarray, axis: int, taps) -> jnp.ndarray:
+    """One bilinear pass along `axis` (-1 or -2) with taps (i0, i1, w0, w1) (numpy or traced
+    arrays), computed as `resize_bilinear` does (w0 * x[i0] + w1 * x[i1], in x's dtype)."""
+    i0, i1, w0, w1 = taps
+    shape = (-1,) if axis == -1 else (-1, 1)
+    w0, w1 = jnp.asarray(w0, x.dtype).reshape(shape), jnp.asarray(w1, x.dtype).reshape(shape)
+    return _row_major(w0 * jnp.take(x, i0, axis=axis) + w1 * jnp.take(x, i1, axis=axis))
+
+
+def postprocess_masks_with_taps(
+    low_res_masks: jnp.ndarray, taps: dict, image_size: int, resized: Sequence[int]
+) -> jnp.ndarray:
+    """`postprocess_masks` with the second resize given as padded taps (`resize_taps` from the
+    input size to the original size): float32 logits (..., Hp, Wp) whose top-left (H, W) equal
+    `postprocess_masks`'s (padded rows and columns are 0). The first resize (to S x S) is computed
+    over its top-left `resized` (h', w') >= the input size only."""
+    x = jnp.asarray(low_res_masks, jnp.float32)
+    m_h, m_w = x.shape[-2], x.shape[-1]
+    x = interp_taps(x, -1, _bilinear_taps(m_w, image_size, int(resized[1])))
+    x = interp_taps(x, -2, _bilinear_taps(m_h, image_size, int(resized[0])))
+    x = interp_taps(x, -1, taps["cols"])
+    return interp_taps(x, -2, taps["rows"])

@@ -115,9 +115,18 @@ def test_part_prob_and_texture_strength():
     config = SyntheticConfig(part_prob=0.5, texture_strength=0.25)
     for i, ex in enumerate(exs):
         assert np.array_equal(ex["image"], synthetic_example(i, "test", config)["image"])
+    # Object-size options reach the generator: every visible mask covers at least min_visible.
+    exs = list(
+        iterate_examples("synthetic:val?num_images=8&min_area=0.1&max_area=0.2&min_visible=0.05")
+    )
+    config = SyntheticConfig(min_area=0.1, max_area=0.2, min_visible=0.05)
+    for i, ex in enumerate(exs):
+        assert np.array_equal(ex["masks"], synthetic_example(i, "val", config)["masks"])
+        assert ex["masks"].reshape(len(ex["masks"]), -1).mean(axis=1).min() >= 0.05
     for bad, match in [
         ("texture_strength=2", "texture_strength must be in"),
         ("part_prob=x", "number"),
+        ("min_area=0.5&max_area=0.2", "min_area <= max_area"),
     ]:
         with pytest.raises(ValueError, match=match):
             list(iterate_examples(f"synthetic:test?num_images=1&{bad}"))

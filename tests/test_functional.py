@@ -187,6 +187,26 @@ def test_usable_inside_user_jit_and_vmap(setup):
     np.testing.assert_array_equal(np.asarray(mapped), np.asarray(direct))
 
 
+def test_postprocess_masks_padded_equals_postprocess_masks_and_shares_compiles():
+    rng = np.random.default_rng(0)
+    low_res = jnp.asarray(
+        rng.normal(size=(2, 3, 4 * CONFIG.embedding_size, 4 * CONFIG.embedding_size))
+    )
+    before = F._cache_sizes()["postprocess_padded"]
+    # Four image sizes, one padded size (128, 192) and one resized input extent: one compile each.
+    for hw in [(97, 150), (100, 160), (110, 170), (128, 192)]:
+        input_size = tuple(int(v) for v in ResizeLongestSide(S).get_preprocess_shape(*hw, S))
+        for thr in (None, 0.0):
+            want = np.asarray(F.postprocess_masks(low_res, input_size, hw, S, thr))
+            got = np.asarray(F.postprocess_masks_padded(low_res, input_size, hw, S, thr))
+            assert got.shape == (2, 3, 128, 192) and got.dtype == want.dtype
+            np.testing.assert_allclose(got[..., : hw[0], : hw[1]], want, rtol=0, atol=1e-6)
+            assert not got[..., hw[0] :, :].any() and not got[..., :, hw[1] :].any()
+    assert F._cache_sizes()["postprocess_padded"] - before == 2  # logits and masks
+    with pytest.raises(ValueError, match="fit"):
+        F.postprocess_masks_padded(low_res, (300, 10), (10, 10), S)
+
+
 def test_decode_prompts_shape_errors(setup):
     model, params, emb = setup["model"], setup["params"], setup["emb"]
     points, labels = setup["points"], setup["labels"]

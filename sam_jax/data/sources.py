@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from sam_jax.data.records import DenseMasks, Record, count
-from sam_jax.data.spec import DatasetSpec, parse_dataset_spec
+from sam_jax.data.spec import FRACTION_OPTIONS, DatasetSpec, parse_dataset_spec
 from sam_jax.data.synthetic import SyntheticConfig, SyntheticDataset
 
 
@@ -40,7 +40,7 @@ def synthetic_config(spec: DatasetSpec, split: str) -> SyntheticConfig:
     for key in ("seed", "min_objects", "max_objects"):
         if spec.option(key) is not None:
             kwargs[key] = int(spec.option(key))
-    for key in ("part_prob", "texture_strength"):
+    for key in FRACTION_OPTIONS:
         if spec.option(key) is not None:
             kwargs[key] = float(spec.option(key))
     if spec.option("num_images") is not None:

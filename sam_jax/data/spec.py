@@ -7,8 +7,8 @@
 
 Paths may be local or anything tf.io.gfile reads (gs://...). Options follow a `?`, joined by `&`:
 synthetic: image_size (N or HxW), num_images (size of the named split), seed, min_objects,
-max_objects, part_prob, texture_strength (see SyntheticConfig); coco: include_crowd (0/1);
-tfds: data_dir.
+max_objects, part_prob, texture_strength, min_area, max_area, min_visible (see SyntheticConfig);
+coco: include_crowd (0/1); tfds: data_dir.
 Example: `synthetic:val?image_size=64&num_images=16`.
 """
 
@@ -20,6 +20,8 @@ import re
 from sam_jax.data import io
 
 KINDS = ("synthetic", "sa1b", "coco", "tfds")
+# synthetic options that are fractions in [0, 1] (SyntheticConfig checks their ranges)
+FRACTION_OPTIONS = ("part_prob", "texture_strength", "min_area", "max_area", "min_visible")
 _OPTIONS = {
     "synthetic": (
         "image_size",
@@ -29,6 +31,9 @@ _OPTIONS = {
         "max_objects",
         "part_prob",
         "texture_strength",
+        "min_area",
+        "max_area",
+        "min_visible",
     ),
     "sa1b": (),
     "coco": ("include_crowd",),
@@ -108,7 +113,7 @@ def parse_dataset_spec(spec: str | DatasetSpec) -> DatasetSpec:
             raise ValueError(f"dataset spec {text!r}: synthetic split must be one of {SPLITS}")
         out = DatasetSpec(kind, split=rest or None, options=options, text=text)
         _check_int_options(out, ("num_images", "seed", "min_objects", "max_objects"))
-        for key in ("part_prob", "texture_strength"):
+        for key in FRACTION_OPTIONS:
             value = out.option(key)
             if value is not None and not re.fullmatch(r"\d*\.?\d+", value):
                 raise ValueError(f"dataset spec {text!r}: option {key} must be a number in [0, 1]")
