@@ -302,8 +302,8 @@ def postprocess_masks_padded(
     """`postprocess_masks` at sizes rounded up to `multiple`, for images of many sizes.
 
     Returns (..., Hp, Wp) with (Hp, Wp) = original_size rounded up to `multiple`; its top-left
-    (H, W) corner is `postprocess_masks`'s result (slice it off on the host) and the padding is 0
-    (False). The resize taps are arguments rather than constants, so all images whose padded
+    (H, W) corner is `postprocess_masks`'s result (slice it off on the host); padded logits are 0.
+    The resize taps are arguments rather than constants, so all images whose padded
     sizes agree share one compiled version (eval.py over COCO, `SamPredictor`).
     """
     input_size, original_size = _postprocess_sizes(
