@@ -129,12 +129,11 @@ def _bilinear_taps(in_size: int, out_size: int, n_out: int | None = None):
     return i0, i1, w0, w1
 
 
-def _interp_axis(x: jnp.ndarray, axis: int, in_size: int, out_size: int, n_out: int):
-    i0, i1, w0, w1 = _bilinear_taps(in_size, out_size, n_out)
-    shape = [1] * x.ndim
-    shape[axis] = n_out
-    w0 = jnp.asarray(w0, x.dtype).reshape(shape)
-    w1 = jnp.asarray(w1, x.dtype).reshape(shape)
+def _weighted_taps(x: jnp.ndarray, axis: int, taps) -> jnp.ndarray:
+    """w0 * x[i0] + w1 * x[i1] along `axis` (-1 or -2) for taps (i0, i1, w0, w1), in x's dtype."""
+    i0, i1, w0, w1 = taps
+    shape = (-1,) if axis == -1 else (-1, 1)
+    w0, w1 = jnp.asarray(w0, x.dtype).reshape(shape), jnp.asarray(w1, x.dtype).reshape(shape)
     return w0 * jnp.take(x, i0, axis=axis) + w1 * jnp.take(x, i1, axis=axis)
 
 
@@ -150,8 +149,8 @@ def resize_bilinear(
     in_h, in_w = x.shape[-2], x.shape[-1]
     out_h, out_w = int(size[0]), int(size[1])
     n_h, n_w = (out_h, out_w) if crop is None else (int(crop[0]), int(crop[1]))
-    x = _interp_axis(x, x.ndim - 1, in_w, out_w, n_w)
-    return _interp_axis(x, x.ndim - 2, in_h, out_h, n_h)
+    x = _weighted_taps(x, -1, _bilinear_taps(in_w, out_w, n_w))
+    return _weighted_taps(x, -2, _bilinear_taps(in_h, out_h, n_h))
 
 
 def postprocess_masks(
@@ -206,11 +205,8 @@ def _row_major(x):
 
 def interp_taps(x: jnp.ndarray, axis: int, taps) -> jnp.ndarray:
     """One bilinear pass along `axis` (-1 or -2) with taps (i0, i1, w0, w1) (numpy or traced
-    arrays), computed as `resize_bilinear` does (w0 * x[i0] + w1 * x[i1], in x's dtype)."""
-    i0, i1, w0, w1 = taps
-    shape = (-1,) if axis == -1 else (-1, 1)
-    w0, w1 = jnp.asarray(w0, x.dtype).reshape(shape), jnp.asarray(w1, x.dtype).reshape(shape)
-    return _row_major(w0 * jnp.take(x, i0, axis=axis) + w1 * jnp.take(x, i1, axis=axis))
+    arrays), computed as `resize_bilinear` does, with a row-major result."""
+    return _row_major(_weighted_taps(x, axis, taps))
 
 
 def postprocess_masks_with_taps(
