@@ -8,7 +8,7 @@ Per model: one jitted train step of the real recipe (image encoder once per imag
 image, 11 interactive rounds, bfloat16 compute, float32 params and AdamW state, remat of every
 encoder block) on random data, sharded over all local devices (mesh (-1, 1) unless --fsdp).
 MFU counts model FLOPs (XLA's count of the same step lowered without remat and with the rounds
-unrolled) against the chip's dense bf16 peak (sam_jax.training.metrics.PEAK_TFLOPS, or
+unrolled) against the chip's dense bf16 peak (sam_jax.training.metric_writer.PEAK_TFLOPS, or
 --peak-tflops; on a CPU the measured float32 matmul throughput). Prints a markdown
 table and writes JSON (--output).
 """
@@ -27,7 +27,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from sam_jax.modeling import build_sam  # noqa: E402
-from sam_jax.training import initialization, metrics, sharding  # noqa: E402
+from sam_jax.training import initialization, metric_writer, sharding  # noqa: E402
 from sam_jax.training.defaults import base_config  # noqa: E402
 from sam_jax.training.optimizer import make_optimizer  # noqa: E402
 from sam_jax.training.train_loop import model_flops, remat_policy  # noqa: E402
@@ -105,7 +105,7 @@ def run_one(args, model_name):
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t)
     step_s = float(np.median(times))
-    peak = metrics.peak_flops_per_device(args.peak_tflops)
+    peak = metric_writer.peak_flops_per_device(args.peak_tflops)
     mem = jax.local_devices()[0].memory_stats() or {}
     return {
         "model": model_name,

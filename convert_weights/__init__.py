@@ -1,96 +1,21 @@
 """Convert SAM checkpoints between the official PyTorch format and sam_jax (orbax).
 
-    python -m convert_weights --checkpoint sam_vit_b_01ec64.pth --output ckpt/sam_vit_b \\
-        [--model-type vit_b] [--sha256 HEX] [--decoder-num-heads 8] [--force]
+    python -m convert_weights --checkpoint sam_vit_b_01ec64.pth --output ckpt/sam_vit_b
     python -m convert_weights --to-pytorch --checkpoint ckpt/sam_vit_b --output sam_vit_b.pth
 
-Without --model-type the architecture is inferred from the tensor shapes, so fine-tuned and
-custom-size checkpoints convert as well. On bad input the command exits non-zero with a one-line
-error and leaves no output behind.
+The `sam-jax-convert` command (sam_jax/cli/convert.py; `--help` lists the flags); the
+conversion itself lives in sam_jax.checkpoints.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
 from collections.abc import Sequence
-
-from sam_jax.config import MODEL_TYPES
 
 PROG = "python -m convert_weights"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        help="input: an official .pth file, or with --to-pytorch a converted directory",
-    )
-    parser.add_argument(
-        "--output",
-        required=True,
-        help="output: a converted (orbax) directory, or with --to-pytorch a .pth file",
-    )
-    parser.add_argument(
-        "--to-pytorch",
-        action="store_true",
-        help="convert a sam_jax checkpoint back to an official PyTorch state_dict",
-    )
-    parser.add_argument(
-        "--model-type",
-        choices=sorted(MODEL_TYPES),
-        help="expected architecture (default: inferred from the tensor shapes)",
-    )
-    parser.add_argument(
-        "--decoder-num-heads",
-        type=int,
-        default=None,
-        help="mask decoder attention heads (not stored in the weights; default 8, as official)",
-    )
-    parser.add_argument(
-        "--sha256", help="expected SHA-256 of the input file (full digest or a prefix of >= 8)"
-    )
-    parser.add_argument("--force", action="store_true", help="replace an existing output")
-    return parser
-
-
-def convert(args: argparse.Namespace) -> str:
-    """Runs one conversion; returns a one-line summary. Raises on bad input."""
-    from sam_jax import checkpoints
-
-    if args.to_pytorch:
-        if any(a is not None for a in (args.model_type, args.decoder_num_heads, args.sha256)):
-            raise ValueError(
-                "--model-type, --decoder-num-heads and --sha256 apply to .pth input only"
-            )
-        config, params = checkpoints.load_converted(args.checkpoint)
-        state_dict = checkpoints.params_to_state_dict(params, config)
-        checkpoints.save_pth(args.output, state_dict, overwrite=args.force)
-        return f"wrote {args.output}: {len(state_dict)} tensors"
-    if os.path.isdir(args.checkpoint):
-        raise ValueError(
-            f"{args.checkpoint} is a directory; converting to PyTorch needs --to-pytorch"
-        )
-    config, params = checkpoints.load_pth(
-        args.checkpoint, args.model_type, args.decoder_num_heads, args.sha256
-    )
-    checkpoints.save_converted(args.output, config, params, overwrite=args.force)
-    return f"wrote {args.output}: {config.to_json()}"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; returns the exit status (0 ok, 1 conversion error, 2 usage error)."""
-    args = build_parser().parse_args(argv)
-    try:
-        summary = convert(args)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # noqa: BLE001 - every failure is reported on one line
-        message = " ".join(str(e).split()) or type(e).__name__
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        return 1
-    print(summary)
-    return 0
+    """Returns the exit status (0 ok, 1 conversion error, 2 usage error)."""
+    from sam_jax.cli.convert import main as convert_main
+
+    return convert_main(argv, prog=PROG)

@@ -1,17 +1,12 @@
-"""Automatic mask generation on an image or a folder of images (the official scripts/amg.py).
+"""Automatic mask generation over image files, as the official scripts/amg.py does it: reading
+images, loading a model for a command, writing masks (PNGs + metadata.csv, or COCO RLE json).
 
-    python -m sam_jax.amg --checkpoint CKPT --input IMAGE_OR_DIR --output DIR [options]
-
-CKPT is an official .pth or a converted sam_jax directory. For each image, writes a folder
-DIR/<image name>/ of masks as PNGs (0/255) and a metadata.csv, or with --convert-to-rle one
-DIR/<image name>.json of COCO RLE records. Unreadable images are reported and skipped; the exit
-code is 1 when any image failed. Flags and outputs follow the official script; --crop-overlap-ratio
-takes a float (the official script declares it as an int by mistake).
+The command is `sam-jax-amg` (sam_jax/cli/amg.py); `python -m sam_jax.amg` runs it too.
+`load_image`, `load_model` and `device_context` are shared with sam_jax.predict.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -24,58 +19,6 @@ METADATA_HEADER = (
     "id,area,bbox_x0,bbox_y0,bbox_w,bbox_h,point_input_x,point_input_y,predicted_iou,"
     "stability_score,crop_box_x0,crop_box_y0,crop_box_w,crop_box_h"
 )
-AMG_FLAGS = {  # flag -> (type, help)
-    "points_per_side": (int, "Sample a grid over the image with this many points to a side."),
-    "points_per_batch": (int, "How many input points to decode in one batch."),
-    "pred_iou_thresh": (float, "Exclude masks with a predicted score below this threshold."),
-    "stability_score_thresh": (float, "Exclude masks with a stability score below this."),
-    "stability_score_offset": (float, "Larger values perturb the mask more for stability."),
-    "box_nms_thresh": (float, "The overlap threshold for excluding a duplicate mask."),
-    "crop_n_layers": (int, "If >0, also run on crops of the image, at this many scales."),
-    "crop_nms_thresh": (float, "The overlap threshold for duplicates across crops."),
-    "crop_overlap_ratio": (float, "Larger numbers mean image crops overlap more."),
-    "crop_n_points_downscale_factor": (int, "Points per side in crop layer n shrink by this**n."),
-    "min_mask_region_area": (int, "Remove holes and islands smaller than this many pixels."),
-}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m sam_jax.amg",
-        description=(
-            "Runs automatic mask generation on an input image or directory of images, and "
-            "outputs masks as either PNGs or COCO-style RLEs."
-        ),
-    )
-    parser.add_argument("--input", required=True, help="An image or a folder of images.")
-    parser.add_argument(
-        "--output",
-        required=True,
-        help="Output folder: a folder of PNGs per image, or one COCO RLE json per image.",
-    )
-    parser.add_argument(
-        "--model-type",
-        default=None,
-        help="vit_b, vit_l, vit_h or default (= vit_h). Optional: the architecture is read "
-        "from the checkpoint; when given, a .pth must match it.",
-    )
-    parser.add_argument(
-        "--checkpoint", required=True, help="An official SAM .pth or a converted directory."
-    )
-    parser.add_argument(
-        "--device",
-        default=None,
-        help="JAX platform (cpu, gpu/cuda, tpu); default: JAX's.",
-    )
-    parser.add_argument(
-        "--convert-to-rle",
-        action="store_true",
-        help="Save masks as COCO RLEs in one json per image instead of a folder of PNGs.",
-    )
-    group = parser.add_argument_group("AMG Settings")
-    for name, (kind, help_text) in AMG_FLAGS.items():
-        group.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=help_text)
-    return parser
 
 
 def load_image(path: str) -> np.ndarray | None:
@@ -121,6 +64,29 @@ def device_context(device: str | None):
         raise ValueError(f"device {device!r} is not available: {str(e).splitlines()[0]}") from None
 
 
+def list_images(input_path: str) -> list[str]:
+    """[input_path] for a file; the files of a folder (not hidden, not sub-folders), sorted."""
+    if not os.path.isdir(input_path):
+        return [input_path]
+    names = sorted(f for f in os.listdir(input_path) if not f.startswith("."))
+    return [
+        os.path.join(input_path, f) for f in names if os.path.isfile(os.path.join(input_path, f))
+    ]
+
+
+def output_names(image_paths: list[str]) -> list[str]:
+    """The output name of each image: its name without extension, or with the extension when
+    two images share a stem (a.jpg and a.png in one folder)."""
+    names, used = [], set()
+    for path in image_paths:
+        base = os.path.splitext(os.path.basename(path))[0]
+        if base in used:
+            base = os.path.basename(path).replace(".", "_")
+        used.add(base)
+        names.append(base)
+    return names
+
+
 def write_masks_to_folder(masks: list[dict[str, Any]], path: str) -> None:
     """Writes <i>.png (0/255) per mask and metadata.csv, as the official script."""
     from PIL import Image
@@ -143,78 +109,20 @@ def write_masks_to_folder(masks: list[dict[str, Any]], path: str) -> None:
         f.write("\n".join(metadata))
 
 
-def list_targets(input_path: str) -> list[str]:
-    if not os.path.isdir(input_path):
-        return [input_path]
-    names = sorted(f for f in os.listdir(input_path) if not f.startswith("."))
-    return [
-        os.path.join(input_path, f) for f in names if os.path.isfile(os.path.join(input_path, f))
-    ]
+def write_masks(masks: list[dict[str, Any]], output_dir: str, name: str, output_mode: str) -> str:
+    """Writes one image's masks under output_dir: a folder `name/` of PNGs and metadata.csv
+    ("binary_mask"), or `name.json` of COCO RLE records ("coco_rle"); returns the path."""
+    base = os.path.join(output_dir, name)
+    if output_mode == "binary_mask":
+        os.makedirs(base, exist_ok=True)
+        write_masks_to_folder(masks, base)
+        return base
+    with open(base + ".json", "w") as f:
+        json.dump(masks, f)
+    return base + ".json"
 
 
-def _progress(items, disable: bool = False):
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return items, print
-    bar = tqdm(items, desc="images", unit="img", disable=disable)
-    return bar, tqdm.write
+if __name__ == "__main__":  # `python -m sam_jax.amg`: the sam-jax-amg command
+    from sam_jax.cli.amg import main
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not os.path.exists(args.input):
-        parser.error(f"--input {args.input} does not exist")
-    amg_kwargs = {k: getattr(args, k) for k in AMG_FLAGS if getattr(args, k) is not None}
-    output_mode = "coco_rle" if args.convert_to_rle else "binary_mask"
-    targets = list_targets(args.input)
-    if not targets:
-        parser.error(f"--input folder {args.input} holds no files")
-    from sam_jax.automatic_mask_generator import SamAutomaticMaskGenerator
-
-    try:
-        with device_context(args.device):
-            print("Loading model...")
-            model, params = load_model(args.checkpoint, args.model_type)
-            generator = SamAutomaticMaskGenerator(
-                model, params, output_mode=output_mode, **amg_kwargs
-            )
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    os.makedirs(args.output, exist_ok=True)
-
-    failures, used = [], set()
-    items, log = _progress(targets)
-    with device_context(args.device):
-        for t in items:
-            image = load_image(t)
-            if image is None:
-                log(f"Could not load '{t}' as an image, skipping...")
-                failures.append(t)
-                continue
-            try:
-                masks = generator.generate(image)
-            except ValueError as e:
-                log(f"Could not process '{t}': {e}, skipping...")
-                failures.append(t)
-                continue
-            base = os.path.splitext(os.path.basename(t))[0]
-            if base in used:  # a.jpg and a.png in one folder
-                base = os.path.basename(t).replace(".", "_")
-            used.add(base)
-            save_base = os.path.join(args.output, base)
-            if output_mode == "binary_mask":
-                os.makedirs(save_base, exist_ok=True)
-                write_masks_to_folder(masks, save_base)
-            else:
-                with open(save_base + ".json", "w") as f:
-                    json.dump(masks, f)
-    done = len(targets) - len(failures)
-    print(f"Done: {done} of {len(targets)} images processed, {len(failures)} failed.")
-    return 1 if failures else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python -m sam_jax.amg"))

@@ -16,6 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sam_jax.data.rle import rle_to_mask  # noqa: F401  (the official name; one RLE decoder)
+from sam_jax.transforms import bucket_size, pad_rows
+
 # ----------------------------------------------------------------------------- grids and crops
 
 
@@ -207,20 +210,19 @@ _box_nms_jit = jax.jit(box_nms)
 
 def batched_nms(boxes, scores, idxs, iou_threshold: float) -> np.ndarray:
     """Host counterpart of `torchvision.ops.batched_nms` on numpy inputs: int64 kept indices by
-    descending score. Pads to a power of two so that few shapes get compiled."""
+    descending score. Pads to a power of two so that few shapes get compiled (padded boxes are
+    flagged invalid)."""
     boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
     n = boxes.shape[0]
     if n == 0:
         return np.zeros((0,), np.int64)
-    size = 1 << (n - 1).bit_length()
-    pad = size - n
-    valid = np.arange(size) < n
+    size = bucket_size(n)
     keep, num = _box_nms_jit(
-        np.pad(boxes, ((0, pad), (0, 0))),
-        np.pad(np.asarray(scores, np.float32), (0, pad)),
+        pad_rows(boxes, size),
+        pad_rows(np.asarray(scores, np.float32), size),
         f32_greater_threshold(iou_threshold),
-        valid,
-        np.pad(np.asarray(idxs).astype(np.int32), (0, pad)),
+        np.arange(size) < n,
+        pad_rows(np.asarray(idxs).astype(np.int32), size),
     )
     return np.asarray(keep)[: int(num)].astype(np.int64)
 
@@ -244,15 +246,7 @@ def mask_to_rle(masks) -> list[dict[str, Any]]:
     return out
 
 
-def rle_to_mask(rle: dict[str, Any]) -> np.ndarray:
-    """Bool (H, W) mask from an uncompressed RLE."""
-    h, w = rle["size"]
-    counts = np.asarray(rle["counts"], np.int64)
-    values = (np.arange(len(counts)) % 2).astype(bool)
-    mask = np.repeat(values, counts)
-    if mask.size != h * w:
-        raise ValueError(f"RLE counts sum to {mask.size}, expected {h}*{w}")
-    return np.ascontiguousarray(mask.reshape(w, h).T)
+# rle_to_mask (decoding, compressed or uncompressed) is imported from sam_jax.data.rle.
 
 
 def area_from_rle(rle: dict[str, Any]) -> int:

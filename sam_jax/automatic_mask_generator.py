@@ -9,8 +9,9 @@ Per crop (the whole image, then `crop_n_layers` layers of overlapping crops) thr
 3. `_kept_masks`: decodes the kept prompts again (same chunk shape, hence the same masks) and
    returns their bit-packed masks, so only kept masks leave the device.
 Device memory is bounded by one chunk of masks at crop resolution, whatever the number of points.
-Crops are computed at their layer's largest crop size rounded up to 32 pixels (pixels outside the
-crop are masked out), so crops and similar image sizes share compiled versions. Cross-crop NMS,
+Crops are computed at their layer's largest crop size rounded up to `transforms.MASK_SIZE_MULTIPLE`
+pixels (pixels outside the crop are masked out), so crops and similar image sizes share compiled
+versions. Cross-crop NMS,
 the optional small-region clean-up (OpenCV, else scipy.ndimage) and the RLE encodings
 (pycocotools for COCO RLE) follow, in the official order and with the official tie-breaking.
 """
@@ -31,7 +32,6 @@ from sam_jax import transforms
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 MASK_THRESHOLD = 0.0
-PAD_MULTIPLE = 32
 
 
 def _input_frame_points(points: np.ndarray) -> np.ndarray:
@@ -113,8 +113,7 @@ def _kept_masks(model, params, emb, points, channels, taps, resized):
 
 def _chunked(x: np.ndarray, chunk: int, n_chunks: int) -> np.ndarray:
     """Pads axis 0 of x with copies of x[0] to n_chunks * chunk and splits it into chunks."""
-    pad = n_chunks * chunk - x.shape[0]
-    x = np.concatenate([x, np.repeat(x[:1], pad, axis=0)]) if pad else x
+    x = transforms.pad_rows(x, n_chunks * chunk)
     return x.reshape(n_chunks, chunk, *x.shape[1:])
 
 
@@ -269,18 +268,13 @@ class SamAutomaticMaskGenerator:
         crop_boxes, layer_idxs = au.generate_crop_boxes(
             orig_size, self.crop_n_layers, self.crop_overlap_ratio
         )
-        # Crops of a layer are computed at the layer's largest crop (and resized input) size
-        # rounded up to PAD_MULTIPLE, so a layer and similar image sizes share compiled versions.
+        # Crops of a layer are computed at the layer's largest padded crop (and resized input)
+        # size, so a layer and similar image sizes share compiled versions.
         s = self.model.config.image_size
         padded = {}
         for (x0, y0, x1, y1), layer in zip(crop_boxes, layer_idxs, strict=True):
-            ih, iw = transforms.get_preprocess_shape(y1 - y0, x1 - x0, s)
-            sizes = (
-                transforms.round_up(y1 - y0, PAD_MULTIPLE),
-                transforms.round_up(x1 - x0, PAD_MULTIPLE),
-                min(s, transforms.round_up(ih, PAD_MULTIPLE)),
-                min(s, transforms.round_up(iw, PAD_MULTIPLE)),
-            )
+            input_size = transforms.get_preprocess_shape(y1 - y0, x1 - x0, s)
+            sizes = sum(transforms.padded_mask_sizes(input_size, (y1 - y0, x1 - x0), s), ())
             old = padded.get(layer, sizes)
             padded[layer] = tuple(max(a, b) for a, b in zip(old, sizes, strict=True))
         parts = [
@@ -312,10 +306,11 @@ class SamAutomaticMaskGenerator:
         x0, y0, x1, y1 = crop_box
         cropped = image[y0:y1, x0:x1, :]
         crop_size = (int(cropped.shape[0]), int(cropped.shape[1]))
-        images, input_sizes, _ = F.preprocess_images([cropped], model.config.image_size)
-        emb = F.encode_images(model, params, jnp.asarray(images))
+        # A crop of the image `generate` checked: the unchecked pre-processing and encoder.
+        image_in, input_size = transforms.preprocess_image(cropped, model.config.image_size)
+        emb = F._encode(model, params, jnp.asarray(image_in[None]))
         padded_size, resized = padded[:2], padded[2:]
-        taps = transforms.resize_taps(input_sizes[0], crop_size, padded_size)
+        taps = transforms.resize_taps(input_size, crop_size, padded_size)
 
         # Grid points in the crop frame (float64, as the official code), then the input frame.
         points = self.point_grids[layer_idx] * np.array(crop_size, np.float64)[None, ::-1]
@@ -358,7 +353,7 @@ class SamAutomaticMaskGenerator:
         if k == 0:
             return np.zeros((0, h, w), bool)
         chunk = self.points_per_batch
-        n_chunks = F.bucket_size(-(-k // chunk))  # few compiled versions
+        n_chunks = transforms.bucket_size(-(-k // chunk))  # few compiled versions
         packed = _kept_masks(
             self.model,
             self.params,

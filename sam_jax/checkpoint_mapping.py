@@ -26,6 +26,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
+from flax import traverse_util
 
 from sam_jax.config import SamConfig
 
@@ -209,10 +210,9 @@ def expected_leaves(config: SamConfig) -> dict[str, Leaf]:
 
 def expected_param_shapes(config: SamConfig) -> dict[str, Any]:
     """The params pytree of `config` as nested dicts of shape tuples (flax layout)."""
-    tree: dict[str, Any] = {}
-    for leaf in expected_leaves(config).values():
-        _set(tree, leaf.flax_path, leaf.flax_shape)
-    return tree
+    return traverse_util.unflatten_dict(
+        {leaf.flax_path: leaf.flax_shape for leaf in expected_leaves(config).values()}
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -254,25 +254,10 @@ def check_state_dict(sd: Mapping[str, Any], config: SamConfig, what: str = "the 
 # Conversion.
 
 
-def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
-    for name in path[:-1]:
-        tree = tree.setdefault(name, {})
-    tree[path[-1]] = value
-
-
 def flatten_params(params: Mapping[str, Any]) -> dict[tuple[str, ...], Any]:
-    """Nested mappings (dict or FrozenDict) -> {path tuple: leaf}."""
-    flat: dict[tuple[str, ...], Any] = {}
-
-    def walk(node: Any, prefix: tuple[str, ...]) -> None:
-        if isinstance(node, Mapping):
-            for k, v in node.items():
-                walk(v, (*prefix, str(k)))
-        else:
-            flat[prefix] = node
-
-    walk(params, ())
-    return flat
+    """Nested dicts (or FrozenDicts) -> {path tuple: leaf}; `traverse_util.unflatten_dict`
+    inverts it."""
+    return traverse_util.flatten_dict(params)
 
 
 def _as_float32(x: Any, name: str) -> np.ndarray:
@@ -285,10 +270,12 @@ def _as_float32(x: Any, name: str) -> np.ndarray:
 def state_dict_to_params(sd: Mapping[str, Any], config: SamConfig) -> dict[str, Any]:
     """Official state_dict (torch key -> array) -> params pytree (nested dicts of float32 numpy)."""
     check_state_dict(sd, config)
-    params: dict[str, Any] = {}
-    for key, leaf in expected_leaves(config).items():
-        _set(params, leaf.flax_path, to_flax_layout(_as_float32(sd[key], key), leaf.layout))
-    return params
+    return traverse_util.unflatten_dict(
+        {
+            leaf.flax_path: to_flax_layout(_as_float32(sd[key], key), leaf.layout)
+            for key, leaf in expected_leaves(config).items()
+        }
+    )
 
 
 def check_params(params: Mapping[str, Any], config: SamConfig, what: str = "the config") -> None:

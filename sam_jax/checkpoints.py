@@ -6,14 +6,19 @@ Two formats:
   `StandardSave`) and `config` (the `SamConfig` as a JSON object, orbax `JsonSave`; the file
   `<dir>/config/metadata` is plain JSON).
 
-Writes are atomic: files go to a temporary sibling directory that is renamed into place on
-success and removed on failure. torch and orbax are imported lazily.
+Paths may be local or URLs (gs://bucket/...): every access goes through `sam_jax.paths`.
+Writes are atomic: local files go to a temporary sibling directory that is renamed into place on
+success and removed on failure; on an object store a `.pth` is uploaded whole (an object appears
+only when complete) and orbax writes a converted directory straight to the bucket, marking it
+complete last (its `commit_success.txt`); a failed write is removed. torch and orbax are imported
+lazily.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -27,7 +32,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
+from sam_jax import paths
 from sam_jax.checkpoint_mapping import (
     check_params,
     check_state_dict,
@@ -56,6 +63,9 @@ __all__ = [
 
 PARAMS_ITEM = "params"
 CONFIG_ITEM = "config"
+# What orbax writes last into a checkpoint directory on an object store (none locally, where
+# the finished directory is renamed into place instead).
+COMMIT_FILE = "commit_success.txt"
 
 
 def _one_line(exc: BaseException) -> str:
@@ -72,10 +82,10 @@ def check_sha256(path: str | os.PathLike, expected: str) -> None:
     expected = expected.strip().lower()
     if not re.fullmatch(r"[0-9a-f]{8,64}", expected):
         raise ValueError(f"the expected SHA-256 must be 8 to 64 hex digits, got {expected!r}")
-    if not Path(path).is_file():
+    if not paths.isfile(path):
         raise ValueError(f"cannot check the SHA-256 of {path}: not a file")
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with paths.open(path, "rb") as f:
         while chunk := f.read(1 << 22):
             digest.update(chunk)
     actual = digest.hexdigest()
@@ -106,15 +116,19 @@ def _unwrap(obj: Any, path: Any) -> Mapping[str, Any]:
 
 def read_state_dict(path: str | os.PathLike, sha256: str | None = None) -> dict[str, np.ndarray]:
     """Reads an official `.pth` state_dict as {torch key: float32 numpy array}."""
-    path = Path(path)
-    if not path.is_file():
+    path = paths.resolve(path)
+    if not paths.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist or is not a file")
     if sha256 is not None:
         check_sha256(path, sha256)
     import torch
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if paths.is_remote(path):
+            with paths.open(path, "rb") as f:  # seekable: torch reads the zip's members in place
+                obj = torch.load(f, map_location="cpu", weights_only=True)
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - unpickling raises many types
         raise ValueError(f"{path} is not a PyTorch checkpoint: {_one_line(e)[:300]}") from None
     sd = _unwrap(obj, path)
@@ -157,6 +171,14 @@ def save_pth(path: str | os.PathLike, state_dict: Mapping[str, Any], overwrite: 
     import torch
 
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}
+    if paths.is_remote(path):  # one object, published only when its upload completes
+        path = paths.resolve(path)
+        if paths.exists(path) and not overwrite:
+            raise FileExistsError(f"output {path} exists already (use --force to replace it)")
+        buf = io.BytesIO()
+        torch.save(tensors, buf)
+        paths.write_bytes(path, buf.getbuffer())
+        return
     with atomic_output(path, overwrite) as tmp:
         torch.save(tensors, tmp)
 
@@ -169,8 +191,11 @@ def save_pth(path: str | os.PathLike, state_dict: Mapping[str, Any], overwrite: 
 def atomic_output(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yields a temporary path beside `path`; renames it to `path` when the block succeeds.
 
-    On failure, the temporary path and any parent directories created here are removed.
+    On failure, the temporary path and any parent directories created here are removed. Local
+    paths only (object stores have no rename: see save_pth and save_converted).
     """
+    if paths.is_remote(path):
+        raise ValueError(f"atomic_output needs a local path, got {path}")
     path = Path(path).absolute()
     if path.exists() or path.is_symlink():
         if not overwrite:
@@ -217,12 +242,23 @@ def _remove_created(created: list[Path]) -> None:
 
 
 def _checkpointer():
+    """An orbax Checkpointer of converted checkpoints, run by the calling process alone.
+
+    A converted checkpoint holds host (numpy) arrays: in a multi-process job one process reads or
+    writes it without the others (no cross-process barriers)."""
+    import jax
     import orbax.checkpoint as ocp
 
+    me = jax.process_index()
+    alone = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
     handler = ocp.CompositeCheckpointHandler(
-        **{PARAMS_ITEM: ocp.StandardCheckpointHandler(), CONFIG_ITEM: ocp.JsonCheckpointHandler()}
+        composite_options=ocp.CompositeOptions(multiprocessing_options=alone),
+        **{
+            PARAMS_ITEM: ocp.StandardCheckpointHandler(multiprocessing_options=alone),
+            CONFIG_ITEM: ocp.JsonCheckpointHandler(multiprocessing_options=alone),
+        },
     )
-    return ocp, ocp.Checkpointer(handler)
+    return ocp, ocp.Checkpointer(handler, multiprocessing_options=alone)
 
 
 def save_converted(
@@ -235,16 +271,27 @@ def save_converted(
     check_params(params, config)
     params = _to_numpy_tree(params)
     ocp, ckptr = _checkpointer()
-    with atomic_output(path, overwrite) as tmp:
-        ckptr.save(
-            tmp,
-            args=ocp.args.Composite(
-                **{
-                    PARAMS_ITEM: ocp.args.StandardSave(params),
-                    CONFIG_ITEM: ocp.args.JsonSave(config.to_dict()),
-                }
-            ),
-        )
+    args = ocp.args.Composite(
+        **{
+            PARAMS_ITEM: ocp.args.StandardSave(params),
+            CONFIG_ITEM: ocp.args.JsonSave(config.to_dict()),
+        }
+    )
+    if not paths.is_remote(path):
+        with atomic_output(path, overwrite) as tmp:
+            ckptr.save(tmp, args=args)
+        return
+    # An object store: orbax writes straight to the bucket (no rename there) and marks the
+    # directory complete last; what a failed save wrote is removed.
+    path = paths.resolve(path)
+    if paths.exists(path) and not overwrite:
+        raise FileExistsError(f"output {path} exists already (use --force to replace it)")
+    try:
+        ckptr.save(paths.epath(path), args=args, force=True)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            paths.rmtree(path)
+        raise
 
 
 def _to_numpy_tree(tree: Mapping[str, Any]) -> dict[str, Any]:
@@ -256,37 +303,41 @@ def _to_numpy_tree(tree: Mapping[str, Any]) -> dict[str, Any]:
 
 def read_converted_config(path: str | os.PathLike) -> SamConfig:
     """The `SamConfig` stored in a converted checkpoint directory."""
-    config_file = Path(path) / CONFIG_ITEM / "metadata"
-    params_dir = Path(path) / PARAMS_ITEM
-    if not Path(path).is_dir() or not config_file.is_file() or not params_dir.is_dir():
+    path = paths.resolve(path)
+    config_file = paths.join(path, CONFIG_ITEM, "metadata")
+    params_dir = paths.join(path, PARAMS_ITEM)
+    if not paths.isdir(path) or not paths.isfile(config_file) or not paths.isdir(params_dir):
         raise ValueError(
             f"{path} is not a converted sam_jax checkpoint (expected a directory with "
             f"{CONFIG_ITEM}/metadata and {PARAMS_ITEM}/)"
         )
+    if paths.is_remote(path) and not paths.isfile(paths.join(path, COMMIT_FILE)):
+        raise ValueError(f"{path} is an incomplete converted checkpoint (no {COMMIT_FILE})")
     try:
-        return SamConfig.from_dict(json.loads(config_file.read_text()))
+        return SamConfig.from_dict(json.loads(paths.read_text(config_file)))
     except (ValueError, TypeError) as e:
         raise ValueError(f"bad config in {config_file}: {_one_line(e)}") from None
 
 
 def load_converted(path: str | os.PathLike) -> tuple[SamConfig, dict[str, Any]]:
     """Converted orbax directory -> (config, params as nested dicts of float32 numpy arrays)."""
-    path = Path(path).absolute()
+    path = paths.resolve(path)
     config = read_converted_config(path)
     ocp, ckptr = _checkpointer()
     try:
-        meta = ckptr.metadata(path).item_metadata[PARAMS_ITEM].tree
+        meta = ckptr.metadata(paths.epath(path)).item_metadata[PARAMS_ITEM].tree
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"cannot read the params of {path}: {_one_line(e)[:300]}") from None
     check_params(meta, config, f"the config stored in {path}")
-    target: dict[str, Any] = {}
-    for leaf in expected_leaves(config).values():
-        node = target
-        for name in leaf.flax_path[:-1]:
-            node = node.setdefault(name, {})
-        node[leaf.flax_path[-1]] = jax.ShapeDtypeStruct(leaf.flax_shape, np.float32)
+    target = traverse_util.unflatten_dict(
+        {
+            leaf.flax_path: jax.ShapeDtypeStruct(leaf.flax_shape, np.float32)
+            for leaf in expected_leaves(config).values()
+        }
+    )
     restored = ckptr.restore(
-        path, args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardRestore(target)})
+        paths.epath(path),
+        args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardRestore(target)}),
     )
     params = jax.tree.map(lambda x: np.asarray(x, np.float32), restored[PARAMS_ITEM])
     return config, params
@@ -305,10 +356,9 @@ def load(
     """
     from sam_jax.modeling import build_sam
 
-    path = Path(path)
-    if path.is_dir():
+    if paths.isdir(path):
         config, params = load_converted(path)
-    elif path.is_file():
+    elif paths.isfile(path):
         config, params = load_pth(path, decoder_num_heads=decoder_num_heads)
     else:
         raise FileNotFoundError(f"checkpoint {path} does not exist")

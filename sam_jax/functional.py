@@ -17,6 +17,10 @@ Shapes and layouts (S = config.image_size, g = S / patch_size, D = prompt_embed_
 `encode_images`, `decode_prompts` and `postprocess_masks` are jitted (one cache per model and
 static arguments; flax modules are hashable) and may be called inside a user's `jax.jit` or under
 `jax.vmap`. The pre-processing and prompt-packing helpers are numpy (host side).
+
+The public functions check their arguments (shapes, sizes) and then call unchecked internals
+(`_pack_image_prompts`, `_decode_prompts`, `_postprocess_masks_padded`, `_encode`), which
+`SamPredictor` calls directly after validating its own inputs, so that one call is checked once.
 """
 
 from __future__ import annotations
@@ -30,10 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from sam_jax import transforms
-from sam_jax.modeling import PAD_LABEL, pack_prompts
-
-# postprocess_masks_padded rounds output sizes up to this multiple (fewer compiled versions).
-PAD_MULTIPLE = 64
+from sam_jax.modeling import PAD_LABEL
+from sam_jax.modeling.sam import check_prompts, pack_prompt_tokens
+from sam_jax.transforms import MASK_SIZE_MULTIPLE, bucket_size
 
 __all__ = [
     "bucket_size",
@@ -45,12 +48,6 @@ __all__ = [
     "preprocess_images",
     "stack_prompts",
 ]
-
-
-def bucket_size(n: int, minimum: int = 1) -> int:
-    """Smallest power of two >= max(n, minimum): the padded size used to limit recompilation."""
-    n = max(int(n), int(minimum), 1)
-    return 1 << (n - 1).bit_length()
 
 
 # --------------------------------------------------------------------------- images
@@ -126,6 +123,13 @@ def decode_prompts(
     (C = 4 from one decoder pass: the single-mask output, then the three multimask outputs).
     Returns low_res (B, P, C, m, m) logits and iou (B, P, C).
     """
+    _check_decode_inputs(model, image_embeddings, points, labels, mask_input, has_mask)
+    return _decode_prompts(
+        model, params, image_embeddings, points, labels, mask_input, has_mask, multimask_output
+    )
+
+
+def _check_decode_inputs(model, image_embeddings, points, labels, mask_input, has_mask) -> None:
     c = model.config
     g, d, m = c.embedding_size, c.prompt_embed_dim, c.low_res_size
     if image_embeddings.ndim != 4 or tuple(image_embeddings.shape[1:]) != (g, g, d):
@@ -146,6 +150,12 @@ def decode_prompts(
             raise ValueError("has_mask given without mask_input")
         if tuple(has_mask.shape) != tuple(labels.shape[:2]):
             raise ValueError(f"has_mask must be {tuple(labels.shape[:2])}, got {has_mask.shape}")
+
+
+def _decode_prompts(
+    model, params, image_embeddings, points, labels, mask_input, has_mask, multimask_output
+):
+    """`decode_prompts` without checks: the shapes must be those its docstring gives."""
     points = jnp.asarray(points, jnp.float32)
     labels = jnp.asarray(labels, jnp.int32)
     if mask_input is not None:
@@ -180,16 +190,22 @@ def pack_image_prompts(
     With neither points nor boxes, returns P = 1 prompt made only of PAD_LABEL slots (the official
     "no sparse prompt", e.g. a mask-only prompt). Returns points (P, T, 2) float32, labels (P, T).
     """
+    check_prompts(point_coords, point_labels, boxes, pad_to)
+    return _pack_image_prompts(original_size, image_size, point_coords, point_labels, boxes, pad_to)
+
+
+def _pack_image_prompts(original_size, image_size, point_coords, point_labels, boxes, pad_to):
+    """`pack_image_prompts` without checks. Contract: point_coords (P, N, 2) with point_labels
+    (P, N), and/or boxes (P, 4), agreeing on P; point_labels only with point_coords; pad_to None or
+    at least the number of tokens."""
     if point_coords is not None:
         point_coords = transforms.apply_coords(point_coords, original_size, image_size)
     if boxes is not None:
         boxes = transforms.apply_boxes(boxes, original_size, image_size)
     if point_coords is None and boxes is None:
-        if point_labels is not None:
-            raise ValueError("point_labels given without point_coords")
         n = 1 if pad_to is None else pad_to
         return np.zeros((1, n, 2), np.float32), np.full((1, n), PAD_LABEL, np.int32)
-    return pack_prompts(point_coords, point_labels, boxes, pad_to=pad_to)
+    return pack_prompt_tokens(point_coords, point_labels, boxes, pad_to=pad_to)
 
 
 def stack_prompts(
@@ -297,7 +313,7 @@ def postprocess_masks_padded(
     original_size: Sequence[int],
     image_size: int,
     mask_threshold: float | None = None,
-    multiple: int = PAD_MULTIPLE,
+    multiple: int = MASK_SIZE_MULTIPLE,
 ) -> jax.Array:
     """`postprocess_masks` at sizes rounded up to `multiple`, for images of many sizes.
 
@@ -309,12 +325,20 @@ def postprocess_masks_padded(
     input_size, original_size = _postprocess_sizes(
         low_res_masks, input_size, original_size, image_size
     )
-    s = int(image_size)
-    resized = tuple(min(s, transforms.round_up(n, multiple)) for n in input_size)
-    padded = tuple(transforms.round_up(n, multiple) for n in original_size)
+    return _postprocess_masks_padded(
+        low_res_masks, input_size, original_size, image_size, mask_threshold, multiple
+    )
+
+
+def _postprocess_masks_padded(
+    low_res_masks, input_size, original_size, image_size, mask_threshold, multiple
+):
+    """`postprocess_masks_padded` without checks: input_size within the model input, positive
+    original_size (pairs of ints)."""
+    padded, resized = transforms.padded_mask_sizes(input_size, original_size, image_size, multiple)
     taps = transforms.resize_taps(input_size, original_size, padded)
     thr = None if mask_threshold is None else float(mask_threshold)
-    return _postprocess_padded(low_res_masks, taps, s, resized, thr)
+    return _postprocess_padded(low_res_masks, taps, int(image_size), resized, thr)
 
 
 def _cache_sizes() -> dict[str, Any]:

@@ -2,8 +2,11 @@
 
 Set an image once (the image encoder runs once), then predict masks for any number of prompts.
 Inputs and outputs are numpy, in original-image pixel coordinates, exactly as the official class.
-Prompt tokens and prompt counts are padded to power-of-two buckets (PAD_LABEL slots, which do not
-change results), so a changing number of points or prompts compiles only a few decoder versions.
+Prompt tokens and prompt counts are padded to power-of-two buckets (PAD_LABEL slots and copies of
+the first prompt, which do not change results), so a changing number of points or prompts compiles
+only a few decoder versions. This is the one padding layer of the inference path: callers (the
+evaluation protocol, the detections scorer) pass their real rows. Inputs are validated here, once;
+the `sam_jax.functional` internals called afterwards do not check them again.
 """
 
 from __future__ import annotations
@@ -87,10 +90,14 @@ class SamPredictor:
     """Official-style predictor: `set_image` once, then `predict` / `predict_batch`.
 
     model: a `sam_jax.modeling.Sam` (from `build_sam` or `sam_jax.load`); params: its params.
+    min_batch_bucket: `predict_batch` pads the number of prompts B to a power of two of at least
+    this (padded rows are dropped from the outputs), so that batches of 1..8 prompts share one
+    compiled version; `predict` (one prompt) is not padded.
     """
 
-    def __init__(self, model, params):
+    def __init__(self, model, params, min_batch_bucket: int = 8):
         self.model = model
+        self.min_batch_bucket = int(min_batch_bucket)
         # Host (numpy) leaves go to the device once, not on every call.
         self.params = jax.tree_util.tree_map(
             lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x), params
@@ -112,7 +119,7 @@ class SamPredictor:
             image = image[..., ::-1]
         x, input_size = transforms.preprocess_image(image, self.image_size)
         self.reset_image()
-        self.features = F.encode_images(self.model, self.params, x[None])
+        self.features = F._encode(self.model, self.params, x[None])
         self.original_size = (int(image.shape[0]), int(image.shape[1]))
         self.input_size = (int(input_size[0]), int(input_size[1]))
         self.is_image_set = True
@@ -158,7 +165,7 @@ class SamPredictor:
             boxes = _check_boxes(box, batch=False)
         if mask_input is not None:
             masks = self._check_mask_input(mask_input, (1,), "(1, {m}, {m})")
-        out = self._predict(coords, labels, boxes, masks, 1, multimask_output, return_logits)
+        out = self._predict(coords, labels, boxes, masks, 1, 1, multimask_output, return_logits)
         return tuple(o[0] for o in out)
 
     def predict_batch(
@@ -200,7 +207,10 @@ class SamPredictor:
         num = next(iter(sizes.values()))
         if num == 0:
             raise ValueError("predict_batch got an empty batch (B = 0)")
-        return self._predict(coords, labels, box_arr, masks, num, multimask_output, return_logits)
+        bucket = self.min_batch_bucket
+        return self._predict(
+            coords, labels, box_arr, masks, num, bucket, multimask_output, return_logits
+        )
 
     # ----------------------------------------------------------------------- internals
 
@@ -222,27 +232,33 @@ class SamPredictor:
             self._zeros[num] = jnp.zeros((1, num, m, m), jnp.float32)
         return self._zeros[num]
 
-    def _predict(self, coords, labels, boxes, masks, num, multimask_output, return_logits):
-        """coords (P, N, 2) / labels (P, N) / boxes (P, 4) in original pixels; masks (P, m, m)."""
+    def _predict(self, coords, labels, boxes, masks, num, min_bucket, multimask_output, logits):
+        """coords (P, N, 2) / labels (P, N) / boxes (P, 4) in original pixels; masks (P, m, m);
+        all validated by the caller. P = num prompts, padded to bucket_size(num, min_bucket)."""
         tokens = (0 if coords is None else coords.shape[1] + (boxes is None)) + (
             0 if boxes is None else 2
         )
-        pts, labs = F.pack_image_prompts(
-            self.original_size, self.image_size, coords, labels, boxes, pad_to=F.bucket_size(tokens)
+        pts, labs = F._pack_image_prompts(
+            self.original_size,
+            self.image_size,
+            coords,
+            labels,
+            boxes,
+            pad_to=transforms.bucket_size(tokens),
         )
         if pts.shape[0] != num:  # no sparse prompt: the same all-padding tokens for every prompt
             pts, labs = np.repeat(pts, num, axis=0), np.repeat(labs, num, axis=0)
-        # Pad the prompt count with copies of the last prompt (results sliced off below).
-        rows = np.minimum(np.arange(F.bucket_size(num)), num - 1)
-        pts, labs = pts[rows], labs[rows]
+        # Pad the prompt count with copies of the first prompt (results sliced off below).
+        size = transforms.bucket_size(num, min_bucket)
+        pts, labs = transforms.pad_rows(pts, size), transforms.pad_rows(labs, size)
         # Always pass a mask prompt (zeros flagged absent when there is none: the official
         # no_mask_embed), so that prompts with and without masks share one compiled decoder.
         if masks is None:
-            mask_in = self._zero_masks(rows.size)
-            has_mask = np.zeros((1, rows.size), bool)
+            mask_in = self._zero_masks(size)
+            has_mask = np.zeros((1, size), bool)
         else:
-            mask_in, has_mask = masks[rows][None], np.ones((1, rows.size), bool)
-        low_res, iou = F.decode_prompts(
+            mask_in, has_mask = transforms.pad_rows(masks, size)[None], np.ones((1, size), bool)
+        low_res, iou = F._decode_prompts(
             self.model,
             self.params,
             self.features,
@@ -250,15 +266,16 @@ class SamPredictor:
             labs[None],
             mask_in,
             has_mask,
-            multimask_output=bool(multimask_output),
+            bool(multimask_output),
         )
         # Padded post-processing: images of similar sizes share one compiled version.
-        out = F.postprocess_masks_padded(
+        out = F._postprocess_masks_padded(
             low_res[0],
             self.input_size,
             self.original_size,
             self.image_size,
-            mask_threshold=None if return_logits else 0.0,
+            None if logits else 0.0,
+            transforms.MASK_SIZE_MULTIPLE,
         )
         h, w = self.original_size
         out = np.ascontiguousarray(np.asarray(out)[:num, ..., :h, :w])

@@ -54,7 +54,11 @@ def resize_longest_side(image: np.ndarray, long_side: int) -> np.ndarray:
     Identical to the official `ResizeLongestSide.apply_image`: a PIL bilinear resize of the uint8
     image (PIL antialiases when downsampling). Returns uint8 (newh, neww, 3).
     """
-    image = check_image(image)
+    return _resize_longest_side(check_image(image), long_side)
+
+
+def _resize_longest_side(image: np.ndarray, long_side: int) -> np.ndarray:
+    """`resize_longest_side` of an image that passed `check_image`."""
     newh, neww = get_preprocess_shape(image.shape[0], image.shape[1], long_side)
     if newh == 0 or neww == 0:
         raise ValueError(f"image of shape {image.shape} is too elongated to resize to {long_side}")
@@ -66,22 +70,21 @@ def apply_coords(coords: np.ndarray, original_size: Sequence[int], long_side: in
     """Maps (x, y) coordinates (..., 2) of an original (H, W) image to the resized input frame.
 
     x is scaled by new_w / old_w and y by new_h / old_h, in float64 like the official numpy path.
+    Shapes are not checked (as the official `ResizeLongestSide`): callers validate prompts at
+    their public boundary (`SamPredictor`, `functional.pack_image_prompts`).
     """
     old_h, old_w = int(original_size[0]), int(original_size[1])
     new_h, new_w = get_preprocess_shape(old_h, old_w, long_side)
     coords = np.array(coords, dtype=np.float64)  # copy
-    if coords.shape[-1:] != (2,):
-        raise ValueError(f"coordinates must have a last dimension of 2, got shape {coords.shape}")
     coords[..., 0] = coords[..., 0] * (new_w / old_w)
     coords[..., 1] = coords[..., 1] * (new_h / old_h)
     return coords
 
 
 def apply_boxes(boxes: np.ndarray, original_size: Sequence[int], long_side: int) -> np.ndarray:
-    """Maps XYXY boxes (..., 4) of an original (H, W) image to the resized input frame."""
+    """Maps XYXY boxes (..., 4) of an original (H, W) image to the resized input frame (shapes
+    not checked, see `apply_coords`)."""
     boxes = np.asarray(boxes)
-    if boxes.shape[-1:] != (4,):
-        raise ValueError(f"boxes must have a last dimension of 4, got shape {boxes.shape}")
     out = apply_coords(boxes.reshape(*boxes.shape[:-1], 2, 2), original_size, long_side)
     return out.reshape(boxes.shape)
 
@@ -95,6 +98,12 @@ def normalize_and_pad(image: np.ndarray, image_size: int) -> np.ndarray:
     h, w = image.shape[:2]
     if h > image_size or w > image_size:
         raise ValueError(f"image of size {(h, w)} does not fit in the {image_size} model input")
+    return _normalize_and_pad(image, image_size)
+
+
+def _normalize_and_pad(image: np.ndarray, image_size: int) -> np.ndarray:
+    """`normalize_and_pad` of a checked image that fits in the model input."""
+    h, w = image.shape[:2]
     mean = np.asarray(PIXEL_MEAN, np.float32)
     std = np.asarray(PIXEL_STD, np.float32)
     out = np.zeros((image_size, image_size, 3), np.float32)
@@ -103,9 +112,11 @@ def normalize_and_pad(image: np.ndarray, image_size: int) -> np.ndarray:
 
 
 def preprocess_image(image: np.ndarray, image_size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """Resize-longest-side + normalise + pad. Returns float32 (S, S, 3) and the resized (h, w)."""
-    resized = resize_longest_side(image, image_size)
-    return normalize_and_pad(resized, image_size), (resized.shape[0], resized.shape[1])
+    """Resize-longest-side + normalise + pad of an image that passed `check_image` (its callers,
+    `SamPredictor.set_image` and `functional.preprocess_images`, check it once). Returns float32
+    (S, S, 3) and the resized (h, w)."""
+    resized = _resize_longest_side(image, image_size)
+    return _normalize_and_pad(resized, image_size), (resized.shape[0], resized.shape[1])
 
 
 def _bilinear_taps(in_size: int, out_size: int, n_out: int | None = None):
@@ -170,9 +181,51 @@ def postprocess_masks(
     return resize_bilinear(x, original_size)
 
 
+# ----------------------------------------------------------------------------- padding buckets
+# Host-side padding that bounds the number of compiled versions: counts are padded to power-of-two
+# buckets (`bucket_size`, `pad_rows`), mask sizes to multiples of MASK_SIZE_MULTIPLE
+# (`padded_mask_sizes`). Padded rows and pixels never change the results of the real ones.
+
+# Mask post-processing (`SamPredictor`, `functional.postprocess_masks_padded`, the automatic mask
+# generator's crops) runs at output sizes, and over resized input extents, rounded up to this
+# multiple, so that images (and crops) of similar sizes share one compiled version.
+MASK_SIZE_MULTIPLE = 64
+
+
 def round_up(n: int, multiple: int) -> int:
     """n rounded up to a multiple of `multiple`."""
     return -(-int(n) // multiple) * multiple
+
+
+def bucket_size(n: int, minimum: int = 1) -> int:
+    """Smallest power of two >= max(n, minimum): the padded size used to limit recompilation."""
+    n = max(int(n), int(minimum), 1)
+    return 1 << (n - 1).bit_length()
+
+
+def pad_rows(x: np.ndarray, size: int) -> np.ndarray:
+    """x padded along axis 0 to `size` rows with copies of its first row (valid inputs whose
+    outputs are dropped). Returns x itself when it already has `size` rows."""
+    x = np.asarray(x)
+    if len(x) == size:
+        return x
+    if len(x) == 0 or len(x) > size:
+        raise ValueError(f"cannot pad {len(x)} rows to {size}")
+    return np.concatenate([x, np.repeat(x[:1], size - len(x), axis=0)], axis=0)
+
+
+def padded_mask_sizes(
+    input_size: Sequence[int],
+    output_size: Sequence[int],
+    image_size: int,
+    multiple: int = MASK_SIZE_MULTIPLE,
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Padded sizes of the post-processing of an `input_size` (h, w) -> `output_size` (H, W)
+    resize: (padded (Hp, Wp) = output size rounded up to `multiple`, resized (h', w') = input size
+    rounded up to `multiple`, at most image_size: the extent of the first resize computed)."""
+    padded = (round_up(output_size[0], multiple), round_up(output_size[1], multiple))
+    resized = tuple(min(int(image_size), round_up(n, multiple)) for n in input_size[:2])
+    return padded, resized
 
 
 def padded_taps(in_size: int, out_size: int, padded: int) -> tuple[np.ndarray, ...]:

@@ -1,4 +1,5 @@
-"""The command lines python -m sam_jax.amg and python -m sam_jax.predict, run in-process."""
+"""The commands sam-jax-amg and sam-jax-predict (sam_jax.cli.amg / .predict), run in-process;
+the exit-status convention (0 ok, 1 failed, 2 usage) and one-line errors."""
 
 import csv
 import json
@@ -10,10 +11,11 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from sam_jax import amg, predict
+from sam_jax import amg as amg_lib
 from sam_jax.automatic_mask_generator import SamAutomaticMaskGenerator
 from sam_jax.checkpoint_mapping import state_dict_to_params
 from sam_jax.checkpoints import save_converted, save_pth
+from sam_jax.cli import amg, predict
 from sam_jax.config import tiny_config
 from sam_jax.modeling import build_sam
 from sam_jax.predictor import SamPredictor
@@ -81,7 +83,7 @@ def test_amg_folder_of_pngs_and_failures(setup, tmp_path, capsys):
         assert len(expected) > 0
         with open(out / name / "metadata.csv") as f:
             rows = list(csv.reader(f))
-        assert ",".join(rows[0]) == amg.METADATA_HEADER
+        assert ",".join(rows[0]) == amg_lib.METADATA_HEADER
         assert len(rows) == len(expected) + 1
         assert len(list((out / name).glob("*.png"))) == len(expected)
         for rec, row in zip(expected, rows[1:], strict=True):
@@ -112,23 +114,37 @@ def test_amg_single_image_rle_json(setup, tmp_path):
         assert rec["area"] == exp["area"] and rec["bbox"] == exp["bbox"]
 
 
+def _one_line_error(err, prog, *fragments):
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), err
+    assert "Traceback" not in err
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+
+
 def test_amg_bad_arguments(setup, tmp_path, capsys):
     base = ["--checkpoint", setup["ckpt"], "--output", str(tmp_path / "o")]
+    # Usage errors (2): a bad flag value, checked before any model is loaded.
     assert amg.main(base + ["--input", str(setup["images"]), "--points-per-side", "0"]) == 2
-    assert "points_per_side must be >= 1" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:
-        amg.main(base + ["--input", str(tmp_path / "missing")])
-    assert e.value.code == 2
+    _one_line_error(capsys.readouterr().err, "sam-jax-amg", "points_per_side must be >= 1")
+    assert amg.main(base + ["--input", "x", "--points-per-side", "two"]) == 2
+    _one_line_error(capsys.readouterr().err, "sam-jax-amg", "--points-per-side")
+    assert amg.main(base + ["--input", "x", "--model-type", "vit_q"]) == 2
+    _one_line_error(capsys.readouterr().err, "sam-jax-amg", "--model-type")
+    # The work failed (1): missing input, unreadable images, a missing or mismatched checkpoint.
+    assert amg.main(base + ["--input", str(tmp_path / "missing")]) == 1
+    _one_line_error(capsys.readouterr().err, "sam-jax-amg", "missing", "does not exist")
     only_bad = tmp_path / "bad"
     only_bad.mkdir()
     (only_bad / "x.png").write_bytes(b"\x89PNG broken")
     assert amg.main(base + ["--input", str(only_bad)]) == 1
     assert "0 of 1 images processed, 1 failed" in capsys.readouterr().out
     missing_ckpt = ["--checkpoint", str(tmp_path / "nope"), "--output", str(tmp_path / "o")]
-    assert amg.main(missing_ckpt + ["--input", str(setup["images"] / "a.png")]) == 2
+    assert amg.main(missing_ckpt + ["--input", str(setup["images"] / "a.png")]) == 1
+    _one_line_error(capsys.readouterr().err, "sam-jax-amg", "nope", "does not exist")
     wrong_type = ["--checkpoint", setup["pth"], "--model-type", "vit_b", "--output", str(tmp_path)]
-    assert amg.main(wrong_type + ["--input", str(setup["images"] / "a.png")]) == 2
-    assert "vit_b" in capsys.readouterr().err
+    assert amg.main(wrong_type + ["--input", str(setup["images"] / "a.png")]) == 1
+    _one_line_error(capsys.readouterr().err, "sam-jax-amg", "vit_b")
 
 
 def test_predict_points_and_box(setup, tmp_path, capsys):
@@ -171,28 +187,39 @@ def test_predict_bad_input(setup, tmp_path, capsys):
     base = ["--checkpoint", setup["ckpt"], "--output", str(tmp_path / "p")]
     broken = str(setup["images"] / "broken.jpg")
     assert predict.main(base + ["--image", broken, "--point", "3,4"]) == 1
-    assert "Could not load" in capsys.readouterr().err
+    _one_line_error(capsys.readouterr().err, "sam-jax-predict", "could not load", "broken.jpg")
     good = str(setup["images"] / "a.png")
-    for bad in (
-        ["--point", "3"],
-        ["--point", "3,4,2"],
-        ["--box", "5,5,1,1"],
-        ["--point", "a,b"],
-        [],
+    missing = ["--checkpoint", str(tmp_path / "nope"), "--output", str(tmp_path / "p")]
+    assert predict.main(missing + ["--image", good, "--point", "3,4"]) == 1
+    _one_line_error(capsys.readouterr().err, "sam-jax-predict", "does not exist")
+    for bad, fragment in (
+        (["--point", "3"], "bad point"),
+        (["--point", "3,4,2"], "label must be 0 or 1"),
+        (["--box", "5,5,1,1"], "X0 <= X1"),
+        (["--point", "a,b"], "bad point"),
+        ([], "give at least one --point or a --box"),
     ):
-        with pytest.raises(SystemExit) as e:
-            predict.main(base + ["--image", good] + bad)
-        assert e.value.code == 2
+        assert predict.main(base + ["--image", good] + bad) == 2
+        _one_line_error(capsys.readouterr().err, "sam-jax-predict", fragment)
+    assert not (tmp_path / "p").exists()
 
 
 def test_module_entry_points():
-    for module in ("sam_jax.amg", "sam_jax.predict"):
+    for module in ("sam_jax.amg", "sam_jax.predict", "sam_jax.cli.amg", "sam_jax.cli.predict"):
         res = subprocess.run(
             [sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=60
         )
-        assert res.returncode == 0 and "--checkpoint" in res.stdout
+        assert res.returncode == 0 and "--checkpoint" in res.stdout and "exit status" in res.stdout
     res = subprocess.run(
         [sys.executable, "-m", "sam_jax.amg", "--help"], capture_output=True, text=True, timeout=60
     )
     for flag in ("--convert-to-rle", "--min-mask-region-area", "--crop-n-layers", "--model-type"):
         assert flag in res.stdout
+    res = subprocess.run(
+        [sys.executable, "-m", "sam_jax.predict", "--image", "x", "--output", "y"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    _one_line_error(res.stderr, "python -m sam_jax.predict", "--checkpoint")

@@ -19,7 +19,11 @@ def _load(name):
     return module.get_config()
 
 
-NAMES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(CONFIGS, "*.py")))
+NAMES = sorted(
+    os.path.basename(p)[:-3]
+    for p in glob.glob(os.path.join(CONFIGS, "*.py"))
+    if not os.path.basename(p).startswith("_")
+)
 
 
 def test_all_configs_are_present():

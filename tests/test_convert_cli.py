@@ -1,4 +1,5 @@
-"""`python -m convert_weights`: conversions both ways and one-line errors without leftovers."""
+"""`python -m convert_weights` (sam-jax-convert): conversions both ways, one-line errors without
+leftovers, exit status 1 for a failed conversion and 2 for a usage error."""
 
 import hashlib
 import json
@@ -220,3 +221,35 @@ def test_subprocess_success_and_error(tiny, tmp_path):
     lines = bad.stderr.strip().splitlines()
     assert len(lines) == 1 and "does not match model type vit_b" in lines[0], bad.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok"]
+
+
+def test_usage_errors_exit_2_with_one_line(tiny, tmp_path, capsys):
+    """Bad flags or flag combinations: status 2, one line, nothing read or written."""
+    cases = [
+        (["--checkpoint", tiny[0]], "the following arguments are required: --output"),
+        (["--checkpoint", tiny[0], "--output", tmp_path / "c", "--model-type", "vit_x"], "vit_x"),
+        (["--checkpoint", tiny[0], "--output", tmp_path / "c", "--decoder-num-heads", "0"], ">= 1"),
+        (
+            ["--to-pytorch", "--checkpoint", tmp_path, "--output", tmp_path / "c.pth", "--sha256"]
+            + ["0" * 64],
+            "apply to .pth input only",
+        ),
+        (["--checkpoint", tmp_path, "--output", tmp_path / "c"], "needs --to-pytorch"),
+    ]
+    for argv, fragment in cases:
+        rc, out, err = _run(argv, capsys)
+        assert rc == 2, (argv, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("python -m convert_weights: error: "), err
+        assert fragment in lines[0] and "Traceback" not in err, (fragment, err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_console_command_name(tiny, tmp_path, capsys):
+    from sam_jax.cli import convert
+
+    rc = convert.main(["--checkpoint", str(tmp_path / "nope.pth"), "--output", str(tmp_path / "c")])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.startswith("sam-jax-convert: error: ") and "does not exist" in err
+    assert convert.main(["--help"]) == 0
+    assert "exit status" in capsys.readouterr().out

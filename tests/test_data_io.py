@@ -1,4 +1,4 @@
-"""Readers on tf.io.gfile paths (the in-memory ram:// filesystem stands in for gs://)."""
+"""Readers on gs:// paths, served by the GCS emulator on 127.0.0.1 (tests/gcs_emulator.py)."""
 
 import os
 
@@ -12,24 +12,26 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 
 
 def _copy_tree(src, dst):
-    import tensorflow as tf
+    from sam_jax import paths
 
     for root, _, files in os.walk(src):
         rel = os.path.relpath(root, src)
         target = dst if rel == "." else f"{dst}/{rel}"
-        tf.io.gfile.makedirs(target)
         for name in files:
-            tf.io.gfile.copy(os.path.join(root, name), f"{target}/{name}", overwrite=True)
+            with open(os.path.join(root, name), "rb") as f:
+                paths.write_bytes(f"{target}/{name}", f.read())
 
 
-def test_sa1b_and_coco_from_gfile_paths(tmp_path):
+def test_sa1b_and_coco_from_bucket_paths(tmp_path, gcs, monkeypatch):
+    monkeypatch.setenv("SAM_JAX_CACHE", str(tmp_path / "cache"))
     sa1b = write_sa1b_dataset(tmp_path / "sa1b", layout="both")
     coco = write_coco_dataset(tmp_path / "coco")
-    _copy_tree(tmp_path / "sa1b", "ram://bucket/sa1b")
-    _copy_tree(tmp_path / "coco", "ram://bucket/coco")
+    bucket = gcs.url("io")
+    _copy_tree(tmp_path / "sa1b", f"{bucket}/sa1b")
+    _copy_tree(tmp_path / "coco", f"{bucket}/coco")
     for spec, fx in [
-        ("sa1b:ram://bucket/sa1b", sa1b),
-        ("coco:ram://bucket/coco/annotations.json:ram://bucket/coco/images", coco),
+        (f"sa1b:{bucket}/sa1b", sa1b),
+        (f"coco:{bucket}/coco/annotations.json:{bucket}/coco/images", coco),
     ]:
         stats = {}
         exs = list(iterate_examples(spec, stats=stats))
@@ -38,7 +40,7 @@ def test_sa1b_and_coco_from_gfile_paths(tmp_path):
         assert all(stats.get(k, 0) == v for k, v in fx.expected_stats.items())
     batch = next(
         make_train_iterator(
-            "sa1b:ram://bucket/sa1b",
+            f"sa1b:{bucket}/sa1b",
             batch_size=2,
             image_size=32,
             mask_size=8,
@@ -48,4 +50,4 @@ def test_sa1b_and_coco_from_gfile_paths(tmp_path):
     )
     assert batch["mask_valid"].any(1).all()
     with pytest.raises(ValueError, match="does not exist"):
-        iterate_examples("sa1b:ram://bucket/nowhere")
+        iterate_examples(f"sa1b:{bucket}/nowhere")

@@ -246,21 +246,27 @@ def test_batch_size_one_survives_unusable_images(tmp_path):
     assert len(set(_digests(batches))) == len(fx.masks)
 
 
-def test_host_shards_of_training_data_are_disjoint():
-    shares = [
-        set(
-            _digests(
-                _take(
-                    make_train_iterator(SYN, batch_size=5, process_index=i, process_count=2, **KW),
-                    1,
-                )
+@pytest.mark.parametrize("backend", ["threads", "tf"])
+def test_global_batch_does_not_depend_on_the_process_count(tmp_path, backend):
+    """Each process yields its rows; together they are the 1-process batch, also on resume and
+    with unusable images (the COCO fixture has 3 of 7)."""
+    fx = write_coco_dataset(tmp_path / "coco")
+    one = _take(make_train_iterator(fx.spec, batch_size=4, backend=backend, **KW), 5)
+    for count in (2, 4):
+        parts = [
+            make_train_iterator(
+                fx.spec, batch_size=4, process_index=i, process_count=count, backend=backend, **KW
             )
-        )
-        for i in range(2)
-    ]
-    assert len(shares[0]) == len(shares[1]) == 5 and not shares[0] & shares[1]
-    everything = set(_digests(_take(make_train_iterator(SYN, batch_size=10, **KW), 1)))
-    assert shares[0] | shares[1] == everything
+            for i in range(count)
+        ]
+        assert [p.rows for p in parts] == [
+            tuple(range(i * 4 // count, (i + 1) * 4 // count)) for i in range(count)
+        ]
+        got = [[next(p) for p in parts] for _ in range(5)]
+        for full, shares in zip(one, got, strict=True):
+            assert _same(full, {k: np.concatenate([s[k] for s in shares]) for k in full})
+    odd = make_train_iterator(fx.spec, batch_size=4, rows=(1, 3), start_batch=3, **KW)
+    assert _same(next(odd), {k: v[[1, 3]] for k, v in one[3].items()})
 
 
 def test_dataset_without_usable_images_raises(tmp_path):
@@ -290,6 +296,9 @@ def test_dataset_without_usable_images_raises(tmp_path):
         (dict(batch_size=2, mask_size=12), "multiple of mask_size"),
         (dict(batch_size=2, seed=-1), "seed"),
         (dict(batch_size=2, process_index=1, process_count=1), "process_index"),
+        (dict(batch_size=3, process_count=2), "not divisible by the process count"),
+        (dict(batch_size=2, rows=(1, 0)), "rows must be increasing"),
+        (dict(batch_size=2, rows=(2,)), "rows must be increasing"),
     ],
 )
 def test_bad_arguments_raise(kwargs, match):

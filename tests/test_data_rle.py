@@ -65,3 +65,15 @@ def test_polygons_match_pycocotools():
     expected = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(poly, 32, 40)))
     runs = rle_lib.polygons_to_runs(poly, 32, 40)
     assert np.array_equal(rle_lib.decode_runs(runs, 32, 40), expected > 0)
+
+
+def test_rle_to_mask_decodes_compressed_and_uncompressed():
+    rng = np.random.default_rng(3)
+    mask = rng.random((7, 9)) < 0.5
+    compressed = encode_rle(mask)
+    np.testing.assert_array_equal(rle_lib.rle_to_mask(compressed), mask)
+    decoded = rle_lib.rle_to_mask(uncompressed_rle(mask))
+    np.testing.assert_array_equal(decoded, mask)
+    assert decoded.flags.c_contiguous
+    with pytest.raises(ValueError, match="RLE counts sum"):
+        rle_lib.rle_to_mask({"size": [2, 2], "counts": [1, 1]})

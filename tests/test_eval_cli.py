@@ -1,4 +1,5 @@
-"""eval.py: reports end to end on a tiny checkpoint, and one-line errors for bad input."""
+"""eval.py (sam-jax-eval): reports end to end on a tiny checkpoint, and one-line errors with the
+commands' exit status (1 the work failed, 2 usage error) for bad input."""
 
 import importlib.util
 import json
@@ -32,8 +33,8 @@ def run_cli(capsys, *argv):
     return rc, out, err
 
 
-def assert_one_line_error(rc, err, *fragments):
-    assert rc != 0
+def assert_one_line_error(rc, err, *fragments, code=1):
+    assert rc == code, (rc, err)
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("eval.py: error:"), err
     assert "Traceback" not in err
@@ -170,37 +171,51 @@ def test_end_to_end(tmp_path, checkpoint, capsys):
 
 
 @pytest.mark.parametrize(
-    "argv, fragments",
+    "argv, fragments, code",
     [
-        (["--checkpoint", "c", "--output", "o"], ["--dataset"]),
-        (["--checkpoint", "c", "--output", "o", "--dataset", "bogus:1"], ["unknown kind"]),
-        (["--checkpoint", "c", "--output", "o", "--dataset", "coco:only_one"], ["coco:ANN_JSON"]),
+        (["--checkpoint", "c", "--output", "o"], ["--dataset"], 2),
+        (["--checkpoint", "c", "--output", "o", "--dataset", "bogus:1"], ["unknown kind"], 2),
         (
+            ["--checkpoint", "c", "--output", "o", "--dataset", "coco:only_one"],
+            ["coco:ANN_JSON"],
+            2,
+        ),
+        (  # the spec parser checks the paths a spec names: a usage error too
             ["--checkpoint", "c", "--output", "o", "--dataset", "coco:/no/ann.json:/tmp"],
             ["does not exist"],
+            2,
         ),
         (
             ["--checkpoint", "c", "--output", "o", "--dataset", "synthetic", "--num-points", "1,x"],
             ["--num-points"],
+            2,
         ),
         (
             ["--checkpoint", "c", "--output", "o", "--dataset", "synthetic", "--max-masks", "0"],
             ["--max-masks"],
+            2,
+        ),
+        (
+            ["--checkpoint", "c", "--output", "o", "--dataset", "synthetic", "--bogus"],
+            ["unrecognized arguments: --bogus"],
+            2,
         ),
         (
             ["--checkpoint", "/no/ckpt", "--output", "o", "--dataset", "synthetic"],
             ["checkpoint", "does not exist"],
+            1,
         ),
         (
             ["--checkpoint", "c", "--output", "o", "--dataset", "synthetic", "--detections", "d"],
             ["exactly one coco"],
+            2,
         ),
     ],
 )
-def test_bad_arguments(capsys, tmp_path, argv, fragments):
+def test_bad_arguments(capsys, tmp_path, argv, fragments, code):
     argv = [str(tmp_path / a) if a in ("o",) else a for a in argv]
     rc, _, err = run_cli(capsys, *argv)
-    assert_one_line_error(rc, err, *fragments)
+    assert_one_line_error(rc, err, *fragments, code=code)
 
 
 def test_annotation_file_not_coco(capsys, tmp_path):
@@ -214,7 +229,7 @@ def test_annotation_file_not_coco(capsys, tmp_path):
         "--dataset",
         f"coco:{tmp_path / 'ann.json'}:{tmp_path}",
     )
-    assert_one_line_error(rc, err, "ann.json")
+    assert_one_line_error(rc, err, "ann.json", code=2)
 
 
 def test_checkpoint_that_does_not_load(capsys, tmp_path):
@@ -282,4 +297,4 @@ def test_subprocess_error_has_no_traceback(tmp_path):
         cwd=ROOT,
         timeout=120,
     )
-    assert_one_line_error(proc.returncode, proc.stderr, "does not exist")
+    assert_one_line_error(proc.returncode, proc.stderr, "does not exist", code=2)

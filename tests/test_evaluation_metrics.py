@@ -1,5 +1,7 @@
 """Mask IoU and COCO mask AP against pycocotools and hand-computed answers."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
@@ -24,6 +26,18 @@ def test_mask_iou_by_hand():
     assert mask_iou(np.zeros((3, 3), bool), np.zeros((3, 3), bool)) == 1.0
     with pytest.raises(ValueError, match="sizes differ"):
         mask_iou(a, b[:3])
+
+
+def test_mask_iou_on_jax_arrays_under_jit():
+    """The training loss's IoU (binarised logits, inside jit): same function, float32 result."""
+    gt = np.zeros((4, 4), np.float32)
+    gt[:2, :2] = 1  # 4 cells
+    logits = -np.ones((4, 4), np.float32)
+    logits[:2, :3] = 1  # 6 cells, 4 shared
+    iou = jax.jit(lambda lg, t: mask_iou(lg > 0, t > 0))(jnp.asarray(logits), jnp.asarray(gt))
+    assert isinstance(iou, jax.Array) and iou.dtype == jnp.float32
+    assert float(iou) == pytest.approx(4 / 6)
+    assert float(mask_iou(-jnp.ones((4, 4)) > 0, jnp.zeros((4, 4)) > 0)) == 1.0
 
 
 def test_mask_iou_matches_pycocotools_batched():

@@ -12,7 +12,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from sam_jax import functional as F
 from sam_jax.checkpoint_mapping import state_dict_to_params
 from sam_jax.config import tiny_config
-from sam_jax.modeling import PAD_LABEL, build_sam
+from sam_jax.modeling import PAD_LABEL, build_sam, pack_prompts
 from tests.torch_reference import build_official, rel_err, state_dict_numpy
 
 TOL = 1e-4
@@ -205,6 +205,34 @@ def test_postprocess_masks_padded_equals_postprocess_masks_and_shares_compiles()
     assert F._cache_sizes()["postprocess_padded"] - before == 2  # logits and masks
     with pytest.raises(ValueError, match="fit"):
         F.postprocess_masks_padded(low_res, (300, 10), (10, 10), S)
+
+
+PACK_ERRORS = [
+    (dict(point_coords=np.zeros((1, 2, 2))), "point_labels must be given"),
+    (dict(point_labels=np.ones((1, 2))), "without point_coords"),
+    (dict(point_coords=np.zeros((2, 2)), point_labels=np.ones((2,))), r"\(P, N, 2\)"),
+    (dict(point_coords=np.zeros((1, 2, 2)), point_labels=np.ones((1, 3))), r"\(P, N\)"),
+    (dict(boxes=np.zeros((4,))), r"\(P, 4\)"),
+    (
+        dict(point_coords=np.zeros((2, 1, 2)), point_labels=np.ones((2, 1)), boxes=np.ones((3, 4))),
+        "3 boxes for 2",
+    ),
+    (dict(boxes=np.zeros((1, 4)), pad_to=1), "smaller than the 2 prompt tokens"),
+]
+
+
+@pytest.mark.parametrize("kwargs,match", PACK_ERRORS)
+def test_prompt_packing_errors_at_the_public_boundary(kwargs, match):
+    """F.pack_image_prompts and sam_jax.pack_prompts check the same contract (check_prompts)."""
+    with pytest.raises(ValueError, match=match):
+        F.pack_image_prompts((10, 20), S, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        pack_prompts(**kwargs)
+
+
+def test_pack_prompts_needs_a_prompt():
+    with pytest.raises(ValueError, match="needs point_coords or boxes"):
+        pack_prompts()
 
 
 def test_decode_prompts_shape_errors(setup):

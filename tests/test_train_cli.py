@@ -1,4 +1,5 @@
-"""Tests of train.py: config overrides, a short real run, SIGTERM preemption + exact resume."""
+"""Tests of train.py (sam-jax-train): config overrides, usage errors (exit 2, one line), a short
+real run, SIGTERM preemption + exact resume."""
 
 import json
 import os
@@ -87,12 +88,100 @@ def test_cli_run_with_overrides(tmp_path):
     assert "resumed" in again.stdout and sorted(_losses(workdir)) == [1, 2]
 
 
+def _one_line(proc, code, *fragments):
+    assert proc.returncode == code, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("train.py: error: "), proc.stderr[-3000:]
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+
+
 def test_cli_rejects_bad_values(tmp_path):
     config = _config_file(tmp_path)
+    # A value the training library rejects: the run failed (1), nothing trained.
     bad = _run(config, tmp_path / "bad", "--config.trainable=encoder", timeout=300)
-    assert bad.returncode != 0 and "trainable must be one of" in bad.stderr
-    unknown = _run(config, tmp_path / "bad2", "--config.no_such_field=1", timeout=300)
-    assert unknown.returncode != 0 and "no_such_field" in unknown.stderr
+    _one_line(bad, 1, "trainable must be one of")
+    # Usage errors (2): an unknown field (the closest one named), a value of the wrong type.
+    unknown = _run(config, tmp_path / "bad2", "--config.optimizer.learnig_rate=1", timeout=300)
+    _one_line(unknown, 2, "learnig_rate", "did you mean --config.optimizer.lr")
+    typed = _run(config, tmp_path / "bad3", "--config.total_steps=many", timeout=300)
+    _one_line(typed, 2, "--config.total_steps", "expected an integer")
+    assert not (tmp_path / "bad2").exists() and not (tmp_path / "bad3").exists()
+
+
+def test_cli_usage_errors_and_shipped_configs(tmp_path):
+    """--config by name (a shipped config), bad flags: one line, status 2, before any work."""
+    env = _env()
+
+    def run(*argv):
+        return subprocess.run(
+            [sys.executable, "train.py", *argv],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    w = f"--workdir={tmp_path / 'w'}"
+    # The shipped config loads by name: its fields are what the error suggests.
+    _one_line(run("--config", "demo", w, "--config.train.num_round=3"), 2, "train.num_rounds")
+    _one_line(run("--config=sam_vit_b_sa1b", w, "--config.mesh=1"), 2, "--config.mesh_shape")
+    _one_line(run("--config", "dmeo", w), 2, "did you mean 'demo'")
+    _one_line(run("--config", "demo"), 2, "required: --workdir")
+    _one_line(run("--config", "demo", w, "--num_processes=2"), 2, "missing: JAX_COORDINATOR")
+    _one_line(run("--config", "demo", w, "--initialization_timeout=x"), 2, "timeout")
+    assert not (tmp_path / "w").exists()
+    helped = run("--help")
+    assert helped.returncode == 0 and "--config.FIELD=VALUE" in helped.stdout
+    assert "sam_vit_b_sa1b" in helped.stdout and "--coordinator_address" in helped.stdout
+
+
+def test_config_overrides_are_typed_by_the_field():
+    from sam_jax.cli import config_overrides as co
+    from sam_jax.cli.common import UsageError
+
+    config = co.load_config("demo")
+    overrides, rest = co.split_overrides(
+        [
+            "--config.total_steps=2",
+            "--workdir",
+            "w",
+            "--config.mesh_shape=(2,2)",
+            "--config.eval.num_points=1,5",
+            "--config.optimizer.lr",
+            "5e-4",
+            "--noconfig.progress_bar",
+            "--config.seed",
+            "-3",
+            "--config.data.large_scale_jitter=(0.1,2.0)",
+            "--config.data.train=sa1b:gs://bucket/sa1b",
+            "--config.train.supervise_all_iou=false",
+            "--config.model_overrides.encoder_global_attn_indexes=(1,)",
+        ]
+    )
+    assert rest == ["--workdir", "w"]
+    co.apply_overrides(config, overrides)
+    assert config.total_steps == 2 and config.mesh_shape == (2, 2)
+    assert config.eval.num_points == (1, 5) and config.optimizer.lr == 5e-4
+    assert config.progress_bar is False and config.seed == -3
+    assert config.data.large_scale_jitter == (0.1, 2.0)
+    assert config.data.train == "sa1b:gs://bucket/sa1b"
+    assert config.train.supervise_all_iou is False
+    assert config.model_overrides.encoder_global_attn_indexes == (1,)
+    for argv, fragment in [
+        (["--config.optimizer.learning_rate=1"], "did you mean --config.optimizer.lr"),
+        (["--config.lr=1"], "did you mean --config.optimizer.lr"),
+        (["--config.total_steps=1.5"], "expected an integer"),
+        (["--config.optimizer.lr=fast"], "expected a number"),
+        (["--config.progress_bar=maybe"], "expected true or false"),
+        (["--config.total_steps"], "needs a value"),
+        (["--config.eval.num_points=3", "--config.eval={}"], "would overwrite it"),
+    ]:
+        with pytest.raises(UsageError, match=fragment):
+            co.apply_overrides(co.load_config("demo"), co.split_overrides(argv)[0])
+    with pytest.raises(UsageError, match="neither a file nor a shipped config"):
+        co.load_config("no_such_config")
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ import pytest
 from training_fakes import fake_iterator, tiny_train_config
 
 from sam_jax.training import train_loop, train_step
-from sam_jax.training.metrics import read_jsonl
+from sam_jax.training.metric_writer import read_jsonl
 
 
 def _losses(workdir):
@@ -91,8 +91,8 @@ def test_sigterm_saves_and_resume_matches(reference_run, tmp_path, cache_dir):
     ref_dir, _ = reference_run
     workdir = str(tmp_path / "preempted")
 
-    def preempting_iterator(config, sam_config, start_batch):
-        for i, batch in enumerate(fake_iterator(config, sam_config, start_batch)):
+    def preempting_iterator(config, sam_config, start_batch, rows, index_dir):
+        for i, batch in enumerate(fake_iterator(config, sam_config, start_batch, rows)):
             if start_batch == 0 and i == 1:  # during step 2 of the first run
                 os.kill(os.getpid(), signal.SIGTERM)
             yield batch
@@ -114,8 +114,8 @@ def test_non_finite_loss_stops_without_saving(tmp_path, monkeypatch):
         loss = jnp.where(bad, jnp.nan, loss)
         return loss, {**metrics, "loss": loss}
 
-    def iterator(config, sam_config, start_batch):
-        for i, batch in enumerate(fake_iterator(config, sam_config, start_batch)):
+    def iterator(config, sam_config, start_batch, rows, index_dir):
+        for i, batch in enumerate(fake_iterator(config, sam_config, start_batch, rows)):
             batch["image"][0, 0, 0, 0] = 255 if i == 2 else 0
             yield batch
 
@@ -138,3 +138,49 @@ def test_bad_config_is_rejected(tmp_path):
     config.trainable = "everything"
     with pytest.raises(ValueError, match="trainable must be one of"):
         train_loop.train_and_evaluate(config, str(tmp_path), fake_iterator)
+
+
+def _copy_of(reference_run, tmp_path):
+    import shutil
+
+    workdir = str(tmp_path / "copy")
+    shutil.copytree(reference_run[0], workdir)
+    return workdir
+
+
+@pytest.mark.slow
+def test_resume_restores_before_any_init_checkpoint_is_read(reference_run, tmp_path, monkeypatch):
+    """big_vision's order: a workdir with a checkpoint resumes from it; the init checkpoint
+    (here one that does not even exist) is never opened, the architecture comes from the saved
+    checkpoint."""
+    from sam_jax.training import initialization
+
+    def never(*args, **kwargs):
+        raise AssertionError("the init checkpoint was read on resume")
+
+    monkeypatch.setattr(initialization, "initial_params", never)
+    monkeypatch.setattr(initialization, "sam_config_from", never)
+    workdir = _copy_of(reference_run, tmp_path)
+    config = tiny_train_config()
+    config.init.type, config.init.path = "sam", str(tmp_path / "no-such-checkpoint.pth")
+    result = train_loop.train_and_evaluate(config, workdir, fake_iterator)
+    assert result["step"] == 4 and not result["preempted"]
+    assert os.path.isdir(os.path.join(workdir, "model"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        (lambda c: setattr(c.model_overrides, "encoder_depth", 3), "encoder_depth"),
+        (lambda c: setattr(c, "trainable", "mask_decoder"), "trainable"),
+    ],
+)
+def test_workdir_of_another_experiment_is_refused(reference_run, tmp_path, change, named):
+    workdir = _copy_of(reference_run, tmp_path)
+    before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+    config = tiny_train_config()
+    change(config)
+    with pytest.raises(train_loop.WorkdirMismatchError, match=f"another experiment.*{named}"):
+        train_loop.train_and_evaluate(config, workdir, fake_iterator)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before

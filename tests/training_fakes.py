@@ -58,17 +58,19 @@ def fake_batch(index: int, batch_size: int, image_size: int, mask_size: int, max
     return {"image": image, "image_hw": hw, "masks": masks, "mask_valid": valid}
 
 
-def fake_iterator(config, sam_config, start_batch):
-    """make_iterator for train_and_evaluate: process-local batches start_batch, start_batch+1..."""
-    import jax
-
+def fake_iterator(config, sam_config, start_batch, rows=None, index_dir=None):
+    """make_iterator for train_and_evaluate: the rows `rows` of the global fake batches
+    start_batch, start_batch + 1, ... (each global batch depends on its index only)."""
+    del index_dir
+    rows = list(range(config.batch_size)) if rows is None else list(rows)
     i = start_batch
     while True:
-        yield fake_batch(
-            i * jax.process_count() + jax.process_index(),
-            config.batch_size // jax.process_count(),
+        batch = fake_batch(
+            i,
+            config.batch_size,
             sam_config.image_size,
             sam_config.low_res_size,
             config.data.max_masks,
         )
+        yield {k: v[rows] for k, v in batch.items()}
         i += 1

@@ -10,10 +10,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import posixpath
 
-from sam_jax.data import io
+from sam_jax import paths
 from sam_jax.data.records import (
     Record,
     count,
@@ -39,14 +38,14 @@ def load_coco_index(ann_path: str) -> tuple[CocoImage, ...]:
 
     Raises ValueError (one line) if the file is not JSON or not in COCO instances format.
     """
-    stamp = None if io.is_remote(ann_path) else os.stat(ann_path).st_mtime_ns
+    stamp = paths.file_signature(ann_path)
     return _load_coco_index(ann_path, stamp)
 
 
 @functools.lru_cache(maxsize=2)
 def _load_coco_index(ann_path: str, stamp) -> tuple[CocoImage, ...]:
     try:
-        data = json.loads(io.read_bytes(ann_path))
+        data = json.loads(paths.read_bytes(ann_path))
     except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"coco: {ann_path!r} is not valid JSON ({e})") from None
     if (
@@ -87,17 +86,10 @@ def _load_coco_index(ann_path: str, stamp) -> tuple[CocoImage, ...]:
 
 
 class CocoSource:
-    """Random-access COCO images of one host's share (images dealt round robin by sorted id)."""
+    """Random-access COCO images (sorted by id)."""
 
-    def __init__(
-        self,
-        ann_path: str,
-        images_dir: str,
-        include_crowd: bool = False,
-        process_index: int = 0,
-        process_count: int = 1,
-    ):
-        self.images = load_coco_index(ann_path)[process_index::process_count]
+    def __init__(self, ann_path: str, images_dir: str, include_crowd: bool = False):
+        self.images = load_coco_index(ann_path)
         self.images_dir = images_dir
         self.include_crowd = include_crowd
 
@@ -108,7 +100,7 @@ class CocoSource:
         entry = self.images[i]
         image_id = str(entry.image_id)
         try:
-            image = decode_image(io.read_bytes(io.join(self.images_dir, entry.file_name)))
+            image = decode_image(paths.read_bytes(paths.join(self.images_dir, entry.file_name)))
             if image.shape[:2] != (entry.height, entry.width):
                 raise ValueError(
                     f"decoded size {image.shape[:2]} != annotated size "

@@ -1,25 +1,29 @@
 """Training batches: resize/pad to the model frame, filter and sample masks, batch, repeat forever.
 
-Determinism and resuming: raw examples form one infinite stream per host (epoch e is a permutation
-of the host's share seeded by (seed, e); tfds streams are shuffled with a seeded buffer). Stream
-position q is turned into a training example by a pure function of (seed, process_index, q, the
-example). Batch k holds slots k*B .. k*B+B-1; slot p takes the example at position p, or, if that
-one is unusable (undecodable, or no valid mask), the first usable one after it. Batch k therefore
-depends only on positions >= k*B, and `start_batch=k` starts the stream at k*B and yields exactly
-the batches k, k+1, ... of an uninterrupted run.
+Determinism, hosts and resuming: the raw examples form one infinite global stream, the same on
+every host (epoch e of a random-access source is a permutation of the whole dataset seeded by
+(seed, e); tfds streams are shuffled with a seeded buffer). The global batch k has B slots; slot s
+takes the example at stream position q = k*B + s, or, if that one is unusable (undecodable, or no
+valid mask), the first usable one after it, and turns it into a training example with an RNG
+seeded by (seed, q). Every slot is therefore a pure function of (dataset, seed, k, s): the global
+batch of step k never depends on how many processes read it, each process computes only its own
+rows of it, and `start_batch=k` starts at step k in constant time for random-access sources
+(no skipping of k*B examples).
 """
 
 from __future__ import annotations
 
 import collections
+import itertools
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image
 
 from sam_jax.data.records import Record, count
-from sam_jax.data.sources import is_stream, open_source
+from sam_jax.data.sources import check_process, is_stream, open_source
 from sam_jax.data.spec import DatasetSpec, parse_dataset_spec
 from sam_jax.transforms import get_preprocess_shape
 
@@ -162,8 +166,8 @@ def make_training_example(
 class _EpochOrder:
     """Stream position q -> source index: epoch q // n is a (seed, epoch)-seeded permutation."""
 
-    def __init__(self, n: int, seed: int, process_index: int):
-        self.n, self.seed, self.process_index = n, seed, process_index
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
         self._cache: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
         self._lock = threading.Lock()
 
@@ -172,11 +176,33 @@ class _EpochOrder:
         with self._lock:
             perm = self._cache.get(epoch)
             if perm is None:
-                rng = np.random.default_rng([self.seed, self.process_index, epoch, 0xE0C])
+                rng = np.random.default_rng([self.seed, epoch, 0xE0C])
                 perm = self._cache[epoch] = rng.permutation(self.n)
                 while len(self._cache) > 4:
                     self._cache.popitem(last=False)
         return int(perm[k])
+
+
+class _StreamWindow:
+    """Random access to the recent past and near future of a sequential stream (tfds): position
+    q -> raw example, reading ahead as needed and forgetting positions more than `keep` behind the
+    newest one requested."""
+
+    def __init__(self, raw, start: int, keep: int):
+        self._raw, self._base, self._keep = raw, start, keep
+        self._items: collections.deque = collections.deque()
+        self._lock = threading.Lock()
+
+    def __call__(self, q: int):
+        with self._lock:
+            while self._base + len(self._items) <= q:
+                self._items.append(next(self._raw))
+            while len(self._items) > self._keep and self._base < q - self._keep:
+                self._items.popleft()
+                self._base += 1
+            if q < self._base:
+                raise RuntimeError(f"stream position {q} was already released")
+            return self._items[q - self._base]
 
 
 def _ordered_map(fn, items, num_workers: int):
@@ -200,66 +226,63 @@ def _ordered_map(fn, items, num_workers: int):
             pass
 
 
-def _tf_map(fn, start: int, num_workers: int | None, shapes):
-    """fn over positions start, start+1, ... with tf.data (parallel, deterministic order)."""
+def _tf_map(fn, start: int, num_workers: int | None):
+    """fn(i) over flat slot indices start, start+1, ... with tf.data (parallel, in order).
+
+    An exception raised by fn is re-raised as is from the iterator (not as a tf error)."""
     import tensorflow as tf  # lazy
 
-    (s, m, mm) = shapes
-    zeros = (
-        np.zeros((s, s, 3), np.uint8),
-        np.zeros(2, np.int32),
-        np.zeros((m, mm, mm), np.uint8),
-        np.zeros(m, bool),
-    )
+    keys = ("image", "image_hw", "masks", "mask_valid")
+    first = fn(start)  # fixes the static shapes (and surfaces errors before tf.data starts)
+    yield first
+    zeros = [np.zeros_like(first[k]) for k in keys]
+    errors: dict[int, BaseException] = {}
 
-    def py(q):
-        ex = fn(int(q.numpy()))
-        if ex is None:
-            return (*zeros, False)
-        return ex["image"], ex["image_hw"], ex["masks"], ex["mask_valid"], True
+    def py(i):
+        i = int(i.numpy())
+        try:
+            ex = fn(i)
+        except Exception as e:  # noqa: BLE001 - handed to the consumer below
+            errors[i] = e
+            return (*zeros, i, False)
+        return (*(ex[k] for k in keys), i, True)
 
-    def load(q):
-        out = tf.py_function(py, [q], [tf.uint8, tf.int32, tf.uint8, tf.bool, tf.bool])
-        for t, shape in zip(out, [(s, s, 3), (2,), (m, mm, mm), (m,), ()], strict=True):
-            t.set_shape(shape)
+    def load(i):
+        types = [tf.uint8, tf.int32, tf.uint8, tf.bool, tf.int64, tf.bool]
+        out = tf.py_function(py, [i], types)
+        for t, z in zip(out, [*zeros, 0, True], strict=True):
+            t.set_shape(np.shape(z))
         return out
 
-    ds = tf.data.Dataset.range(start, 2**62).map(
+    ds = tf.data.Dataset.range(start + 1, 2**62).map(
         load, num_parallel_calls=num_workers or tf.data.AUTOTUNE, deterministic=True
     )
-    for image, hw, masks, valid, ok in ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator():
-        yield (
-            {"image": image, "image_hw": hw, "masks": masks, "mask_valid": valid} if ok else None
-        )
+    for *values, i, ok in ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator():
+        if not ok:
+            raise errors.pop(int(i))
+        yield dict(zip(keys, values, strict=True))
 
 
-def _batches(examples, batch_size: int, max_invalid_run: int):
-    """Slot assembly: an unusable position takes the next usable example; yields stacked batches."""
-    buf, pending, run = [], 0, 0
+def _stack(examples, rows_per_batch: int):
+    """Groups consecutive slot examples into stacked batches of rows_per_batch."""
+    buf = []
     for ex in examples:
-        if ex is None:
-            pending, run = pending + 1, run + 1
-            if run > max_invalid_run:
-                raise RuntimeError(
-                    f"no usable training image in {run} consecutive examples "
-                    "(all undecodable or without a valid mask); check the dataset"
-                )
-            continue
-        buf.extend([ex] * (pending + 1))
-        pending = run = 0
-        while len(buf) >= batch_size:
-            yield {k: np.stack([e[k] for e in buf[:batch_size]]) for k in buf[0]}
-            del buf[:batch_size]
+        buf.append(ex)
+        if len(buf) == rows_per_batch:
+            yield {k: np.stack([e[k] for e in buf]) for k in buf[0]}
+            buf = []
 
 
 class TrainIterator:
-    """Infinite iterator of training batches. `next_batch`: index of the batch next() returns
-    (save it to resume with start_batch); `stats`: running skip/filter counts (includes examples
-    loaded ahead by prefetching)."""
+    """Infinite iterator of this process's rows of the global training batches. `next_batch`:
+    index of the batch next() returns (save it to resume with start_batch); `rows`: the global
+    batch rows this process yields; `stats`: running skip/filter counts of this process's slots
+    (includes examples loaded ahead by prefetching)."""
 
-    def __init__(self, batches, start_batch: int, stats: dict):
+    def __init__(self, batches, start_batch: int, rows: tuple[int, ...], stats: dict):
         self._batches = batches
         self.next_batch = start_batch
+        self.rows = rows
         self.stats = stats
 
     def __iter__(self):
@@ -272,6 +295,18 @@ class TrainIterator:
 
     def close(self) -> None:
         self._batches.close()
+
+
+def process_rows(
+    batch_size: int, process_index: int = 0, process_count: int = 1
+) -> tuple[int, ...]:
+    """The contiguous block of global batch rows of one process (batch_size / process_count)."""
+    if batch_size % process_count:
+        raise ValueError(
+            f"batch_size {batch_size} is not divisible by the process count {process_count}"
+        )
+    share = batch_size // process_count
+    return tuple(range(process_index * share, (process_index + 1) * share))
 
 
 def _check_positive(**kwargs) -> None:
@@ -293,25 +328,32 @@ def make_train_iterator(
     large_scale_jitter: tuple[float, float] | None = None,
     process_index: int = 0,
     process_count: int = 1,
+    rows: tuple[int, ...] | None = None,
     max_mask_area_fraction: float = 0.9,
     stats: dict | None = None,
     backend: str = "auto",
     num_workers: int | None = None,
+    index_dir: str | None = None,
+    barrier: Callable[[], None] | None = None,
 ) -> TrainIterator:
-    """Infinite, deterministic, resumable iterator of this host's training batches.
+    """Infinite, deterministic, resumable iterator of this process's rows of the training batches.
 
-    Each batch is a numpy dict: "image" uint8 (B,S,S,3) (longest side resized to S with PIL
-    bilinear, zero-padded bottom/right), "image_hw" int32 (B,2) resized (h, w) before padding,
-    "masks" uint8 {0,1} (B,M,m,m) GT masks on the m x m grid of the padded S x S frame (pixel-area
-    average from the original resolution, threshold 0.5; S must be a multiple of m), "mask_valid"
-    bool (B,M) (False for padding slots and masks that vanish at m x m; every image has >= 1).
-    Masks over max_mask_area_fraction of the image are dropped, then up to max_masks are sampled
-    uniformly. large_scale_jitter=(lo, hi) rescales by U(lo, hi) and crops/pads to S.
+    batch_size is the GLOBAL batch size B; the iterator yields the rows `rows` of each global batch
+    (default: process `process_index`'s contiguous block of B / process_count rows). Each batch is
+    a numpy dict: "image" uint8 (R,S,S,3) (longest side resized to S with PIL bilinear,
+    zero-padded bottom/right), "image_hw" int32 (R,2) resized (h, w) before padding, "masks" uint8
+    {0,1} (R,M,m,m) GT masks on the m x m grid of the padded S x S frame (pixel-area average from
+    the original resolution, threshold 0.5; S must be a multiple of m), "mask_valid" bool (R,M)
+    (False for padding slots and masks that vanish at m x m; every image has >= 1). Masks over
+    max_mask_area_fraction of the image are dropped, then up to max_masks are sampled uniformly.
+    large_scale_jitter=(lo, hi) rescales by U(lo, hi) and crops/pads to S.
 
-    Batch k is a pure function of (spec, split, seed, process share, k); `start_batch=k` yields
-    exactly the batches k, k+1, ... of a fresh run (resume with `iterator.next_batch`). backend:
-    "tf" (tf.data parallel map), "threads" (thread pool) or "auto" (threads for synthetic and
-    tfds, tf otherwise); all give identical batches. Needs opencv (the train extra).
+    Row s of batch k is a pure function of (spec, split, seed, k, s) (see the module doc);
+    `start_batch=k` yields exactly the batches k, k+1, ... of a fresh run (resume with
+    `iterator.next_batch`). backend: "tf" (tf.data parallel map), "threads" (thread pool) or
+    "auto" (threads for synthetic and tfds, tf otherwise); all give identical batches.
+    index_dir/barrier: where SA-1B tar indices are cached and the cross-process sync after the
+    processes built their share of them. Needs opencv (the train extra).
     """
     _check_positive(
         batch_size=batch_size, image_size=image_size, mask_size=mask_size, max_masks=max_masks
@@ -333,53 +375,60 @@ def make_train_iterator(
         large_scale_jitter = (lo, hi)
     if backend not in ("auto", "tf", "threads"):
         raise ValueError(f"backend must be 'auto', 'tf' or 'threads', got {backend!r}")
+    check_process(process_index, process_count)
+    if rows is None:
+        rows = process_rows(batch_size, process_index, process_count)
+    rows = tuple(int(r) for r in rows)
+    if not rows or list(rows) != sorted(set(rows)) or rows[0] < 0 or rows[-1] >= batch_size:
+        raise ValueError(f"rows must be increasing indices in [0, {batch_size}), got {rows}")
     spec = parse_dataset_spec(spec)
-    source = open_source(spec, split, process_index, process_count)
+    source = open_source(
+        spec, split, process_index, process_count, index_dir=index_dir, barrier=barrier
+    )
     stats = {} if stats is None else stats
-    start = int(start_batch) * batch_size
-    workers = num_workers if num_workers is not None else 8
     kwargs = dict(
         image_size=image_size,
         mask_size=mask_size,
         max_masks=max_masks,
         max_mask_area_fraction=max_mask_area_fraction,
         large_scale_jitter=large_scale_jitter,
-        stats=stats,
     )
-
-    def process(q: int, record: Record | None) -> dict | None:
-        if record is None:
-            return None
-        rng = np.random.default_rng([seed, process_index, q])
-        return make_training_example(record, rng, **kwargs)
-
     if is_stream(source):
         from sam_jax.data.tfds_source import tfds_example_to_record
 
-        raw = enumerate(source.iter_examples(shuffle_seed=seed, repeat=True, skip=start), start)
-        examples = _ordered_map(
-            lambda qe: process(qe[0], tfds_example_to_record(qe[1], stats)), raw, workers
-        )
-        max_run = 10_000
+        max_run = 4 * batch_size + 64
+        skip = int(start_batch) * batch_size  # a stream can only be advanced by reading it
+        raw = source.iter_examples(shuffle_seed=seed, repeat=True, skip=skip)
+        window = _StreamWindow(raw, skip, keep=2 * max_run)
+        fetch = lambda q, st: tfds_example_to_record(window(q), st)  # noqa: E731
+        use_tf = False
     else:
         if len(source) == 0:
-            raise ValueError(
-                f"dataset {spec.text!r}: no images in this host's share "
-                f"(process {process_index} of {process_count})"
-            )
-        order = _EpochOrder(len(source), seed, process_index)
-        load = lambda q: process(q, source.load(order(q), stats))  # noqa: E731
-        use_tf = backend == "tf" or (backend == "auto" and spec.kind != "synthetic")
-        if use_tf:
-            examples = _tf_map(load, start, num_workers, (image_size, max_masks, mask_size))
-        else:
-            examples = _ordered_map(load, _count_from(start), workers)
+            raise ValueError(f"dataset {spec.text!r}: no images")
+        order = _EpochOrder(len(source), seed)
+        fetch = lambda q, st: source.load(order(q), st)  # noqa: E731
         max_run = 2 * len(source) + 100
-    return TrainIterator(_batches(examples, batch_size, max_run), int(start_batch), stats)
+        use_tf = backend == "tf" or (backend == "auto" and spec.kind != "synthetic")
 
+    def slot(i: int) -> dict:
+        """Flat slot index i (batch i // R, row rows[i % R]) -> its training example."""
+        k, r = divmod(i, len(rows))
+        q0 = k * batch_size + rows[r]
+        rng = np.random.default_rng([seed, q0])
+        for q in range(q0, q0 + max_run):
+            st = stats if q == q0 else None  # each position is counted by its own slot
+            record = fetch(q, st)
+            ex = None if record is None else make_training_example(record, rng, stats=st, **kwargs)
+            if ex is not None:
+                return ex
+        raise RuntimeError(
+            f"no usable training image in {max_run} consecutive examples of {spec.text!r} "
+            "(all undecodable or without a valid mask); check the dataset"
+        )
 
-def _count_from(start: int):
-    q = start
-    while True:
-        yield q
-        q += 1
+    first = int(start_batch) * len(rows)
+    if use_tf:
+        examples = _tf_map(slot, first, num_workers)
+    else:
+        examples = _ordered_map(slot, itertools.count(first), num_workers or 8)
+    return TrainIterator(_stack(examples, len(rows)), int(start_batch), rows, stats)

@@ -56,7 +56,7 @@ def check_runs(runs: Sequence[int] | np.ndarray, h: int, w: int) -> int:
         raise ValueError("RLE has negative run lengths")
     total = int(runs.sum())
     if total != h * w:
-        raise ValueError(f"RLE runs sum to {total}, expected h * w = {h * w}")
+        raise ValueError(f"RLE counts sum to {total}, expected h * w = {h * w}")
     return int(runs[1::2].sum())
 
 
@@ -91,6 +91,13 @@ def decode_runs(runs: np.ndarray, h: int, w: int) -> np.ndarray:
     """Checked run lengths -> bool (h, w) mask (a Fortran-ordered array, as COCO stores it)."""
     values = (np.arange(len(runs)) % 2).astype(bool)
     return np.repeat(values, runs).reshape(w, h).T
+
+
+def rle_to_mask(rle: dict) -> np.ndarray:
+    """Bool (h, w) C-ordered mask of a COCO RLE dict, compressed or uncompressed (the official
+    AMG `rle_to_mask`, with `check_rle`'s checks)."""
+    runs, _ = check_rle(rle)
+    return np.ascontiguousarray(decode_runs(runs, *rle_size(rle)))
 
 
 def polygons_to_runs(polygons: list, h: int, w: int) -> np.ndarray:

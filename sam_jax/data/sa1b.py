@@ -1,19 +1,19 @@
 """SA-1B reader: a folder of the released tars (sa_000000.tar ...) or of extracted jpg+json pairs.
 
-Reads the files in place (local or tf.io.gfile paths), no preparation step. Tars are indexed by
-scanning their headers once (member offsets), then images are read by random access. Each JSON is
-{"image": {image_id, width, height, file_name}, "annotations": [{segmentation: COCO RLE, ...}]}.
+Reads the files in place (local or gs:// paths, through `sam_jax.paths`), no preparation step.
+Each tar's member headers are scanned once and cached (`sa1b_index`); images are then read by
+random access. Each JSON is {"image": {image_id, width, height, file_name}, "annotations":
+[{segmentation: COCO RLE, ...}]}.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import os
 import posixpath
-import tarfile
-from concurrent.futures import ThreadPoolExecutor
+import time
 
-from sam_jax.data import io
+from sam_jax import paths
 from sam_jax.data.records import (
     Record,
     count,
@@ -22,86 +22,42 @@ from sam_jax.data.records import (
     rle_masks_from_segmentations,
     skip_image,
 )
+from sam_jax.data.sa1b_index import (
+    INDEX_DIRNAME,
+    DatasetIndex,
+    default_index_dir,
+    load_tar_indices,
+)
+
+_MAX_READ_GAP = 1 << 16  # jpg and json members this close are read in one request
 
 
-@dataclasses.dataclass(frozen=True)
-class _Blob:
-    """A byte range of a file (size None: the whole file)."""
-
-    path: str
-    offset: int = 0
-    size: int | None = None
-
-    def read(self) -> bytes:
-        return io.read_bytes(self.path, self.offset, self.size)
-
-
-@dataclasses.dataclass(frozen=True)
-class SA1BItem:
-    """One image of SA-1B: its name stem and where its jpg and json bytes are."""
-
-    stem: str
-    jpg: _Blob
-    json: _Blob
-
-
-def _pair(entries: dict[tuple[str, str], dict[str, _Blob]], where: str) -> list[SA1BItem]:
-    items, unpaired = [], 0
-    for (_, stem), blobs in sorted(entries.items()):
-        if "jpg" in blobs and "json" in blobs:
-            items.append(SA1BItem(stem, blobs["jpg"], blobs["json"]))
-        else:
-            unpaired += 1
-    if unpaired:
-        logger.warning("%s: %d jpg/json files without their pair were ignored", where, unpaired)
-    return items
-
-
-def index_tar(tar_path: str) -> list[SA1BItem]:
-    """Scans a tar's headers and returns its jpg+json pairs (sorted by directory and stem)."""
-    entries: dict[tuple[str, str], dict[str, _Blob]] = {}
-    with io.open_binary(tar_path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            stem, ext = posixpath.splitext(posixpath.basename(member.name))
-            ext = ext.lower().lstrip(".")
-            if ext in ("jpg", "jpeg", "json"):
-                key = (posixpath.dirname(member.name), stem)
-                blob = _Blob(tar_path, member.offset_data, member.size)
-                entries.setdefault(key, {})["json" if ext == "json" else "jpg"] = blob
-    return _pair(entries, tar_path)
-
-
-def list_sa1b(path: str) -> tuple[list[str], list[SA1BItem]]:
-    """(sorted tar paths, jpg+json pairs found as plain files) under a folder, or a single tar."""
-    if not io.isdir(path):
+def list_sa1b(path: str) -> tuple[list[str], list[tuple[str, str, str]]]:
+    """(sorted tar paths, sorted (stem, jpg path, json path) plain-file pairs) under a folder, or
+    a single tar. The index folder (.sam_jax_index) is not searched."""
+    if not paths.isdir(path):
         if path.lower().endswith(".tar"):
             return [path], []
         raise ValueError(f"sa1b: {path!r} is neither a folder nor a .tar file")
     tars, entries = [], {}
-    for dirpath, _, filenames in io.walk(path):
+    for dirpath, dirnames, filenames in paths.walk(path):
+        dirnames[:] = [d for d in dirnames if d != INDEX_DIRNAME]
         for name in filenames:
             stem, ext = posixpath.splitext(name)
             ext = ext.lower().lstrip(".")
-            full = io.join(dirpath, name)
+            full = paths.join(dirpath, name)
             if ext == "tar":
                 tars.append(full)
             elif ext in ("jpg", "jpeg", "json"):
-                entries.setdefault((dirpath, stem), {})["json" if ext == "json" else "jpg"] = _Blob(
-                    full
-                )
-    pairs = _pair(entries, path)
+                entries.setdefault((dirpath, stem), {})["json" if ext == "json" else "jpg"] = full
+    pairs = [(k[1], v["jpg"], v["json"]) for k, v in sorted(entries.items()) if len(v) == 2]
+    if len(pairs) < len(entries):
+        logger.warning(
+            "%s: %d jpg/json files without their pair were ignored", path, len(entries) - len(pairs)
+        )
     if not tars and not pairs:
         raise ValueError(f"sa1b: no .tar files or jpg+json pairs found under {path!r}")
     return sorted(tars), pairs
-
-
-def _index_tars(tars: list[str]) -> list[SA1BItem]:
-    if not tars:
-        return []
-    with ThreadPoolExecutor(max_workers=min(16, len(tars))) as pool:
-        return [item for items in pool.map(index_tar, tars) for item in items]
 
 
 def sa1b_record(
@@ -121,33 +77,105 @@ def sa1b_record(
     return Record(image_id, image, masks)
 
 
-class SA1BSource:
-    """Random-access SA-1B images of one host's share.
+def _read_members(path: str, jpg: tuple[int, int], js: tuple[int, int]) -> tuple[bytes, bytes]:
+    """The bytes of two (offset, size) ranges of a file, in one read when they are close."""
+    lo, hi = min(jpg[0], js[0]), max(jpg[0] + jpg[1], js[0] + js[1])
+    if hi - lo <= jpg[1] + js[1] + _MAX_READ_GAP:
+        data = paths.read_bytes(path, lo, hi - lo)
+        return data[jpg[0] - lo : jpg[0] - lo + jpg[1]], data[js[0] - lo : js[0] - lo + js[1]]
+    return paths.read_bytes(path, *jpg), paths.read_bytes(path, *js)
 
-    With at least `process_count` tars, tars are dealt to hosts round robin (each host scans only
-    its tars); otherwise images are dealt round robin. Plain jpg+json pairs are always dealt by
-    image.
+
+class SA1BSource:
+    """Random access to every image of an SA-1B folder (or one tar), on every host.
+
+    Global order, the same for any process_count: the tars sorted by path (within a tar, pairs
+    sorted by directory and stem), then the plain jpg+json pairs sorted by folder and stem.
+    Tar indices are cached in `index_dir` (default: `sa1b_index.default_index_dir(path)`);
+    process_index/process_count only share the building of missing ones: process p builds
+    tars[p::process_count], then `barrier()` (e.g. a multihost sync; every process must open the
+    source), then each reads all of them. For the building to be shared, index_dir must be one
+    folder all processes see (the default is host-local for gs:// data: pass a shared one such as
+    gs://bucket/sa1b_index). The index is flat numpy arrays (`self.index`, ~47 bytes per image).
     """
 
-    def __init__(self, path: str, process_index: int = 0, process_count: int = 1):
-        tars, pairs = list_sa1b(path)
-        if tars and len(tars) >= process_count:
-            self.items = (
-                _index_tars(tars[process_index::process_count])
-                + pairs[process_index::process_count]
+    def __init__(
+        self,
+        path: str,
+        index_dir: str | None = None,
+        process_index: int = 0,
+        process_count: int = 1,
+        barrier=None,
+    ):
+        if index_dir is not None and not isinstance(index_dir, (str, os.PathLike)):
+            raise TypeError(
+                f"SA1BSource: index_dir must be a path or None, got {index_dir!r} "
+                "(pass process_index / process_count by keyword)"
             )
-        else:
-            self.items = (_index_tars(tars) + pairs)[process_index::process_count]
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}")
+        start = time.perf_counter()
         self.path = path
+        tars, self.pairs = list_sa1b(path)
+        self.index_dir = None
+        counts = {"reused": 0, "built": 0}
+        indices = []
+        if tars:
+            root = path if paths.isdir(path) else paths.parent(path)
+            self.index_dir = os.fspath(index_dir) if index_dir is not None else None
+            self.index_dir = self.index_dir or default_index_dir(path)
+            indices, counts = load_tar_indices(
+                tars, root, self.index_dir, process_index, process_count, barrier
+            )
+        elif barrier is not None:
+            barrier()  # every process calls it once, whatever the layout
+        self.index = DatasetIndex.concat(tars, indices)
+        logger.info(
+            "sa1b %s: %d images (%d in %d tars, %d plain pairs); tar indices: %d reused, %d built "
+            "(index dir %s, %.2f s)",
+            path,
+            len(self),
+            len(self.index),
+            len(tars),
+            len(self.pairs),
+            counts["reused"],
+            counts["built"],
+            self.index_dir,
+            time.perf_counter() - start,
+        )
+        self.index_counts = counts
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.index) + len(self.pairs)
+
+    def image_id(self, i: int) -> str:
+        """The file stem of image i ("sa_223750")."""
+        i = self._check(i)
+        if i < len(self.index):
+            return self.index.stems[i].decode("utf-8")
+        return self.pairs[i - len(self.index)][0]
+
+    def _check(self, i: int) -> int:
+        if not 0 <= i < len(self):
+            raise IndexError(f"SA1BSource index {i} out of range [0, {len(self)})")
+        return int(i)
 
     def load(self, i: int, stats: dict | None = None) -> Record | None:
-        item = self.items[i]
+        """Record of image i; None (counted in stats, logged) if it cannot be read or decoded."""
+        i = self._check(i)
+        image_id = self.image_id(i)
         try:
-            image_bytes, json_bytes = item.jpg.read(), item.json.read()
-        except Exception as e:  # noqa: BLE001 - OSError, tf.errors.OpError, ...
-            skip_image(stats, item.stem, e)
+            if i < len(self.index):
+                x = self.index
+                image_bytes, json_bytes = _read_members(
+                    x.tars[x.tar_id[i]],
+                    (int(x.jpg_offset[i]), int(x.jpg_size[i])),
+                    (int(x.json_offset[i]), int(x.json_size[i])),
+                )
+            else:
+                _, jpg, js = self.pairs[i - len(self.index)]
+                image_bytes, json_bytes = paths.read_bytes(jpg), paths.read_bytes(js)
+        except Exception as e:  # noqa: BLE001 - OSError, fsspec/gcsfs errors, ...
+            skip_image(stats, image_id, e)
             return None
-        return sa1b_record(image_bytes, json_bytes, item.stem, stats)
+        return sa1b_record(image_bytes, json_bytes, image_id, stats)

@@ -1,7 +1,9 @@
 """Opening a dataset spec as a source, and `iterate_examples`, the example-level reader.
 
 A source is either random access (`len(source)`, `source.load(i, stats) -> Record | None`:
-synthetic, sa1b, coco) or a stream (tfds). Every source holds only this host's share.
+synthetic, sa1b, coco) or a stream (tfds). A random-access source holds the whole dataset on every
+host, in the same order; who reads what is decided above it (the training pipeline by batch
+rows, `iterate_examples` by index i::process_count).
 """
 
 from __future__ import annotations
@@ -14,19 +16,16 @@ from sam_jax.data.synthetic import SyntheticConfig, SyntheticDataset
 
 
 class SyntheticSource:
-    """Random-access synthetic images of one host's share (indices dealt round robin)."""
+    """Random-access synthetic images."""
 
-    def __init__(
-        self, split: str, config: SyntheticConfig, process_index: int = 0, process_count: int = 1
-    ):
+    def __init__(self, split: str, config: SyntheticConfig):
         self.dataset = SyntheticDataset(split, config)
-        self.indices = range(process_index, len(self.dataset), process_count)
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.dataset)
 
     def load(self, i: int, stats: dict | None = None) -> Record:
-        ex = self.dataset[self.indices[i]]
+        ex = self.dataset[i]
         count(stats, "decoded_images")
         return Record(ex["image_id"], ex["image"], DenseMasks(ex["masks"]))
 
@@ -51,7 +50,7 @@ def synthetic_config(spec: DatasetSpec, split: str) -> SyntheticConfig:
         raise ValueError(f"dataset spec {spec.text!r}: {e}") from None
 
 
-def _check_process(process_index: int, process_count: int) -> None:
+def check_process(process_index: int, process_count: int) -> None:
     if not (isinstance(process_count, (int, np.integer)) and process_count >= 1):
         raise ValueError(f"process_count must be an int >= 1, got {process_count!r}")
     if not (isinstance(process_index, (int, np.integer)) and 0 <= process_index < process_count):
@@ -59,50 +58,66 @@ def _check_process(process_index: int, process_count: int) -> None:
 
 
 def open_source(
-    spec: str | DatasetSpec, split: str = "train", process_index: int = 0, process_count: int = 1
+    spec: str | DatasetSpec,
+    split: str = "train",
+    process_index: int = 0,
+    process_count: int = 1,
+    *,
+    index_dir: str | None = None,
+    barrier=None,
 ):
-    """Opens a spec as a source holding this host's share (the spec's split wins over `split`)."""
+    """Opens a spec as a source (the spec's split wins over `split`).
+
+    Random-access sources hold the whole dataset; process_index/process_count only share the
+    work of building the SA-1B tar index (cached in index_dir, `barrier()` syncs the processes
+    after their share).
+    """
     spec = parse_dataset_spec(spec)
-    _check_process(process_index, process_count)
+    check_process(process_index, process_count)
     split = spec.split or split
     if spec.kind == "synthetic":
-        return SyntheticSource(split, synthetic_config(spec, split), process_index, process_count)
+        return SyntheticSource(split, synthetic_config(spec, split))
     if spec.kind == "sa1b":
         from sam_jax.data.sa1b import SA1BSource
 
-        return SA1BSource(spec.path, process_index, process_count)
+        return SA1BSource(spec.path, index_dir, process_index, process_count, barrier)
     if spec.kind == "coco":
         from sam_jax.data.coco import CocoSource
 
-        return CocoSource(
-            spec.path,
-            spec.images_dir,
-            spec.option("include_crowd", "0") == "1",
-            process_index,
-            process_count,
-        )
+        return CocoSource(spec.path, spec.images_dir, spec.option("include_crowd", "0") == "1")
     from sam_jax.data.tfds_source import TfdsSource
 
-    return TfdsSource(spec.name, split, spec.option("data_dir"), process_index, process_count)
+    return TfdsSource(spec.name, split, spec.option("data_dir"))
 
 
 def is_stream(source) -> bool:
     return not hasattr(source, "load")
 
 
-def iter_records(source, stats: dict | None = None, shuffle: bool = False, seed: int = 0):
-    """Yields Record | None (unusable image, already counted) over the source once."""
+def iter_records(
+    source,
+    stats: dict | None = None,
+    shuffle: bool = False,
+    seed: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+):
+    """Yields Record | None (unusable image, already counted) over process_index's share of the
+    source once: the indices process_index::process_count of a random-access source's (shuffled)
+    order, or an even share of a stream."""
     if is_stream(source):
         from sam_jax.data.tfds_source import tfds_example_to_record
 
-        examples = source.iter_examples(shuffle_seed=seed if shuffle else None)
+        examples = source.iter_examples(
+            shuffle_seed=seed if shuffle else None, shard=(process_index, process_count)
+        )
         return (tfds_example_to_record(ex, stats) for ex in examples)
     order = (
         np.random.default_rng([seed, 0x5EED]).permutation(len(source))
         if shuffle
         else range(len(source))
     )
-    return (source.load(int(i), stats) for i in order)
+    return (source.load(int(i), stats) for i in order[process_index::process_count])
 
 
 def iterate_examples(
@@ -116,7 +131,8 @@ def iterate_examples(
     process_index: int = 0,
     process_count: int = 1,
 ):
-    """Iterates this host's share of a dataset once, in a fixed order.
+    """Iterates this host's share of a dataset once, in a fixed order (with several processes,
+    the shares are disjoint and together the whole dataset; max_images caps each share).
 
     Yields {"image": uint8 (H, W, 3), "masks": bool (M, H, W) with M >= 1, "image_id": str}.
     Undecodable images/masks and zero-area masks are dropped and counted in `stats`
@@ -129,14 +145,14 @@ def iterate_examples(
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
     source = open_source(spec, split, process_index, process_count)
-    return _examples(source, max_images, seed, stats, shuffle)
+    return _examples(source, max_images, seed, stats, shuffle, (process_index, process_count))
 
 
-def _examples(source, max_images, seed, stats, shuffle):
+def _examples(source, max_images, seed, stats, shuffle, shard):
     if max_images == 0:
         return
     yielded = 0
-    for record in iter_records(source, stats, shuffle, seed):
+    for record in iter_records(source, stats, shuffle, seed, *shard):
         if record is None:
             continue
         if len(record.masks) == 0:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from sam_jax.data import io
+from sam_jax import paths
 
 KINDS = ("synthetic", "sa1b", "coco", "tfds")
 # synthetic options that are fractions in [0, 1] (SyntheticConfig checks their ranges)
@@ -124,7 +124,7 @@ def parse_dataset_spec(spec: str | DatasetSpec) -> DatasetSpec:
     if kind == "sa1b":
         if not rest:
             raise ValueError(f"dataset spec {text!r}: expected sa1b:PATH")
-        if not io.exists(rest):
+        if not paths.exists(rest):
             raise ValueError(f"dataset spec {text!r}: path {rest!r} does not exist")
         return DatasetSpec(kind, path=rest, options=options, text=text)
     if kind == "coco":
@@ -132,9 +132,9 @@ def parse_dataset_spec(spec: str | DatasetSpec) -> DatasetSpec:
         if len(parts) != 2 or not all(parts):
             raise ValueError(f"dataset spec {text!r}: expected coco:ANN_JSON:IMAGES_DIR")
         ann, images = parts
-        if not io.exists(ann):
+        if not paths.exists(ann):
             raise ValueError(f"dataset spec {text!r}: annotation file {ann!r} does not exist")
-        if not io.isdir(images):
+        if not paths.isdir(images):
             raise ValueError(f"dataset spec {text!r}: images folder {images!r} does not exist")
         out = DatasetSpec(kind, path=ann, images_dir=images, options=options, text=text)
         if out.option("include_crowd", "0") not in ("0", "1"):

@@ -53,16 +53,9 @@ def tfds_example_to_record(example: dict, stats: dict | None = None) -> Record |
 
 
 class TfdsSource:
-    """A prepared tfds dataset split, read as a stream (one host's even share of the examples)."""
+    """A prepared tfds dataset split, read as a stream (whole, or one host's even share)."""
 
-    def __init__(
-        self,
-        name: str,
-        split: str,
-        data_dir: str | None = None,
-        process_index: int = 0,
-        process_count: int = 1,
-    ):
+    def __init__(self, name: str, split: str, data_dir: str | None = None):
         import tensorflow_datasets as tfds  # lazy
 
         try:
@@ -82,9 +75,7 @@ class TfdsSource:
                 f"tfds:{name}: no split {base!r} (available: {', '.join(self.builder.info.splits)})"
             )
         self.name = name
-        self.split = (
-            tfds.even_splits(split, n=process_count)[process_index] if process_count > 1 else split
-        )
+        self.split = split
 
     def dataset(
         self,
@@ -92,14 +83,17 @@ class TfdsSource:
         repeat: bool = False,
         skip: int = 0,
         shuffle_buffer: int = 1024,
+        shard: tuple[int, int] = (0, 1),
     ):
         """The raw tf.data stream (image content left encoded), optionally repeated, shuffled
-        (deterministically, seeded) and advanced by `skip` examples."""
+        (deterministically, seeded) and advanced by `skip` examples; shard=(i, n): the i-th of n
+        even shares of the split."""
         import tensorflow_datasets as tfds  # lazy
 
         shuffle = shuffle_seed is not None
+        split = self.split if shard[1] == 1 else tfds.even_splits(self.split, n=shard[1])[shard[0]]
         ds = self.builder.as_dataset(
-            split=self.split,
+            split=split,
             shuffle_files=shuffle,
             read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed) if shuffle else None,
             decoders={"image": {"content": tfds.decode.SkipDecoding()}},

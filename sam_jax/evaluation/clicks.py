@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from sam_jax.amg_utils import batched_mask_to_box
+
 
 def _cropped_dt(mask: np.ndarray) -> tuple[np.ndarray, int, int]:
     """Distance transform of `mask` within its bounding box: (dt (h, w), y0, x0).
@@ -144,8 +146,6 @@ def mask_to_box(mask: np.ndarray) -> np.ndarray:
       float32 (4,) [x0, y0, x1, y1], x1/y1 are the last column/row that contain the mask.
     """
     mask = np.asarray(mask, dtype=bool)
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    if len(rows) == 0:
+    if not mask.any():
         raise ValueError("mask_to_box needs a non-empty mask")
-    return np.array([cols[0], rows[0], cols[-1], rows[-1]], dtype=np.float32)
+    return batched_mask_to_box(mask).astype(np.float32)

@@ -4,7 +4,8 @@ Inputs: the COCO ground-truth annotation file, its images folder, and the detect
 COCO results JSON: a list of {"image_id": int, "category_id": int, "bbox": [x, y, w, h],
 "score": float}. Each box (XYWH -> XYXY) prompts the predictor with a single output; the mask keeps
 the detector's category and score. Images of the annotation file without a detection still count
-(their objects are misses); images that cannot be read are skipped, counted and left out.
+(their objects are misses); images that cannot be read are skipped, counted and left out. Paths
+may be local or URLs (gs://bucket/...): files are read through `sam_jax.paths`.
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from sam_jax import paths
 from sam_jax.evaluation.metrics import coco_mask_ap, encode_rle
 
 
 def _read_json(path: str, what: str):
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(paths.read_text(path))
     except FileNotFoundError:
         raise ValueError(f"{what} {path!r} does not exist") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -93,7 +94,8 @@ def _read_image(path: str) -> np.ndarray | None:
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
+        data = paths.read_bytes(path)
+        with Image.open(io.BytesIO(data)) as im:
             return np.asarray(im.convert("RGB"))
     except (OSError, ValueError):
         return None
@@ -137,7 +139,7 @@ def evaluate_detections(
         if not dets:
             evaluated.append(image_id)
             continue
-        image = _read_image(os.path.join(images_dir, coco.imgs[image_id]["file_name"]))
+        image = _read_image(paths.join(images_dir, coco.imgs[image_id]["file_name"]))
         if image is None:
             skipped += 1
             continue
@@ -147,7 +149,7 @@ def evaluate_detections(
         boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
         for s in range(0, len(dets), batch_size):
             masks, _, _ = _predict(
-                predictor, batch_size, boxes=boxes[s : s + batch_size], multimask_output=False
+                predictor, boxes=boxes[s : s + batch_size], multimask_output=False
             )
             for d, m in zip(dets[s : s + batch_size], masks[:, 0], strict=True):
                 results.append(

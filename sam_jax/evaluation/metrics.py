@@ -10,25 +10,29 @@ import contextlib
 import io
 from collections.abc import Iterable, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
-def mask_iou(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
-    """Intersection over union of binary masks.
+def mask_iou(pred, gt):
+    """Intersection over union of binary masks: the one IoU of evaluation and training.
 
     Args:
       pred: bool (..., H, W).
       gt: bool (..., H, W), broadcastable against `pred`.
     Returns:
-      float64 (...); 1.0 where both masks are empty (nothing to disagree on).
+      (...); 1.0 where both masks are empty (nothing to disagree on). numpy in, float64 numpy
+      out (host); jax in, float32 jax out (jit-able; training wraps it in stop_gradient).
     """
-    pred = np.asarray(pred, dtype=bool)
-    gt = np.asarray(gt, dtype=bool)
+    xp = jnp if isinstance(pred, jax.Array) or isinstance(gt, jax.Array) else np
+    pred = xp.asarray(pred, dtype=bool)
+    gt = xp.asarray(gt, dtype=bool)
     if pred.shape[-2:] != gt.shape[-2:]:
         raise ValueError(f"mask sizes differ: {pred.shape[-2:]} vs {gt.shape[-2:]}")
-    inter = np.count_nonzero(pred & gt, axis=(-2, -1))
-    union = np.count_nonzero(pred | gt, axis=(-2, -1))
-    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+    inter = xp.count_nonzero(pred & gt, axis=(-2, -1))
+    union = xp.count_nonzero(pred | gt, axis=(-2, -1))
+    return xp.where(union > 0, inter / xp.maximum(union, 1), 1.0)
 
 
 def mean_iou(ious: Iterable[float]) -> float | None:

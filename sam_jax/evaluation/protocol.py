@@ -7,8 +7,9 @@ The predictor is anything with
       -> masks bool (B, C, H, W), iou (B, C), low_res (B, C, 256, 256)   (numpy, original frame)
 e.g. `sam_jax.SamPredictor`, or `sam_jax.evaluation.official.OfficialPredictor` (PyTorch reference).
 The image encoder runs once per image; each click round of all masks of an image is one batched
-predict_batch call (chunks of `batch_size` masks, padded to a power of two >= 8 to bound
-recompilation).
+predict_batch call (chunks of `batch_size` masks). The protocol passes the real rows: padding them
+to a few shapes (to bound recompilation) is the predictor's job (`SamPredictor` pads to powers of
+two >= 8).
 
 Point protocol per mask: click 1 from `first_click`, clicks 2.. from the RITM rule (`next_click`)
 on the chosen mask of the previous round; every round prompts with all clicks so far. The chosen
@@ -25,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -42,54 +44,45 @@ def _stable_hash(*parts) -> int:
     return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")
 
 
+def _gather_one(obj):
+    return [obj]
+
+
 def select_masks(
-    mask_counts: Sequence[tuple[str, int]], max_masks: int, seed: int = 0
+    mask_counts: Sequence[tuple[str, int]],
+    max_masks: int,
+    seed: int = 0,
+    all_gather: Callable[[Any], list] = _gather_one,
 ) -> dict[str, np.ndarray]:
     """Uniform sample of `max_masks` masks out of all (image_id, mask index) pairs.
 
     mask_counts: (image_id, number of non-empty masks) per image; an index is a position among
-    that image's non-empty masks.
+    that image's non-empty masks. With several processes, each passes its share of the images
+    and `all_gather` (obj -> [obj of every process], e.g. sam_jax.distributed.all_gather).
 
-    Each mask gets the priority hash(seed, image_id, index) and the `max_masks` smallest are kept
-    (a bottom-k sample): deterministic given the seed, independent of the reading order.
+    Each mask gets the priority hash(seed, image_id, index) and the `max_masks` smallest over all
+    processes are kept (a bottom-k sample): deterministic given the seed, independent of the
+    reading order and of how the images are split between processes.
     Returns {image_id: sorted int indices of the kept masks} (images with none kept are absent).
     """
     if max_masks <= 0:
         raise ValueError(f"max_masks must be positive, got {max_masks}")
     keys = [(image_id, j) for image_id, n in mask_counts for j in range(int(n))]
-    if len(keys) > max_masks:
-        prio = np.array([_stable_hash(seed, i, j) for i, j in keys], dtype=np.uint64)
-        keep = np.sort(np.argsort(prio, kind="stable")[:max_masks])
-        keys = [keys[k] for k in keep]
+    prio = np.array([_stable_hash(seed, i, j) for i, j in keys], dtype=np.uint64)
+    everything = np.concatenate(all_gather(prio))
+    if len(everything) > max_masks:
+        threshold = np.partition(everything, max_masks - 1)[max_masks - 1]
+        keys = [key for key, p in zip(keys, prio, strict=True) if p <= threshold]
     selected: dict[str, list[int]] = {}
     for image_id, j in keys:
         selected.setdefault(image_id, []).append(j)
     return {k: np.asarray(v, dtype=np.int64) for k, v in selected.items()}
 
 
-MIN_BUCKET = 8
-
-
-def _bucket(n: int, batch_size: int) -> int:
-    """Padded batch size: the next power of two, at least MIN_BUCKET, at most batch_size (few
-    shapes, hence few compilations; most images of COCO-like data fit one bucket)."""
-    return min(batch_size, max(MIN_BUCKET, 1 << max(n - 1, 0).bit_length()))
-
-
-def _pad_rows(x: np.ndarray | None, size: int) -> np.ndarray | None:
-    if x is None or len(x) == size:
-        return x
-    return np.concatenate([x, np.repeat(x[:1], size - len(x), axis=0)], axis=0)
-
-
-def _predict(predictor, batch_size: int, **kwargs):
-    """predict_batch on rows padded to a power-of-two bucket; returns numpy outputs, unpadded."""
-    n = next(len(v) for v in kwargs.values() if isinstance(v, np.ndarray))
-    size = _bucket(n, batch_size)
-    kwargs = {k: _pad_rows(v, size) if isinstance(v, np.ndarray) else v for k, v in kwargs.items()}
+def _predict(predictor, **kwargs):
+    """predict_batch with numpy outputs: masks bool (B, C, H, W), iou (B, C), low_res."""
     masks, iou, low_res = predictor.predict_batch(**kwargs)
-    masks = np.asarray(masks)[:n].astype(bool, copy=False)
-    return masks, np.asarray(iou)[:n], np.asarray(low_res)[:n]
+    return np.asarray(masks).astype(bool, copy=False), np.asarray(iou), np.asarray(low_res)
 
 
 def run_point_rounds(
@@ -100,6 +93,7 @@ def run_point_rounds(
     feed_mask: bool = False,
     multimask: str = "first",
     batch_size: int = 32,
+    return_masks: bool = False,
 ) -> dict[str, np.ndarray]:
     """Interactive point rounds for all masks of the image currently set on `predictor`.
 
@@ -107,10 +101,12 @@ def run_point_rounds(
       gt_masks: bool (M, H, W), non-empty masks.
       first_clicks: int (M, 2) first (x, y) clicks.
       num_rounds: T, the number of clicks (rounds) per mask.
+      return_masks: also return the chosen masks.
     Returns:
       ious float (M, T) IoU of the chosen mask after each round; oracle float (M,) best first-round
       IoU; clicks int (M, T, 2) and labels int (M, T) (rows after `num_clicks` repeat the last
-      click); num_clicks int (M,).
+      click); num_clicks int (M,); with return_masks, masks bool (M, T, H, W), the chosen mask after
+      each round (a mask with no clickable error left keeps its last one, like its IoU).
     """
     if multimask not in MULTIMASK_MODES:
         raise ValueError(f"unknown multimask mode {multimask!r}; expected one of {MULTIMASK_MODES}")
@@ -123,6 +119,8 @@ def run_point_rounds(
         "labels": np.ones((m, num_rounds), dtype=np.int64),
         "num_clicks": np.ones(m, dtype=np.int64),
     }
+    if return_masks:
+        out["masks"] = np.zeros((m, num_rounds, *gt_masks.shape[1:]), dtype=bool)
     for start in range(0, m, batch_size):
         sl = slice(start, min(m, start + batch_size))
         gts, clicks, labels = gt_masks[sl], out["clicks"][sl], out["labels"][sl]
@@ -134,7 +132,6 @@ def run_point_rounds(
             multi = multimask == "always" or (multimask == "first" and t == 0)
             masks, iou_pred, low = _predict(
                 predictor,
-                batch_size,
                 point_coords=clicks[:, : t + 1].astype(np.float32),
                 point_labels=labels[:, : t + 1].astype(np.int32),
                 mask_input=low_res if feed_mask else None,
@@ -146,6 +143,11 @@ def run_point_rounds(
             ious[:, t] = np.where(active, all_ious[rows, best], ious[:, t - 1] if t else 0.0)
             if t == 0:
                 out["oracle"][sl] = all_ious.max(axis=1)
+            if return_masks:
+                chosen = out["masks"][sl]
+                chosen[:, t] = masks[rows, best]
+                if t:
+                    chosen[~active, t] = chosen[~active, t - 1]
             low_res = low[rows, best][:, None].astype(np.float32)
             if t + 1 == num_rounds:
                 break
@@ -169,7 +171,7 @@ def run_box_prompts(predictor, gt_masks: np.ndarray, batch_size: int = 32) -> np
     for start in range(0, len(gt_masks), batch_size):
         gts = gt_masks[start : start + batch_size]
         boxes = np.stack([mask_to_box(g) for g in gts])
-        masks, _, _ = _predict(predictor, batch_size, boxes=boxes, multimask_output=False)
+        masks, _, _ = _predict(predictor, boxes=boxes, multimask_output=False)
         ious.append(mask_iou(masks[:, 0], gts))
     return np.concatenate(ious) if ious else np.zeros(0)
 
@@ -185,6 +187,10 @@ def _reiterate(examples) -> Callable[[], Iterable[dict]]:
     return lambda: examples
 
 
+class NoMasksError(ValueError):
+    """evaluate_points found no mask to evaluate (no readable image with a non-empty mask)."""
+
+
 def evaluate_points(
     predictor,
     examples,
@@ -198,6 +204,7 @@ def evaluate_points(
     batch_size: int = 32,
     progress: bool = False,
     return_per_mask: bool = False,
+    all_gather: Callable[[Any], list] = _gather_one,
 ) -> dict:
     """Point (and optionally ground-truth box) protocol over a dataset.
 
@@ -210,6 +217,9 @@ def evaluate_points(
       gt_boxes: also report box mIoU from ground-truth boxes.
       max_masks: evaluate a uniform seeded sample of this many masks (select_masks).
       progress: show a tqdm progress bar over images.
+      all_gather: with several processes, each passes its share of the examples and this
+        function (obj -> [obj of every process]); the result covers every share, the same on
+        every process, equal to one process evaluating everything.
     Returns:
       {"num_images", "num_masks", "num_masks_available", "skipped_empty_masks", "miou": {str(n):
       mIoU}, "oracle_miou_1", "box_miou", "protocol": {...}, "timing": {"seconds",
@@ -237,7 +247,8 @@ def evaluate_points(
         make_examples = _reiterate(examples)
         counts = [(str(ex["image_id"]), _count_valid(ex["masks"])) for ex in make_examples()]
         available = sum(n for _, n in counts)
-        selected = select_masks(counts, max_masks, seed)
+        available = sum(all_gather(available))
+        selected = select_masks(counts, max_masks, seed, all_gather)
         examples = make_examples()
     elif callable(examples):
         examples = examples()
@@ -292,10 +303,15 @@ def evaluate_points(
         if first_image_seconds is None:
             first_image_seconds = time.perf_counter() - start
     seconds = time.perf_counter() - start
+    parts = all_gather((per, num_images, skipped_empty, total_valid, seconds, first_image_seconds))
+    per = {k: [x for p in parts for x in p[0][k]] for k in per}
+    num_images, skipped_empty, total_valid = (sum(p[i] for p in parts) for i in (1, 2, 3))
+    seconds = max(p[4] for p in parts)
+    first_image_seconds = parts[0][5]
 
     num_masks = len(per["image_id"])
     if num_masks == 0:
-        raise ValueError(
+        raise NoMasksError(
             f"no masks to evaluate: {num_images} images with masks, {skipped_empty} empty masks "
             "skipped"
         )

@@ -7,7 +7,8 @@
                        "skipped_masks", "timing": {...}, ...}},
    "average": {...}}   # filled by `add_average`
 Tables show percentages with one decimal; a metric a dataset lacks is shown as "-" (Markdown) or
-left empty (CSV), never as 0.
+left empty (CSV), never as 0. The output folder may be local or a URL (gs://bucket/...): files
+are written whole through `sam_jax.paths`.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import csv
 import io
 import json
 import math
-import os
 
 import numpy as np
 
+from sam_jax import paths
 from sam_jax.evaluation.metrics import dataset_average
 
 
@@ -59,9 +60,7 @@ def _json_safe(x):
 
 
 def write_json(results: dict, path: str) -> None:
-    with open(path, "w") as f:
-        json.dump(_json_safe(results), f, indent=2, sort_keys=False)
-        f.write("\n")
+    paths.write_text(path, json.dumps(_json_safe(results), indent=2, sort_keys=False) + "\n")
 
 
 def _columns(results: dict) -> tuple[list[int], list[str]]:
@@ -156,19 +155,21 @@ def plot_miou(results: dict, path: str) -> bool:
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, format="png")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
+    paths.write_bytes(path, buf.getvalue())
     return True
 
 
 def write_reports(results: dict, output_dir: str) -> dict[str, str]:
     """Writes results.json, results.md, results.csv and miou_vs_points.png under output_dir.
     Returns {kind: path} of the files written."""
-    os.makedirs(output_dir, exist_ok=True)
+    paths.makedirs(output_dir)
     if "average" not in results:
         add_average(results)
-    paths = {
-        k: os.path.join(output_dir, f)
+    written = {
+        k: paths.join(output_dir, f)
         for k, f in (
             ("json", "results.json"),
             ("markdown", "results.md"),
@@ -176,11 +177,9 @@ def write_reports(results: dict, output_dir: str) -> dict[str, str]:
             ("plot", "miou_vs_points.png"),
         )
     }
-    write_json(results, paths["json"])
-    with open(paths["markdown"], "w") as f:
-        f.write(markdown_table(results))
-    with open(paths["csv"], "w") as f:
-        f.write(csv_table(results))
-    if not plot_miou(results, paths["plot"]):
-        del paths["plot"]
-    return paths
+    write_json(results, written["json"])
+    paths.write_text(written["markdown"], markdown_table(results))
+    paths.write_text(written["csv"], csv_table(results))
+    if not plot_miou(results, written["plot"]):
+        del written["plot"]
+    return written

@@ -92,15 +92,12 @@ class Sam(nn.Module):
         Returns low-res mask logits (B, P, K, 4g, 4g) and IoU predictions (B, P, K), float32,
         with K = num_multimask_outputs if multimask_output else 1; multimask_output=None returns
         all num_multimask_outputs + 1 outputs (index 0 is the single-mask output), in one pass.
+
+        Shapes are not checked here: callers pass the shapes above (`functional.decode_prompts`
+        checks them for users).
         """
         b, p, n = labels.shape
         g, d = self.config.embedding_size, self.config.prompt_embed_dim
-        if points.shape != (b, p, n, 2):
-            raise ValueError(f"points shape {points.shape} does not match labels {labels.shape}")
-        if image_embeddings.shape != (b, g, g, d):
-            raise ValueError(
-                f"image_embeddings must be ({b}, {g}, {g}, {d}), got {image_embeddings.shape}"
-            )
         sparse, token_mask = self.prompt_encoder.embed_points(points, labels)
         dense = self.prompt_encoder.dense_embeddings((b, p), mask_input, has_mask)
         src = jnp.broadcast_to(image_embeddings[:, None], (b, p, g, g, d))
@@ -152,6 +149,39 @@ def build_sam(
     return Sam(config, dtype=dtype, attention_impl=attention_impl, remat_policy=remat_policy)
 
 
+def check_prompts(
+    point_coords=None, point_labels=None, boxes=None, pad_to: int | None = None
+) -> int | None:
+    """Checks the prompt arrays of P prompts on one image; returns their token count T (None
+    without points and boxes).
+
+    point_coords (P, N, 2) with point_labels (P, N), and/or boxes (P, 4), agreeing on P;
+    pad_to, if given, at least T. Only shapes are checked (values are left as given).
+    """
+    num = tokens = None
+    if point_coords is not None:
+        if point_labels is None:
+            raise ValueError("point_labels must be given with point_coords")
+        pc, pl = np.shape(point_coords), np.shape(point_labels)
+        if len(pc) != 3 or pc[-1] != 2 or pl != pc[:2]:
+            raise ValueError(
+                f"point_coords must be (P, N, 2) and point_labels (P, N); got {pc} and {pl}"
+            )
+        num, tokens = pc[0], pc[1] + (boxes is None)
+    elif point_labels is not None:
+        raise ValueError("point_labels given without point_coords")
+    if boxes is not None:
+        bx = np.shape(boxes)
+        if len(bx) != 2 or bx[-1] != 4:
+            raise ValueError(f"boxes must be (P, 4), got {bx}")
+        if num is not None and bx[0] != num:
+            raise ValueError(f"{bx[0]} boxes for {num} point prompts")
+        num, tokens = bx[0], (tokens or 0) + 2
+    if tokens is not None and pad_to is not None and pad_to < tokens:
+        raise ValueError(f"pad_to={pad_to} is smaller than the {tokens} prompt tokens")
+    return tokens
+
+
 def pack_prompts(
     point_coords: np.ndarray | None = None,
     point_labels: np.ndarray | None = None,
@@ -164,40 +194,32 @@ def pack_prompts(
     Returns points (P, T, 2) float32 and labels (P, T) int32 with T = N (+1 padding point when there
     is no box, as the official prompt encoder) (+2 box corners), padded with PAD_LABEL to `pad_to`.
     """
+    if check_prompts(point_coords, point_labels, boxes, pad_to) is None:
+        raise ValueError("pack_prompts needs point_coords or boxes")
+    return pack_prompt_tokens(point_coords, point_labels, boxes, pad_to)
+
+
+def pack_prompt_tokens(point_coords, point_labels, boxes, pad_to=None):
+    """`pack_prompts` without checks: the arguments satisfy `check_prompts` and are not both
+    None (internal callers check at their public boundary)."""
     parts_xy, parts_lab = [], []
     num = None
     if point_coords is not None:
-        if point_labels is None:
-            raise ValueError("point_labels must be given with point_coords")
         pc = np.asarray(point_coords, np.float32)
-        pl = np.asarray(point_labels, np.int32)
-        if pc.ndim != 3 or pc.shape[-1] != 2 or pl.shape != pc.shape[:2]:
-            raise ValueError(
-                "point_coords must be (P, N, 2) and point_labels (P, N); "
-                f"got {pc.shape} and {pl.shape}"
-            )
         num = pc.shape[0]
         parts_xy.append(pc)
-        parts_lab.append(pl)
+        parts_lab.append(np.asarray(point_labels, np.int32))
         if boxes is None:
             parts_xy.append(np.zeros((num, 1, 2), np.float32))
             parts_lab.append(np.full((num, 1), NOT_A_POINT_LABEL, np.int32))
     if boxes is not None:
         bx = np.asarray(boxes, np.float32)
-        if bx.ndim != 2 or bx.shape[-1] != 4:
-            raise ValueError(f"boxes must be (P, 4), got {bx.shape}")
-        if num is not None and bx.shape[0] != num:
-            raise ValueError(f"{bx.shape[0]} boxes for {num} point prompts")
         num = bx.shape[0]
         parts_xy.append(bx.reshape(num, 2, 2))
         parts_lab.append(np.tile(np.array([[2, 3]], np.int32), (num, 1)))
-    if num is None:
-        raise ValueError("pack_prompts needs point_coords or boxes")
     xy = np.concatenate(parts_xy, axis=1)
     lab = np.concatenate(parts_lab, axis=1)
-    if pad_to is not None:
-        if pad_to < xy.shape[1]:
-            raise ValueError(f"pad_to={pad_to} is smaller than the {xy.shape[1]} prompt tokens")
+    if pad_to is not None and pad_to > xy.shape[1]:
         extra = pad_to - xy.shape[1]
         xy = np.concatenate([xy, np.zeros((num, extra, 2), np.float32)], axis=1)
         lab = np.concatenate([lab, np.full((num, extra), PAD_LABEL, np.int32)], axis=1)

@@ -12,7 +12,7 @@ events), so the inference path never imports this package. Modules:
     sharding          (data, fsdp) mesh, parameter / optimizer-state / batch sharding rules
     checkpointing     orbax CheckpointManager: async saves, keep-last-N, data position
     initialization    SamConfig and initial params: random, a SAM checkpoint or MAE
-    metrics           metrics.jsonl, TensorBoard events, MFU
+    metric_writer     metric logging: metrics.jsonl, TensorBoard events, MFU
     validation        periodic point-prompt mIoU on held-out images (sam_jax.evaluation)
     visualize         the predictions picture written at the end of training
     train_loop        train_and_evaluate(config, workdir): what train.py runs

@@ -15,14 +15,15 @@
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
+from sam_jax import paths
 from sam_jax.checkpoint_mapping import expected_leaves, flatten_params, to_flax_layout
 from sam_jax.config import SamConfig, get_config, tiny_config
 
@@ -40,7 +41,7 @@ def sam_config_from(config: Any) -> SamConfig:
         path = config.init.path
         if not path:
             raise ValueError("init.type='sam' needs init.path")
-        if os.path.isdir(path):
+        if paths.isdir(path):
             base = read_converted_config(path)
         else:
             base = config_for_state_dict(read_state_dict(path))
@@ -104,13 +105,7 @@ def load_mae_params(path: str, config: SamConfig, params: Any) -> Any:
         if value.shape != leaf.flax_shape:
             raise ValueError(f"MAE {key} has shape {value.shape}, SAM expects {leaf.flax_shape}")
         flat[leaf.flax_path] = value
-    tree: dict[str, Any] = {}
-    for path_, v in flat.items():
-        node = tree
-        for name in path_[:-1]:
-            node = node.setdefault(name, {})
-        node[path_[-1]] = v
-    return tree
+    return traverse_util.unflatten_dict(flat)
 
 
 def initial_params(config: Any, sam_config: SamConfig, model: Any) -> Any | None:
@@ -122,7 +117,7 @@ def initial_params(config: Any, sam_config: SamConfig, model: Any) -> Any | None
         from sam_jax.checkpoints import load_converted, load_pth
 
         path = config.init.path
-        _, params = load_converted(path) if os.path.isdir(path) else load_pth(path)
+        _, params = load_converted(path) if paths.isdir(path) else load_pth(path)
         return params
     if kind == "mae":
         if not config.init.path:

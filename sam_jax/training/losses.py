@@ -10,6 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from sam_jax.evaluation.metrics import mask_iou
+
 
 def sigmoid_focal_loss(
     logits: jax.Array, targets: jax.Array, alpha: float = 0.25, gamma: float = 2.0
@@ -41,18 +43,6 @@ def dice_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return 1 - (numerator + 1) / (denominator + 1)
 
 
-def mask_iou(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """IoU of the binarised prediction (logits > 0) with the target: (..., H, W) -> (...,).
-
-    An empty prediction of an empty target counts as IoU 1. No gradient flows through it.
-    """
-    pred = logits > 0
-    gt = targets > 0
-    inter = jnp.sum(pred & gt, axis=(-2, -1)).astype(jnp.float32)
-    union = jnp.sum(pred | gt, axis=(-2, -1)).astype(jnp.float32)
-    return jax.lax.stop_gradient(jnp.where(union > 0, inter / jnp.maximum(union, 1), 1.0))
-
-
 def sam_round_loss(
     logits: jax.Array,
     iou_pred: jax.Array,
@@ -77,7 +67,7 @@ def sam_round_loss(
     t = targets[..., None, :, :]
     focal = sigmoid_focal_loss(logits, t, focal_alpha, focal_gamma)  # (..., C)
     dice = dice_loss(logits, t)
-    actual_iou = mask_iou(logits, t)
+    actual_iou = jax.lax.stop_gradient(mask_iou(logits > 0, t > 0))  # of the binarised masks
     iou_mse = (iou_pred.astype(jnp.float32) - actual_iou) ** 2
     combo = focal_weight * focal + dice_weight * dice
     best = jnp.argmin(jax.lax.stop_gradient(combo), axis=-1)

@@ -14,7 +14,6 @@ the same rules shard them like their parameters.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -28,23 +27,6 @@ from sam_jax.training.optimizer import path_str
 
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
-
-
-def maybe_initialize_distributed() -> None:
-    """Calls jax.distributed.initialize() when the environment describes several processes.
-
-    Detects TPU pods (several TPU worker hostnames), SLURM / Open MPI launches with more than one
-    task, or an explicit JAX_COORDINATOR_ADDRESS. Must run before any other jax call.
-    """
-    tpu_hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    several = (
-        "," in tpu_hosts
-        or int(os.environ.get("SLURM_NTASKS", "1")) > 1
-        or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-        or bool(os.environ.get("JAX_COORDINATOR_ADDRESS"))
-    )
-    if several and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
 
 
 def make_mesh(mesh_shape: Sequence[int], devices: Sequence[Any] | None = None) -> Mesh:
@@ -106,14 +88,17 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
-def shard_batch(mesh: Mesh, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """Process-local numpy batch -> global jax arrays sharded over the batch axes.
+def shard_batch(
+    mesh: Mesh, batch: dict[str, np.ndarray], global_batch_size: int | None = None
+) -> dict[str, jax.Array]:
+    """This process's rows of a batch (numpy) -> global jax arrays sharded over the batch axes.
 
-    Each process passes only its own share (process_count > 1 on pods): the global batch is the
-    concatenation over processes.
+    With several processes each passes only the rows its devices hold (in increasing order;
+    `global_batch_size` rows in all); with one, the whole batch.
     """
     out = {}
     for k, v in batch.items():
         v = np.asarray(v)
-        out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
+        shape = None if global_batch_size is None else (global_batch_size, *v.shape[1:])
+        out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v, shape)
     return out

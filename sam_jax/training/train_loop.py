@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -22,8 +21,10 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from sam_jax import distributed, paths
+from sam_jax.config import SamConfig
 from sam_jax.modeling import build_sam
-from sam_jax.training import checkpointing, initialization, metrics, sharding
+from sam_jax.training import checkpointing, initialization, metric_writer, sharding
 from sam_jax.training.optimizer import lr_schedule_from_config, make_optimizer
 from sam_jax.training.train_state import create_train_state
 from sam_jax.training.train_step import make_train_step
@@ -61,15 +62,18 @@ class PreemptionFlag:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def default_iterator(config: Any, sam_config: Any, start_batch: int) -> Iterator[dict]:
-    """The process-local training batches from sam_jax.data, starting at batch `start_batch`."""
+def default_iterator(
+    config: Any, sam_config: Any, start_batch: int, rows: tuple[int, ...], index_dir: str
+) -> Iterator[dict]:
+    """This process's rows of the global training batches, starting at batch `start_batch`."""
     from sam_jax.data import make_train_iterator
 
     lsj = config.data.large_scale_jitter
     return make_train_iterator(
         config.data.train,
         split=config.data.train_split,
-        batch_size=config.batch_size // jax.process_count(),
+        batch_size=config.batch_size,
+        rows=rows,
         image_size=sam_config.image_size,
         mask_size=sam_config.low_res_size,
         max_masks=config.data.max_masks,
@@ -79,6 +83,8 @@ def default_iterator(config: Any, sam_config: Any, start_batch: int) -> Iterator
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         max_mask_area_fraction=config.train.max_mask_area_fraction,
+        index_dir=index_dir,
+        barrier=lambda: distributed.barrier("data_index"),
     )
 
 
@@ -104,61 +110,122 @@ def _check_config(config: Any, num_devices: int) -> None:
         raise ValueError(f"train.num_rounds must be >= 1, got {config.train.num_rounds}")
 
 
+class WorkdirMismatchError(ValueError):
+    """The workdir holds a checkpoint of another experiment (model or train state)."""
+
+
+# Experiment fields that decide the train state's structure: a checkpoint written with other
+# values cannot be restored (the mesh and batch size may change: orbax reshards on restore).
+STATE_FIELDS = ("model", "model_overrides", "trainable")
+
+
+def _field(config: Any, dotted: str) -> Any:
+    for name in dotted.split("."):
+        config = config.get(name) if hasattr(config, "get") else None
+    return config.to_dict() if hasattr(config, "to_dict") else config
+
+
+def _check_resumable(config: Any, saved_json: str | None, saved_sam: Any, sam_config: Any, where):
+    """Raises WorkdirMismatchError when the workdir's checkpoint belongs to another experiment."""
+    diffs = []
+    if saved_json is not None:
+        saved = json.loads(saved_json)
+        for name in STATE_FIELDS:
+            old, new = _field(saved, name), _field(config, name)
+            if old is not None and json.dumps(old, sort_keys=True) != json.dumps(
+                new, sort_keys=True, default=list
+            ):
+                diffs.append(f"{name}: {old!r} -> {new!r}")
+    if sam_config is not None and saved_sam != sam_config:
+        a, b = saved_sam.to_dict(), sam_config.to_dict()
+        diffs += [f"model.{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b.get(k)]
+    if diffs:
+        raise WorkdirMismatchError(
+            f"workdir {where} holds a checkpoint of another experiment ({'; '.join(diffs)}): "
+            "use a new --workdir, or the config it was made with"
+        )
+
+
+def _batch_rows(mesh: Any, batch_size: int) -> tuple[int, ...]:
+    """The global batch rows held by this process's devices (what it must read)."""
+    index_map = sharding.batch_sharding(mesh, 1).addressable_devices_indices_map((batch_size,))
+    rows = sorted({r for (sl,) in index_map.values() for r in range(*sl.indices(batch_size))})
+    return tuple(rows)
+
+
 def train_and_evaluate(
     config: Any,
     workdir: str,
-    make_iterator: Callable[[Any, Any, int], Iterator[dict]] = default_iterator,
+    make_iterator: Callable[..., Iterator[dict]] = default_iterator,
 ) -> dict[str, Any]:
-    """Trains (or resumes) `config` in `workdir`; returns the last logged metrics.
+    """Trains (or resumes) `config` in `workdir` (a local folder or a bucket URL); returns the last
+    logged metrics: {"step", "preempted", **last metrics, **validation}.
 
-    make_iterator(config, sam_config, start_batch) -> iterator of process-local numpy batches
-    (tests pass a fake one). Returns {"step", "preempted", **last metrics, **validation}.
+    make_iterator(config, sam_config, start_batch, rows, index_dir) -> iterator of this process's
+    rows of the global numpy batches (tests pass a fake one). The order of start-up follows
+    big_vision: resume from the workdir's latest checkpoint, else the init checkpoint, else
+    random init. With several processes, call sam_jax.distributed.initialize() first (train.py
+    does); every process runs this function with the same config.
     """
-    sharding.maybe_initialize_distributed()
+    distributed.initialize()
+    distributed.check_same_on_all_processes(config.to_json(sort_keys=True), "experiment config")
     if config.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    workdir = paths.resolve(workdir)
     mesh = sharding.make_mesh(config.mesh_shape)
     _check_config(config, mesh.devices.size)
-    is_main = jax.process_index() == 0
+    paths.check_writable(workdir)  # a bucket without credentials fails here, in one line
+    is_main = distributed.is_main_process()
+    say = print if is_main else (lambda *a, **k: None)
 
-    # Model, optimizer and the abstract (shape-only) train state with its shardings.
-    sam_config = initialization.sam_config_from(config)
+    ckpt = checkpointing.Checkpointer(
+        paths.join(workdir, "checkpoints"),
+        config.checkpoint.max_to_keep,
+        config.checkpoint.async_save,
+    )
+    config_path = paths.join(workdir, "config.json")
+    resume_step = ckpt.latest_step()
+    if resume_step is not None:  # 1. resume: the architecture comes from the checkpoint
+        meta = ckpt.restore_meta(resume_step)
+        saved_sam = SamConfig.from_dict(meta["sam_config"])
+        if config.init.type == "sam":  # not read again: its architecture is the saved one
+            expected = saved_sam.replace(**dict(config.model_overrides))
+        else:
+            expected = initialization.sam_config_from(config)
+        # drop path does not change the state: it may change on resume
+        saved_sam = saved_sam.replace(drop_path_rate=expected.drop_path_rate)
+        saved_json = paths.read_text(config_path) if paths.exists(config_path) else None
+        _check_resumable(config, saved_json, saved_sam, expected, workdir)
+        sam_config = saved_sam
+    else:  # 2. the init checkpoint (SAM or MAE), else 3. random
+        sam_config = initialization.sam_config_from(config)
     model = build_sam(sam_config, config.dtype, config.attention_impl, remat_policy(config))
     param_shapes = model.param_shapes()
     tx = make_optimizer(config, param_shapes, sam_config.encoder_depth)
-    init_params = initialization.initial_params(config, sam_config, model)
 
     def init_state(params):
         if params is None:
             params = model.init_params(jax.random.key(config.seed))
         return create_train_state(params, tx, config.seed)
 
-    abstract_state = jax.eval_shape(init_state, init_params)
+    abstract_state = jax.eval_shape(init_state, None)
     rules = [tuple(r) for r in config.sharding_rules]
     state_shardings = sharding.tree_shardings(mesh, abstract_state, rules, config.min_fsdp_size)
-
-    ckpt = checkpointing.Checkpointer(
-        os.path.join(workdir, "checkpoints"),
-        config.checkpoint.max_to_keep,
-        config.checkpoint.async_save,
-    )
-    if ckpt.latest_step() is not None:
+    if resume_step is not None:
         target = checkpointing.abstract_with_shardings(abstract_state, state_shardings)
-        state, meta = ckpt.restore(target)
+        state = ckpt.restore_state(target, resume_step)
         start_batch = int(meta["batches_consumed"])
-        print(f"resumed from {ckpt.directory} at step {int(state.step)}")
+        say(f"resumed from {ckpt.directory} at step {int(state.step)}")
     else:
+        init_params = initialization.initial_params(config, sam_config, model)
         state = jax.jit(init_state, out_shardings=state_shardings)(init_params)
         start_batch = 0
-    del init_params
+        del init_params
     step = int(state.step)
     preempt = PreemptionFlag()
     if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json(indent=2))
+        paths.write_text(config_path, config.to_json(indent=2))
 
     # The jitted train step.
     train_step = make_train_step(model, tx, config, param_shapes)
@@ -169,9 +236,10 @@ def train_and_evaluate(
         donate_argnums=(0,),
     )
     validator = _make_validator(config, sam_config)
-    writer = metrics.MetricWriter(workdir, resume_step=step)
-    batches = make_iterator(config, sam_config, start_batch)
-    peak = metrics.peak_flops_per_device(config.peak_tflops_per_device)
+    writer = metric_writer.MetricWriter(workdir, resume_step=step)
+    rows = _batch_rows(mesh, config.batch_size)
+    batches = make_iterator(config, sam_config, start_batch, rows, paths.join(workdir, "index"))
+    peak = metric_writer.peak_flops_per_device(config.peak_tflops_per_device)
     schedule = lr_schedule_from_config(config)
     num_devices = mesh.devices.size
 
@@ -180,14 +248,14 @@ def train_and_evaluate(
     t_log, steps_since_log = time.perf_counter(), 0
     try:
         while step < config.total_steps:
-            batch = sharding.shard_batch(mesh, next(batches))
+            batch = sharding.shard_batch(mesh, next(batches), config.batch_size)
             if compiled is None:
                 t0 = time.perf_counter()
                 lowered = jitted.lower(state, batch)
                 compiled = lowered.compile()
                 flops = model_flops(config, sam_config, tx, state, batch, lowered)
-                if is_main:
-                    print(f"compiled the train step in {time.perf_counter() - t0:.1f} s")
+                say(f"compiled the train step in {time.perf_counter() - t0:.1f} s")
+                distributed.barrier("first_step")  # every process compiled: start together
                 t_log = time.perf_counter()
             state, m = compiled(state, batch)
             m = jax.device_get(m)
@@ -223,8 +291,7 @@ def train_and_evaluate(
                 val = validator(state.params)
                 t_log += time.perf_counter() - t_val  # not counted in images/s
                 record.update(val)
-                if is_main:
-                    print(f"step {step}: " + json.dumps({k: round(v, 4) for k, v in val.items()}))
+                say(f"step {step}: " + json.dumps({k: round(v, 4) for k, v in val.items()}))
             if record:
                 writer.write(step, record)
                 last.update(record)
@@ -234,8 +301,7 @@ def train_and_evaluate(
                 ckpt.save(step, state, meta, force=True)
             if stop:
                 ckpt.wait()
-                if is_main:
-                    print(f"preempted: saved a checkpoint at step {step} and stopping")
+                say(f"preempted: saved a checkpoint at step {step} and stopping")
                 return {"step": step, "preempted": True, **last}
         ckpt.wait()
         _finish(workdir, sam_config, state.params, validator)
@@ -262,12 +328,12 @@ def model_flops(config, sam_config, tx, state, batch, lowered=None) -> float | N
         and remat_policy(config) is None
         and config.train.unroll_rounds >= config.train.num_rounds
     ):
-        return metrics.flops_of(lowered)
+        return metric_writer.flops_of(lowered)
     flops_config = config.copy_and_resolve_references()
     flops_config.train.unroll_rounds = config.train.num_rounds
     model = build_sam(sam_config, config.dtype, config.attention_impl, None)
     step_fn = make_train_step(model, tx, flops_config, model.param_shapes())
-    return metrics.flops_of(jax.jit(step_fn).lower(state, batch))
+    return metric_writer.flops_of(jax.jit(step_fn).lower(state, batch))
 
 
 def _make_validator(config: Any, sam_config: Any):
@@ -283,23 +349,24 @@ def _make_validator(config: Any, sam_config: Any):
 
 def _finish(workdir: str, sam_config: Any, params: Any, validator: Any) -> None:
     """Exports the final params as a converted checkpoint (WORKDIR/model, for sam_jax.load and
-    eval.py) and draws predictions on held-out images (WORKDIR/predictions.png)."""
+    eval.py) and draws predictions on held-out images (WORKDIR/predictions.png).
+
+    Every process takes part in gathering the params; process 0 alone writes."""
     from sam_jax.checkpoints import save_converted
     from sam_jax.training.validation import host_params
 
-    params = host_params(params)  # every process takes part in the gather
-    if jax.process_index() != 0:
-        return
-    path = os.path.join(workdir, "model")
-    save_converted(path, sam_config.replace(drop_path_rate=0.0), params, True)
-    print(f"exported the trained model to {path}")
-    if validator is not None:
-        from sam_jax.training.visualize import save_prediction_figure
+    params = host_params(params)
+    if distributed.is_main_process():
+        path = paths.join(workdir, "model")
+        save_converted(path, sam_config.replace(drop_path_rate=0.0), params, True)
+        print(f"exported the trained model to {path}")
+        if validator is not None:
+            from sam_jax.training.visualize import save_prediction_figure
 
-        path = save_prediction_figure(
-            validator.model, params, validator.examples, os.path.join(workdir, "predictions.png")
-        )
-        print(f"wrote {path}")
+            figure = paths.join(workdir, "predictions.png")
+            save_prediction_figure(validator.model, params, validator.examples, figure)
+            print(f"wrote {figure}")
+    distributed.barrier("export")  # nobody exits before the model is written
 
 
 def _progress_bar(config: Any, step: int):

@@ -42,17 +42,19 @@ class Validator:
         self.batch_size = batch_size
 
     def __call__(self, params: Any) -> dict[str, float]:
-        from sam_jax import SamPredictor
+        from sam_jax import SamPredictor, distributed
         from sam_jax.evaluation import evaluate_points
 
         predictor = SamPredictor(self.model, host_params(params))
+        # Each process evaluates its share of the images; the result covers all of them.
         result = evaluate_points(
             predictor,
-            self.examples,
+            self.examples[jax.process_index() :: jax.process_count()],
             num_points=self.num_points,
             max_masks=self.max_masks,
             batch_size=self.batch_size,
             feed_mask=self.feed_mask,
+            all_gather=distributed.all_gather,
         )
         out = {f"val/miou_{n}": v for n, v in result["miou"].items()}
         out["val/oracle_miou_1"] = result["oracle_miou_1"]

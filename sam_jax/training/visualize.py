@@ -8,9 +8,13 @@ red negative) and each panel titled with its IoU.
 
 from __future__ import annotations
 
+import io
+import posixpath
 from typing import Any
 
 import numpy as np
+
+from sam_jax import paths
 
 
 def _overlay(image: np.ndarray, mask: np.ndarray, color) -> np.ndarray:
@@ -19,36 +23,23 @@ def _overlay(image: np.ndarray, mask: np.ndarray, color) -> np.ndarray:
     return out.astype(np.uint8)
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 1.0
-
-
 def predict_with_clicks(predictor, gt: np.ndarray, num_clicks: int):
-    """Runs the evaluation clicker for one mask; returns [(mask, clicks (k, 2), labels (k,))]."""
-    from sam_jax.evaluation import first_click, next_click
+    """The evaluation clicker (`run_point_rounds`) on one mask: [(mask, clicks (k, 2), labels (k,))]
+    after each of the num_clicks rounds (the last entry repeats once no error is left to click)."""
+    from sam_jax.evaluation import first_click, run_point_rounds
 
-    clicks = [first_click(gt, "center")]
-    labels = [1]
-    out = []
-    for t in range(num_clicks):
-        masks, iou, _ = predictor.predict(
-            point_coords=np.asarray(clicks, np.float32),
-            point_labels=np.asarray(labels, np.int32),
-            multimask_output=t == 0,
+    r = run_point_rounds(
+        predictor, gt[None], np.array([first_click(gt, "center")]), num_clicks, return_masks=True
+    )
+    placed = int(r["num_clicks"][0])
+    return [
+        (
+            r["masks"][0, t],
+            r["clicks"][0, : min(t + 1, placed)],
+            r["labels"][0, : min(t + 1, placed)],
         )
-        pred = masks[int(np.argmax(iou))]
-        out.append((pred, np.asarray(clicks), np.asarray(labels)))
-        clicked = np.zeros(gt.shape, bool)
-        for x, y in clicks:
-            clicked[y, x] = True
-        nxt = next_click(gt, pred, clicked)
-        if nxt is None:
-            out += [out[-1]] * (num_clicks - t - 1)
-            break
-        clicks.append(nxt[:2])
-        labels.append(nxt[2])
-    return out
+        for t in range(num_clicks)
+    ]
 
 
 def save_prediction_figure(
@@ -59,13 +50,15 @@ def save_prediction_figure(
     num_images: int = 6,
     num_clicks: int = 5,
 ) -> str:
-    """Writes a PNG grid of predictions on `examples` (uint8 images with bool masks) to path."""
+    """Writes a PNG grid of predictions on `examples` (uint8 images with bool masks) to path
+    (local or a URL; the format follows the extension, PNG by default)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from sam_jax import SamPredictor
+    from sam_jax.evaluation.metrics import mask_iou
 
     predictor = SamPredictor(model, params)
     examples = [ex for ex in examples if len(ex["masks"])][:num_images]
@@ -85,10 +78,13 @@ def save_prediction_figure(
             ax.contour(gt, levels=[0.5], colors="yellow", linewidths=0.8)
             colors = np.where(labels[:, None] == 1, [[0, 1, 0]], [[1, 0, 0]])
             ax.scatter(clicks[:, 0], clicks[:, 1], c=colors, s=25, edgecolors="white")
-            ax.set_title(f"{n} click{'s' if n > 1 else ''}: IoU {_iou(pred, gt):.2f}")
+            iou = float(mask_iou(pred, gt))
+            ax.set_title(f"{n} click{'s' if n > 1 else ''}: IoU {iou:.2f}")
         for ax in row:
             ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    buf = io.BytesIO()
+    fig.savefig(buf, format=posixpath.splitext(str(path))[1].lstrip(".").lower() or "png", dpi=80)
     plt.close(fig)
+    paths.write_bytes(path, buf.getvalue())
     return path

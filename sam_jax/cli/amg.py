@@ -1,0 +1,145 @@
+"""sam-jax-amg: automatic mask generation on an image or a folder of images (the official
+scripts/amg.py); also `python -m sam_jax.amg`.
+
+    sam-jax-amg --checkpoint CKPT --input IMAGE_OR_DIR --output DIR [options]
+
+CKPT is an official .pth or a converted sam_jax directory. For each image, writes a folder
+DIR/<image name>/ of masks as PNGs (0/255) and a metadata.csv, or with --convert-to-rle one
+DIR/<image name>.json of COCO RLE records. Unreadable images are reported and skipped; the exit
+status is 1 when any image failed. Flags and outputs follow the official script;
+--crop-overlap-ratio takes a float (the official script declares it as an int by mistake).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from sam_jax.cli import common
+
+PROG = "sam-jax-amg"
+AMG_FLAGS = {  # flag -> (type, help)
+    "points_per_side": (int, "Sample a grid over the image with this many points to a side."),
+    "points_per_batch": (int, "How many input points to decode in one batch."),
+    "pred_iou_thresh": (float, "Exclude masks with a predicted score below this threshold."),
+    "stability_score_thresh": (float, "Exclude masks with a stability score below this."),
+    "stability_score_offset": (float, "Larger values perturb the mask more for stability."),
+    "box_nms_thresh": (float, "The overlap threshold for excluding a duplicate mask."),
+    "crop_n_layers": (int, "If >0, also run on crops of the image, at this many scales."),
+    "crop_nms_thresh": (float, "The overlap threshold for duplicates across crops."),
+    "crop_overlap_ratio": (float, "Larger numbers mean image crops overlap more."),
+    "crop_n_points_downscale_factor": (int, "Points per side in crop layer n shrink by this**n."),
+    "min_mask_region_area": (int, "Remove holes and islands smaller than this many pixels."),
+}
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    from sam_jax.config import MODEL_TYPES
+
+    parser = common.ArgumentParser(
+        prog=prog,
+        description=(
+            "Runs automatic mask generation on an input image or directory of images, and\n"
+            "outputs masks as either PNGs or COCO-style RLEs.\n\n" + __doc__.split("\n\n")[2]
+        ),
+        epilog=common.EXIT_CODES_HELP,
+    )
+    parser.add_argument("--input", required=True, help="An image or a folder of images.")
+    parser.add_argument(
+        "--output",
+        required=True,
+        help="Output folder: a folder of PNGs per image, or one COCO RLE json per image.",
+    )
+    parser.add_argument(
+        "--model-type",
+        default=None,
+        choices=sorted(MODEL_TYPES),
+        help="vit_b, vit_l, vit_h or default (= vit_h). Optional: the architecture is read "
+        "from the checkpoint; when given, a .pth must match it.",
+    )
+    parser.add_argument(
+        "--checkpoint", required=True, help="An official SAM .pth or a converted directory."
+    )
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="JAX platform (cpu, gpu/cuda, tpu); default: JAX's.",
+    )
+    parser.add_argument(
+        "--convert-to-rle",
+        action="store_true",
+        help="Save masks as COCO RLEs in one json per image instead of a folder of PNGs.",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="No progress bar.")
+    group = parser.add_argument_group("AMG Settings")
+    for name, (kind, help_text) in AMG_FLAGS.items():
+        group.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=help_text)
+    return parser
+
+
+def parse_args(argv=None, prog: str = PROG) -> argparse.Namespace:
+    """The flags; the generator settings are checked here, before any model is loaded."""
+    from sam_jax.automatic_mask_generator import SamAutomaticMaskGenerator
+
+    args = build_parser(prog).parse_args(argv)
+    args.amg_kwargs = {k: getattr(args, k) for k in AMG_FLAGS if getattr(args, k) is not None}
+    args.output_mode = "coco_rle" if args.convert_to_rle else "binary_mask"
+    try:  # the constructor checks every setting and does not touch the model
+        SamAutomaticMaskGenerator(None, None, output_mode=args.output_mode, **args.amg_kwargs)
+    except ValueError as e:
+        raise common.UsageError(e) from None
+    return args
+
+
+def run(args: argparse.Namespace) -> int:
+    from sam_jax.amg import device_context, list_images, load_image, load_model, output_names
+    from sam_jax.amg import write_masks as write
+    from sam_jax.automatic_mask_generator import SamAutomaticMaskGenerator
+
+    if not os.path.exists(args.input):
+        raise FileNotFoundError(f"--input {args.input} does not exist")
+    targets = list_images(args.input)
+    if not targets:
+        raise FileNotFoundError(f"--input folder {args.input} holds no files")
+    with device_context(args.device):
+        print("Loading model...", flush=True)
+        model, params = load_model(args.checkpoint, args.model_type)
+        generator = SamAutomaticMaskGenerator(
+            model, params, output_mode=args.output_mode, **args.amg_kwargs
+        )
+    os.makedirs(args.output, exist_ok=True)
+
+    failures = []
+    items, log = common.progress(
+        list(zip(targets, output_names(targets), strict=True)),
+        desc="images",
+        unit="img",
+        disable=args.no_progress,
+    )
+    with device_context(args.device):
+        for path, name in items:
+            image = load_image(path)
+            if image is None:
+                log(f"Could not load '{path}' as an image, skipping...")
+                failures.append(path)
+                continue
+            try:
+                masks = generator.generate(image)
+            except ValueError as e:
+                log(f"Could not process '{path}': {common.one_line(e)}, skipping...")
+                failures.append(path)
+                continue
+            write(masks, args.output, name, args.output_mode)
+    done = len(targets) - len(failures)
+    print(f"Done: {done} of {len(targets)} images processed, {len(failures)} failed.")
+    return common.EXIT_FAILED if failures else common.EXIT_OK
+
+
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
+    """The sam-jax-amg command; returns the exit status (0, 1 any image failed, 2 usage)."""
+    return common.run_command(prog, lambda: run(parse_args(argv, prog)), extras="amg,convert")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
