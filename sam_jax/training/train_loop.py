@@ -114,31 +114,22 @@ class WorkdirMismatchError(ValueError):
     """The workdir holds a checkpoint of another experiment (model or train state)."""
 
 
-# Experiment fields that decide the train state's structure: a checkpoint written with other
-# values cannot be restored (the mesh and batch size may change: orbax reshards on restore).
-STATE_FIELDS = ("model", "model_overrides", "trainable")
-
-
-def _field(config: Any, dotted: str) -> Any:
-    for name in dotted.split("."):
-        config = config.get(name) if hasattr(config, "get") else None
-    return config.to_dict() if hasattr(config, "to_dict") else config
+# Experiment fields besides the architecture (compared as SamConfigs) that decide the train
+# state's structure: a checkpoint written with other values cannot be restored (the mesh and batch
+# size may change: orbax reshards on restore).
+STATE_FIELDS = ("trainable",)
 
 
 def _check_resumable(config: Any, saved_json: str | None, saved_sam: Any, sam_config: Any, where):
     """Raises WorkdirMismatchError when the workdir's checkpoint belongs to another experiment."""
-    diffs = []
-    if saved_json is not None:
-        saved = json.loads(saved_json)
-        for name in STATE_FIELDS:
-            old, new = _field(saved, name), _field(config, name)
-            if old is not None and json.dumps(old, sort_keys=True) != json.dumps(
-                new, sort_keys=True, default=list
-            ):
-                diffs.append(f"{name}: {old!r} -> {new!r}")
-    if sam_config is not None and saved_sam != sam_config:
-        a, b = saved_sam.to_dict(), sam_config.to_dict()
-        diffs += [f"model.{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b.get(k)]
+    saved = json.loads(saved_json) if saved_json is not None else {}
+    diffs = [
+        f"{name}: {saved[name]!r} -> {config[name]!r}"
+        for name in STATE_FIELDS
+        if name in saved and saved[name] != config[name]
+    ]
+    a, b = saved_sam.to_dict(), sam_config.to_dict()
+    diffs += [f"model.{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b.get(k)]
     if diffs:
         raise WorkdirMismatchError(
             f"workdir {where} holds a checkpoint of another experiment ({'; '.join(diffs)}): "
