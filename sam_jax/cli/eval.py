@@ -298,7 +298,7 @@ def run(args: argparse.Namespace) -> int:
         written = write_reports(results, args.output)
         print(markdown_table(results), end="")
         print("wrote " + ", ".join(written.values()))
-    distributed.barrier("sam_jax:eval_reports")
+    distributed.barrier("eval_reports")
     return common.EXIT_OK
 
 
