@@ -50,7 +50,7 @@ def _official(model_type: str, device: str):
         import torch
     except ImportError:
         return None, None
-    from sam_jax.checkpoint_mapping import state_dict_to_params
+    from sam_jax.checkpoints.mapping import state_dict_to_params
     from sam_jax.config import get_config
 
     torch.manual_seed(0)

@@ -6,6 +6,10 @@ Public API (imported lazily, so `import sam_jax` stays light):
   SamPredictor(model, params)                the official predictor API
   SamAutomaticMaskGenerator(model, params)   "segment everything"
   sam_jax.functional                         pure, jit-able encode / decode functions
+
+Coming from segment-anything (the official names; see sam_jax/sam_model.py):
+  sam_model_registry["vit_b"](checkpoint)    -> SamModel (module + params): sam(batched_input, ...)
+  SamPredictor(sam), SamAutomaticMaskGenerator(sam, ...), ResizeLongestSide, ResizedCoords
 """
 
 from importlib import import_module
@@ -21,7 +25,14 @@ _EXPORTS = {
     "PAD_LABEL": "sam_jax.modeling",
     "load": "sam_jax.checkpoints",
     "SamPredictor": "sam_jax.predictor",
-    "SamAutomaticMaskGenerator": "sam_jax.automatic_mask_generator",
+    "ResizeLongestSide": "sam_jax.predictor",
+    "ResizedCoords": "sam_jax.predictor",
+    "SamModel": "sam_jax.sam_model",
+    "sam_model_registry": "sam_jax.sam_model",
+    "build_sam_vit_h": "sam_jax.sam_model",
+    "build_sam_vit_l": "sam_jax.sam_model",
+    "build_sam_vit_b": "sam_jax.sam_model",
+    "SamAutomaticMaskGenerator": "sam_jax.amg",
 }
 
 __all__ = [*_EXPORTS, "functional", "transforms"]

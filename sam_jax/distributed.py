@@ -21,6 +21,8 @@ import threading
 
 import jax
 
+from sam_jax.errors import one_line
+
 logger = logging.getLogger(__name__)
 
 ENV_ADDRESS, ENV_COUNT, ENV_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
@@ -28,11 +30,6 @@ ENV_ADDRESS, ENV_COUNT, ENV_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES",
 
 class DistributedError(RuntimeError):
     """The job has several processes but they could not be joined (or disagree)."""
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def detect_cluster() -> tuple[str, int] | None:
@@ -134,7 +131,8 @@ def initialize(
         jax.distributed.initialize(**kwargs)
     except Exception as e:  # noqa: BLE001 - any failure to join is one error for the user
         raise DistributedError(
-            f"this job has {count} processes but joining them through {how} failed: {_one_line(e)}"
+            f"this job has {count} processes but joining them through {how} failed: "
+            f"{one_line(e, 300)}"
         ) from None
     finally:
         joined.set()

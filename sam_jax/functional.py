@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sam_jax import transforms
+from sam_jax.errors import check_bool
 from sam_jax.modeling import PAD_LABEL
 from sam_jax.modeling.sam import check_prompts, pack_prompt_tokens
 from sam_jax.transforms import MASK_SIZE_MULTIPLE, bucket_size
@@ -124,6 +125,8 @@ def decode_prompts(
     Returns low_res (B, P, C, m, m) logits and iou (B, P, C).
     """
     _check_decode_inputs(model, image_embeddings, points, labels, mask_input, has_mask)
+    if multimask_output is not None:
+        check_bool("multimask_output", multimask_output)
     return _decode_prompts(
         model, params, image_embeddings, points, labels, mask_input, has_mask, multimask_output
     )
@@ -202,6 +205,12 @@ def _pack_image_prompts(original_size, image_size, point_coords, point_labels, b
         point_coords = transforms.apply_coords(point_coords, original_size, image_size)
     if boxes is not None:
         boxes = transforms.apply_boxes(boxes, original_size, image_size)
+    return _pack_input_prompts(point_coords, point_labels, boxes, pad_to)
+
+
+def _pack_input_prompts(point_coords, point_labels, boxes, pad_to):
+    """`_pack_image_prompts` of prompts already in the input frame (the official `predict_torch`
+    and `Sam.forward` inputs): the same packing, no coordinate mapping."""
     if point_coords is None and boxes is None:
         n = 1 if pad_to is None else pad_to
         return np.zeros((1, n, 2), np.float32), np.full((1, n), PAD_LABEL, np.int32)

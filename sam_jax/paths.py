@@ -27,8 +27,13 @@ import io
 import os
 import posixpath
 import shutil
+import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from sam_jax.errors import OutputOverlapsInputError, one_line
 
 os.environ.setdefault("EPATH_USE_TF", "false")
 
@@ -346,12 +351,113 @@ class Appender:
 
 
 # ----------------------------------------------------------------------------------------------
+# atomic_output: a local file or folder that appears whole or not at all.
+
+
+def check_new_output(path: str | os.PathLike, overwrite: bool = False) -> None:
+    """FileExistsError (one line) when `path` exists and may not be replaced."""
+    path = resolve(path)
+    present = exists(path) if is_remote(path) else os.path.lexists(path)  # a dangling link too
+    if present and not overwrite:
+        raise FileExistsError(f"output {path} exists already (use --force to replace it)")
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yields a temporary path beside `path`; renames it to `path` when the block succeeds.
+
+    On failure, the temporary path and any parent directories created here are removed. Local
+    paths only (object stores have no rename: see save_pth and save_converted).
+    """
+    if is_remote(path):
+        raise ValueError(f"atomic_output needs a local path, got {path}")
+    check_new_output(path, overwrite)
+    path = Path(path).absolute()
+    created = []
+    for parent in reversed(path.parents):
+        if not parent.exists():
+            created.append(parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    except OSError as e:
+        _remove_created(created)
+        raise OSError(f"cannot write to {path}: {_typed(e, 300)}") from None
+    try:
+        tmp = tmp_dir / path.name
+        yield tmp
+        if path.exists() or path.is_symlink():
+            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(path, old)
+            os.rename(tmp, path)
+            _remove(old)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        _remove(tmp_dir)
+        _remove_created(created)
+        raise
+    _remove(tmp_dir)
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            p.unlink()
+
+
+def _remove_created(created: list[Path]) -> None:
+    for d in reversed(created):  # deepest first
+        with contextlib.suppress(OSError):
+            d.rmdir()
+
+
+# ----------------------------------------------------------------------------------------------
+# check_output: a command's output never replaces, or sits inside, one of its inputs.
+
+
+def _real(path: str) -> str:
+    return resolve(path) if is_remote(path) else os.path.realpath(resolve(path))
+
+
+def _inside(child: str, parent: str) -> bool:
+    return child.startswith(parent.rstrip("/") + "/")
+
+
+def check_output(
+    output: str, inputs: dict[str, str], flag: str = "--output", replaces: bool = False
+) -> None:
+    """Raises OutputOverlapsInputError (one line naming both flags) when `output` is one of the
+    `inputs` ({flag: path}), lies inside one (a folder), or, when the command `replaces` the
+    output as a whole (a converted checkpoint with --force), contains one. Checked before any
+    work, so nothing is read or written."""
+    out = _real(output)
+    for name, path in inputs.items():
+        if not path:
+            continue
+        src = _real(path)
+        if out == src:
+            problem = "is"
+        elif _inside(out, src):
+            problem = "is inside"
+        elif replaces and _inside(src, out):
+            problem = "contains"
+        else:
+            continue
+        raise OutputOverlapsInputError(
+            f"{flag} {output} {problem} the input {name} {path}: writing it would change or "
+            "destroy the input; choose another output path"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
 # check_writable: a clear one-line error before a long run, never a traceback from deep inside.
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+def _typed(exc: BaseException, limit: int) -> str:
+    return one_line(f"{type(exc).__name__}: {exc}", limit)
 
 
 def _gcs_uses_default_credentials() -> bool:
@@ -394,7 +500,7 @@ def _gcs_credentials_problem() -> str | None:
     try:  # one refresh here: gcsfs would retry a rejected token for half a minute
         credentials.refresh(QuickRequest())
     except Exception as e:  # noqa: BLE001 - refresh failures come in many types
-        return f"the Google Cloud credentials do not work: {_one_line(e)[:200]}"
+        return f"the Google Cloud credentials do not work: {_typed(e, 200)}"
     return None
 
 
@@ -414,7 +520,7 @@ def _gcs_endpoint_problem() -> str | None:
     try:
         socket.create_connection((parts.hostname, port), timeout=5).close()
     except OSError as e:
-        return f"cannot reach {endpoint} ({_one_line(e)[:200]})"
+        return f"cannot reach {endpoint} ({_typed(e, 200)})"
     return None
 
 
@@ -440,10 +546,10 @@ def _remote_reason(url: str, exc: BaseException) -> str:
     if isinstance(exc, FileNotFoundError):
         return f"bucket {bucket!r} does not exist"
     if isinstance(exc, PermissionError) or "Forbidden" in text or "403" in text:
-        return f"permission denied ({_one_line(exc)[:200]})"
+        return f"permission denied ({_typed(exc, 200)})"
     if "401" in text or "Invalid Credentials" in text or "Unauthorized" in text:
-        return f"the credentials were rejected ({_one_line(exc)[:200]})"
-    return _one_line(exc)[:300]
+        return f"the credentials were rejected ({_typed(exc, 200)})"
+    return _typed(exc, 300)
 
 
 def check_writable(path: str) -> None:
@@ -461,7 +567,7 @@ def check_writable(path: str) -> None:
         except PermissionError:
             raise PathError(f"cannot write to {path}: permission denied") from None
         except OSError as e:
-            raise PathError(f"cannot write to {path}: {_one_line(e)[:300]}") from None
+            raise PathError(f"cannot write to {path}: {_typed(e, 300)}") from None
         return
     with _quiet_loggers("gcsfs", "google.auth", "google_auth_httplib2", "fsspec"):
         _check_remote_writable(path, probe)

@@ -12,6 +12,7 @@ clamped at 0, two taps, no antialiasing), evaluated in float32 like the official
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 import jax.numpy as jnp
@@ -24,6 +25,15 @@ try:
     from jax.experimental import layout as _layout
 except ImportError:  # older jax: no layout constraints (only slower on CPU)
     _layout = None
+
+
+def to_host(x):
+    """x as given, except a torch tensor (on any device), which becomes a numpy array. Only
+    when the caller has imported torch: sam_jax never imports it."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return x
 
 
 def get_preprocess_shape(oldh: int, oldw: int, long_side_length: int) -> tuple[int, int]:

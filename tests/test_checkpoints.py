@@ -12,7 +12,7 @@ import torch
 from segment_anything import build_sam_vit_b, build_sam_vit_h, build_sam_vit_l
 
 from sam_jax import checkpoints
-from sam_jax.checkpoint_mapping import (
+from sam_jax.checkpoints.mapping import (
     check_state_dict,
     expected_leaves,
     flatten_params,
@@ -319,7 +319,7 @@ def test_load_builds_the_model(tmp_path):
 
 def test_import_does_not_load_torch_or_orbax():
     code = (
-        "import sys, sam_jax.checkpoints, sam_jax.checkpoint_mapping, convert_weights; "
+        "import sys, sam_jax.checkpoints, sam_jax.checkpoints.mapping, convert_weights; "
         "print(sorted(m for m in ('torch', 'orbax', 'segment_anything') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from sam_jax import amg as amg_lib
-from sam_jax.automatic_mask_generator import SamAutomaticMaskGenerator
-from sam_jax.checkpoint_mapping import state_dict_to_params
+from sam_jax import outputs
+from sam_jax.amg.generator import SamAutomaticMaskGenerator
 from sam_jax.checkpoints import save_converted, save_pth
+from sam_jax.checkpoints.mapping import state_dict_to_params
 from sam_jax.cli import amg, predict
 from sam_jax.config import tiny_config
 from sam_jax.modeling import build_sam
@@ -83,7 +83,7 @@ def test_amg_folder_of_pngs_and_failures(setup, tmp_path, capsys):
         assert len(expected) > 0
         with open(out / name / "metadata.csv") as f:
             rows = list(csv.reader(f))
-        assert ",".join(rows[0]) == amg_lib.METADATA_HEADER
+        assert ",".join(rows[0]) == outputs.METADATA_HEADER
         assert len(rows) == len(expected) + 1
         assert len(list((out / name).glob("*.png"))) == len(expected)
         for rec, row in zip(expected, rows[1:], strict=True):
@@ -205,7 +205,7 @@ def test_predict_bad_input(setup, tmp_path, capsys):
 
 
 def test_module_entry_points():
-    for module in ("sam_jax.amg", "sam_jax.predict", "sam_jax.cli.amg", "sam_jax.cli.predict"):
+    for module in ("sam_jax.amg", "sam_jax.cli.amg", "sam_jax.cli.predict"):
         res = subprocess.run(
             [sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=60
         )
@@ -216,10 +216,10 @@ def test_module_entry_points():
     for flag in ("--convert-to-rle", "--min-mask-region-area", "--crop-n-layers", "--model-type"):
         assert flag in res.stdout
     res = subprocess.run(
-        [sys.executable, "-m", "sam_jax.predict", "--image", "x", "--output", "y"],
+        [sys.executable, "-m", "sam_jax.cli.predict", "--image", "x", "--output", "y"],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert res.returncode == 2 and "Traceback" not in res.stderr
-    _one_line_error(res.stderr, "python -m sam_jax.predict", "--checkpoint")
+    _one_line_error(res.stderr, "python -m sam_jax.cli.predict", "--checkpoint")

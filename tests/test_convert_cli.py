@@ -135,11 +135,12 @@ def test_not_a_checkpoint(tmp_path, capsys):
     _assert_failed(rc, err, "is not a state_dict")
     rc, _, err = _run(["--checkpoint", tmp_path / "nope.pth", "--output", tmp_path / "c"], capsys)
     _assert_failed(rc, err, "does not exist")
+    (tmp_path / "plain").mkdir()
     rc, _, err = _run(
-        ["--to-pytorch", "--checkpoint", tmp_path, "--output", tmp_path / "c"], capsys
+        ["--to-pytorch", "--checkpoint", tmp_path / "plain", "--output", tmp_path / "c"], capsys
     )
     _assert_failed(rc, err, "is not a converted sam_jax checkpoint")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.pth", "list.pth"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.pth", "list.pth", "plain"]
 
 
 def test_unwritable_output(tiny, tmp_path, capsys):
@@ -162,7 +163,7 @@ def test_failure_while_writing_leaves_nothing(tiny, tmp_path, capsys, monkeypatc
 
         return ocp, Broken()
 
-    monkeypatch.setattr(checkpoints, "_checkpointer", broken_checkpointer)
+    monkeypatch.setattr(checkpoints.converted, "_checkpointer", broken_checkpointer)
     rc, _, err = _run(["--checkpoint", tiny[0], "--output", tmp_path / "d" / "ckpt"], capsys)
     _assert_failed(rc, err, "disk full")
     assert list(tmp_path.iterdir()) == []

@@ -49,5 +49,5 @@ def test_sa1b_and_coco_from_bucket_paths(tmp_path, gcs, monkeypatch):
         )
     )
     assert batch["mask_valid"].any(1).all()
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         iterate_examples(f"sa1b:{bucket}/nowhere")

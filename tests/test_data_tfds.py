@@ -68,16 +68,54 @@ def _fake_builder_class():
     return FakeSegmentAnything
 
 
-@pytest.fixture(scope="module")
-def tfds_dir(tmp_path_factory):
+def _prepare(tmp_path_factory, file_format: str):
     import tensorflow_datasets as tfds
 
     _fake_builder_class()
-    data_dir = tmp_path_factory.mktemp("tfds")
-    tfds.builder("fake_segment_anything", data_dir=str(data_dir)).download_and_prepare(
-        download_dir=str(data_dir / "downloads")
-    )
+    data_dir = tmp_path_factory.mktemp(f"tfds_{file_format}")
+    builder = tfds.builder("fake_segment_anything", data_dir=str(data_dir), file_format=file_format)
+    builder.download_and_prepare(download_dir=str(data_dir / "downloads"))
     return data_dir
+
+
+@pytest.fixture(scope="module", params=["tfrecord", "array_record"])
+def tfds_dir(request, tmp_path_factory):
+    """The fake dataset built as a stream (tfrecord) and with random access (array_record)."""
+    return _prepare(tmp_path_factory, request.param)
+
+
+def test_array_record_build_is_random_access_and_resumes_without_reading_the_past(
+    tmp_path_factory, monkeypatch
+):
+    from sam_jax.data.sources import is_stream, open_source
+    from sam_jax.data.spec import parse_dataset_spec
+    from sam_jax.data.tfds_source import TfdsIndexedSource
+
+    spec = f"tfds:fake_segment_anything?data_dir={_prepare(tmp_path_factory, 'array_record')}"
+    source = open_source(parse_dataset_spec(spec), "train")
+    assert isinstance(source, TfdsIndexedSource) and not is_stream(source) and len(source) == 5
+    reads = []
+    real_load = TfdsIndexedSource.load
+    monkeypatch.setattr(
+        TfdsIndexedSource,
+        "load",
+        lambda self, i, st=None: reads.append(i) or real_load(self, i, st),
+    )
+    kw = dict(batch_size=2, image_size=32, mask_size=8, max_masks=3, backend="threads")
+    far = next(make_train_iterator(spec, start_batch=100_000, num_workers=1, **kw))
+    assert 2 <= len(reads) <= 4  # the two slots of one batch (and fallbacks), not 200,000 reads
+    again = next(make_train_iterator(spec, start_batch=100_000, num_workers=1, **kw))
+    assert all(np.array_equal(far[k], again[k]) for k in far)
+
+
+def test_a_tfrecord_build_is_read_as_a_stream(tmp_path_factory):
+    from sam_jax.data.sources import is_stream, open_source
+    from sam_jax.data.spec import parse_dataset_spec
+    from sam_jax.data.tfds_source import TfdsSource
+
+    spec = f"tfds:fake_segment_anything?data_dir={_prepare(tmp_path_factory, 'tfrecord')}"
+    source = open_source(parse_dataset_spec(spec), "train")
+    assert isinstance(source, TfdsSource) and is_stream(source)
 
 
 def test_conversion_from_a_tfds_style_example():

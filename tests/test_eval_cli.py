@@ -44,8 +44,8 @@ def assert_one_line_error(rc, err, *fragments, code=1):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from sam_jax.checkpoint_mapping import state_dict_to_params
     from sam_jax.checkpoints import save_converted
+    from sam_jax.checkpoints.mapping import state_dict_to_params
     from sam_jax.config import tiny_config
     from tests.torch_reference import build_official, state_dict_numpy
 
@@ -180,10 +180,10 @@ def test_end_to_end(tmp_path, checkpoint, capsys):
             ["coco:ANN_JSON"],
             2,
         ),
-        (  # the spec parser checks the paths a spec names: a usage error too
+        (  # a path the spec names that does not exist: the work fails (1), before any work
             ["--checkpoint", "c", "--output", "o", "--dataset", "coco:/no/ann.json:/tmp"],
             ["does not exist"],
-            2,
+            1,
         ),
         (
             ["--checkpoint", "c", "--output", "o", "--dataset", "synthetic", "--num-points", "1,x"],
@@ -297,4 +297,4 @@ def test_subprocess_error_has_no_traceback(tmp_path):
         cwd=ROOT,
         timeout=120,
     )
-    assert_one_line_error(proc.returncode, proc.stderr, "does not exist", code=2)
+    assert_one_line_error(proc.returncode, proc.stderr, "does not exist", code=1)

@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from sam_jax.checkpoint_mapping import state_dict_to_params
+from sam_jax.checkpoints.mapping import state_dict_to_params
 from sam_jax.config import tiny_config
 from sam_jax.evaluation import evaluate_points
 from sam_jax.evaluation.official import OfficialPredictor

@@ -10,7 +10,7 @@ from segment_anything import SamPredictor as OfficialPredictor
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from sam_jax import functional as F
-from sam_jax.checkpoint_mapping import state_dict_to_params
+from sam_jax.checkpoints.mapping import state_dict_to_params
 from sam_jax.config import tiny_config
 from sam_jax.modeling import PAD_LABEL, build_sam, pack_prompts
 from tests.torch_reference import build_official, rel_err, state_dict_numpy

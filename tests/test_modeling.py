@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from sam_jax.checkpoint_mapping import state_dict_to_params
+from sam_jax.checkpoints.mapping import state_dict_to_params
 from sam_jax.config import tiny_config
 from sam_jax.modeling import PAD_LABEL, build_sam, pack_prompts
 from sam_jax.modeling.image_encoder import Block

@@ -201,7 +201,7 @@ def _state(seed):
 def test_orbax_checkpoints_on_gcs(gcs):
     """Async CheckpointManager saves (metadata via epath/gcsfs, arrays via tensorstore), keep
     the last 2, restore into NamedSharding targets from a fresh manager."""
-    from sam_jax.training import checkpointing
+    from sam_jax.checkpoints import training as checkpointing
 
     directory = gcs.url("workdir", "checkpoints")
     ckpt = checkpointing.Checkpointer(directory, max_to_keep=2, async_save=True)
@@ -280,7 +280,7 @@ def test_converted_checkpoints_on_gcs(gcs):
     import torch
 
     from sam_jax import checkpoints
-    from sam_jax.checkpoint_mapping import flatten_params, state_dict_to_params
+    from sam_jax.checkpoints.mapping import flatten_params, state_dict_to_params
     from sam_jax.config import tiny_config
     from tests.torch_reference import build_official, state_dict_numpy
 

@@ -13,7 +13,7 @@ import torch
 from segment_anything import SamPredictor as OfficialPredictor
 
 from sam_jax import functional as F
-from sam_jax.checkpoint_mapping import state_dict_to_params
+from sam_jax.checkpoints.mapping import state_dict_to_params
 from sam_jax.config import get_config, tiny_config
 from sam_jax.modeling import build_sam
 from sam_jax.predictor import SamPredictor

@@ -23,7 +23,15 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-COMMANDS = ("sam-jax-train", "sam-jax-eval", "sam-jax-convert", "sam-jax-amg", "sam-jax-predict")
+COMMANDS = (
+    "sam-jax-train",
+    "sam-jax-eval",
+    "sam-jax-convert",
+    "sam-jax-amg",
+    "sam-jax-predict",
+    "sam-jax-annotate",
+    "sam-jax-export",
+)
 SYNTHETIC = "synthetic:val?image_size=64&num_images=2"
 TINY_DEMO = [  # configs/demo.py shrunk to the tiny test model, 2 steps, no validation
     "--config.total_steps=2",
@@ -215,6 +223,28 @@ def test_commands_from_the_installed_wheel(installed):
         )  # fmt: skip
     )
     assert (work / "amg" / "photo" / "metadata.csv").is_file()
+    (work / "photos").mkdir()
+    (work / "photos" / "photo.png").write_bytes((work / "photo.png").read_bytes())
+    _ok(
+        _command(
+            installed,
+            "sam-jax-annotate",
+            "auto",
+            "--checkpoint",
+            "ckpt",
+            "--input",
+            "photos",
+            "--output",
+            "sa1b",
+            "--points-per-side",
+            "4",
+            "--crop-n-layers",
+            "0",
+            "--no-progress",
+        )  # fmt: skip
+    )
+    record = json.loads((work / "sa1b" / "photo.json").read_text())
+    assert record["image"]["file_name"] == "photo.jpg" and (work / "sa1b" / "photo.jpg").is_file()
 
     # sam-jax-eval on synthetic data.
     res = _ok(

@@ -13,7 +13,6 @@ status is 1 when any image failed. Flags and outputs follow the official script;
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from sam_jax.cli import common
@@ -80,7 +79,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 
 def parse_args(argv=None, prog: str = PROG) -> argparse.Namespace:
     """The flags; the generator settings are checked here, before any model is loaded."""
-    from sam_jax.automatic_mask_generator import SamAutomaticMaskGenerator
+    from sam_jax.amg.generator import SamAutomaticMaskGenerator
 
     args = build_parser(prog).parse_args(argv)
     args.amg_kwargs = {k: getattr(args, k) for k in AMG_FLAGS if getattr(args, k) is not None}
@@ -93,22 +92,23 @@ def parse_args(argv=None, prog: str = PROG) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sam_jax.amg import device_context, list_images, load_image, load_model, output_names
-    from sam_jax.amg import write_masks as write
-    from sam_jax.automatic_mask_generator import SamAutomaticMaskGenerator
+    from sam_jax import paths
+    from sam_jax.amg.generator import SamAutomaticMaskGenerator
+    from sam_jax.images import load_image
+    from sam_jax.outputs import list_images, output_names
+    from sam_jax.outputs import write_masks as write
 
-    if not os.path.exists(args.input):
-        raise FileNotFoundError(f"--input {args.input} does not exist")
+    common.check_paths({"--input": args.input, "--checkpoint": args.checkpoint}, args.output)
     targets = list_images(args.input)
     if not targets:
         raise FileNotFoundError(f"--input folder {args.input} holds no files")
-    with device_context(args.device):
+    with common.device_context(args.device):
         print("Loading model...", flush=True)
-        model, params = load_model(args.checkpoint, args.model_type)
+        model, params = common.load_model(args.checkpoint, args.model_type)
         generator = SamAutomaticMaskGenerator(
             model, params, output_mode=args.output_mode, **args.amg_kwargs
         )
-    os.makedirs(args.output, exist_ok=True)
+    paths.makedirs(args.output)
 
     failures = []
     items, log = common.progress(
@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         unit="img",
         disable=args.no_progress,
     )
-    with device_context(args.device):
+    with common.device_context(args.device):
         for path, name in items:
             image = load_image(path)
             if image is None:

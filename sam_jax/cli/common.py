@@ -17,8 +17,13 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+
+from sam_jax.errors import UsageError, one_line
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 # What a failed piece of work raises (DistributedError and NonFiniteLossError are RuntimeErrors,
@@ -28,10 +33,6 @@ EXIT_CODES_HELP = """\
 exit status: 0 success, 1 the work failed (a missing or unreadable input, bad data, a failed
 run), 2 usage error (bad flags or flag values), 130 interrupted; errors are one line on stderr
 """
-
-
-class UsageError(Exception):
-    """The command line is wrong (exit status 2)."""
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -44,14 +45,6 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UsageError(message)
-
-
-def one_line(message: object) -> str:
-    if isinstance(message, BaseException):
-        text = " ".join(str(message).split()) or type(message).__name__
-    else:
-        text = " ".join(str(message).split())
-    return text
 
 
 def print_error(prog: str, message: object) -> None:
@@ -73,7 +66,10 @@ def run_command(
 
     `failures`: the exception types that mean "the work failed" (status 1, one line); `extras`:
     the pip extras that provide the command's optional modules, named when one is missing.
+    SIGTERM is handled as Ctrl-C (status 130), so the clean-up of half-written output runs
+    (training replaces this handler with its own: save a checkpoint and exit 0).
     """
+    previous = _sigterm_as_interrupt()
     try:
         code = body()
     except UsageError as e:
@@ -93,7 +89,23 @@ def run_command(
     except failures as e:
         print_error(prog, e)
         return EXIT_FAILED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return EXIT_OK if code is None else int(code)
+
+
+def _raise_interrupt(signum, frame):
+    del signum, frame
+    raise KeyboardInterrupt
+
+
+def _sigterm_as_interrupt():
+    """Installs the SIGTERM -> KeyboardInterrupt handler; returns the previous one (None when not
+    on the main thread, where handlers cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_interrupt)
 
 
 def positive_int(text: str) -> int:
@@ -204,3 +216,43 @@ def progress(items: Iterable, desc: str, unit: str, total: int | None = None, di
         return items, print
     bar = tqdm(items, desc=desc, unit=unit, total=total, disable=disable, dynamic_ncols=True)
     return bar, tqdm.write
+
+
+def load_model(checkpoint: str, model_type: str | None = None):
+    """(model, params) from a .pth or converted directory; model_type checks a .pth's shapes."""
+    import sam_jax
+    from sam_jax import checkpoints
+    from sam_jax.modeling import build_sam
+
+    if model_type is not None and os.path.isfile(checkpoint):
+        config, params = checkpoints.load_pth(checkpoint, model_type=model_type)
+        return build_sam(config), params
+    return sam_jax.load(checkpoint)
+
+
+def device_context(device: str | None):
+    """A `jax.default_device` context for a platform name (cuda is an alias of gpu)."""
+    if device is None:
+        return nullcontext()
+    import jax
+
+    platform = {"cuda": "gpu"}.get(device.lower(), device.lower())
+    try:
+        return jax.default_device(jax.devices(platform)[0])
+    except RuntimeError as e:
+        raise ValueError(f"device {device!r} is not available: {str(e).splitlines()[0]}") from None
+
+
+def check_paths(inputs: dict[str, str], output: str | None = None, replaces: bool = False):
+    """Before any work: every input ({flag: path}) exists (FileNotFoundError), and `output` is
+    not an existing file (PathError) and neither is, holds nor sits inside an input (exit 2)."""
+    from sam_jax import paths
+
+    for flag, path in inputs.items():
+        if path and not paths.exists(path):
+            raise FileNotFoundError(f"{flag} {path} does not exist")
+    if output is None:
+        return
+    paths.check_output(output, inputs, replaces=replaces)
+    if not replaces and paths.exists(output) and not paths.isdir(output):
+        raise paths.PathError(f"--output {output} is a file, not a folder")

@@ -77,15 +77,17 @@ def convert(args: argparse.Namespace) -> str:
     """Runs one conversion; returns a one-line summary. Raises on bad input."""
     from sam_jax import checkpoints, paths
 
+    if not args.to_pytorch and paths.isdir(args.checkpoint):
+        raise common.UsageError(
+            f"{args.checkpoint} is a directory; converting to PyTorch needs --to-pytorch"
+        )
+    common.check_paths({"--checkpoint": args.checkpoint}, args.output, replaces=True)
+    paths.check_new_output(args.output, overwrite=args.force)
     if args.to_pytorch:
         config, params = checkpoints.load_converted(args.checkpoint)
         state_dict = checkpoints.params_to_state_dict(params, config)
         checkpoints.save_pth(args.output, state_dict, overwrite=args.force)
         return f"wrote {args.output}: {len(state_dict)} tensors"
-    if paths.isdir(args.checkpoint):
-        raise common.UsageError(
-            f"{args.checkpoint} is a directory; converting to PyTorch needs --to-pytorch"
-        )
     config, params = checkpoints.load_pth(
         args.checkpoint, args.model_type, args.decoder_num_heads, args.sha256
     )

@@ -126,7 +126,7 @@ def _parse_specs(args):
     for text in args.dataset:
         try:
             specs.append(parse_dataset_spec(text))
-        except ValueError as e:  # malformed, or naming a path that does not exist
+        except ValueError as e:  # malformed (a missing path is FileNotFoundError: exit 1)
             raise common.UsageError(f"--dataset: {common.one_line(e)}") from None
     if args.detections:
         coco = [s for s in specs if s.kind == "coco"]
@@ -256,6 +256,12 @@ def run(args: argparse.Namespace) -> int:
     from sam_jax.evaluation import markdown_table, write_reports
 
     specs = _parse_specs(args)  # all specs checked before any work
+    inputs = {"--checkpoint": args.checkpoint, "--detections": args.detections}
+    for i, spec in enumerate(specs):
+        inputs.update(
+            {f"--dataset #{i + 1}": spec.path, f"--dataset #{i + 1} images": spec.images_dir}
+        )
+    common.check_paths(inputs, args.output)
     if main_process:
         paths.check_writable(args.output)
     predictor = _load_predictor(args.checkpoint, args.dtype)

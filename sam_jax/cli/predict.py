@@ -1,4 +1,4 @@
-"""sam-jax-predict: prompted segmentation of one image; also `python -m sam_jax.predict`.
+"""sam-jax-predict: prompted segmentation of one image; also `python -m sam_jax.cli.predict`.
 
     sam-jax-predict --checkpoint CKPT --image IMAGE --output DIR \\
         [--point X,Y[,LABEL] ...] [--box X0,Y0,X1,Y1] [--no-multimask-output]
@@ -89,13 +89,16 @@ def parse_args(argv=None, prog: str = PROG) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sam_jax.predict import device_context, load_image, load_model, segment, write_prediction
+    from sam_jax.images import load_image
+    from sam_jax.outputs import write_prediction
+    from sam_jax.predictor import segment
 
+    common.check_paths({"--image": args.image, "--checkpoint": args.checkpoint}, args.output)
     image = load_image(args.image)
     if image is None:
         raise ValueError(f"could not load {args.image!r} as an image")
-    with device_context(args.device):
-        model, params = load_model(args.checkpoint, args.model_type)
+    with common.device_context(args.device):
+        model, params = common.load_model(args.checkpoint, args.model_type)
         masks, scores, multimask = segment(
             model, params, image, args.point, args.box, args.multimask_output
         )
@@ -114,4 +117,4 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python -m sam_jax.cli.predict"))

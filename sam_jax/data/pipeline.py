@@ -8,13 +8,15 @@ valid mask), the first usable one after it, and turns it into a training example
 seeded by (seed, q). Every slot is therefore a pure function of (dataset, seed, k, s): the global
 batch of step k never depends on how many processes read it, each process computes only its own
 rows of it, and `start_batch=k` starts at step k in constant time for random-access sources
-(no skipping of k*B examples).
+(synthetic, sa1b, coco, and tfds datasets built as array_record): no skipping of k*B examples.
+A tfds dataset built as tfrecord is a stream, advanced by reading it.
 """
 
 from __future__ import annotations
 
 import collections
 import itertools
+import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +28,8 @@ from sam_jax.data.records import Record, count
 from sam_jax.data.sources import check_process, is_stream, open_source
 from sam_jax.data.spec import DatasetSpec, parse_dataset_spec
 from sam_jax.transforms import get_preprocess_shape
+
+logger = logging.getLogger(__name__)
 
 
 def frame_geometry(
@@ -350,8 +354,9 @@ def make_train_iterator(
 
     Row s of batch k is a pure function of (spec, split, seed, k, s) (see the module doc);
     `start_batch=k` yields exactly the batches k, k+1, ... of a fresh run (resume with
-    `iterator.next_batch`). backend: "tf" (tf.data parallel map), "threads" (thread pool) or
-    "auto" (threads for synthetic and tfds, tf otherwise); all give identical batches.
+    `iterator.next_batch`). backend: "threads" (a thread pool; "auto" is threads: it matched grain
+    and beat tf.data per CPU-second in benchmarks/input_pipeline.py) or "tf" (tf.data parallel
+    map); both give identical batches.
     index_dir/barrier: where SA-1B tar indices are cached and the cross-process sync after the
     processes built their share of them. Needs opencv (the train extra).
     """
@@ -398,6 +403,14 @@ def make_train_iterator(
 
         max_run = 4 * batch_size + 64
         skip = int(start_batch) * batch_size  # a stream can only be advanced by reading it
+        if skip:
+            logger.warning(
+                "resuming %s at batch %d reads and drops %d examples (a tfrecord build has no "
+                "random access; `tfds build --file_format=array_record` resumes at once)",
+                spec.text,
+                start_batch,
+                skip,
+            )
         raw = source.iter_examples(shuffle_seed=seed, repeat=True, skip=skip)
         window = _StreamWindow(raw, skip, keep=2 * max_run)
         fetch = lambda q, st: tfds_example_to_record(window(q), st)  # noqa: E731
@@ -408,7 +421,7 @@ def make_train_iterator(
         order = _EpochOrder(len(source), seed)
         fetch = lambda q, st: source.load(order(q), st)  # noqa: E731
         max_run = 2 * len(source) + 100
-        use_tf = backend == "tf" or (backend == "auto" and spec.kind != "synthetic")
+        use_tf = backend == "tf"
 
     def slot(i: int) -> dict:
         """Flat slot index i (batch i // R, row rows[i % R]) -> its training example."""

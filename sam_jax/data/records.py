@@ -8,13 +8,13 @@ masks it samples.
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 import threading
 
 import numpy as np
 
 from sam_jax.data import rle as rle_lib
+from sam_jax.images import decode_image  # noqa: F401 - re-exported for the readers
 
 logger = logging.getLogger("sam_jax.data")
 _STATS_LOCK = threading.Lock()
@@ -82,19 +82,6 @@ class Record:
     def to_example(self) -> dict:
         """The public example format: {"image" uint8 (H,W,3), "masks" bool (M,H,W), "image_id"}."""
         return {"image": self.image, "masks": self.masks.decode(), "image_id": self.image_id}
-
-
-def decode_image(data: bytes) -> np.ndarray:
-    """Encoded image bytes (jpg, png, ...) -> uint8 (H, W, 3) RGB. Raises on broken data."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
-        rgb = im.convert("RGB")
-    image = np.asarray(rgb, dtype=np.uint8)
-    if image.ndim != 3 or image.shape[0] == 0 or image.shape[1] == 0:
-        raise ValueError(f"decoded image has shape {image.shape}")
-    return image
 
 
 def skip_image(stats: dict | None, image_id: str, err: Exception) -> None:

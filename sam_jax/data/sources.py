@@ -85,9 +85,9 @@ def open_source(
         from sam_jax.data.coco import CocoSource
 
         return CocoSource(spec.path, spec.images_dir, spec.option("include_crowd", "0") == "1")
-    from sam_jax.data.tfds_source import TfdsSource
+    from sam_jax.data.tfds_source import open_tfds
 
-    return TfdsSource(spec.name, split, spec.option("data_dir"))
+    return open_tfds(spec.name, split, spec.option("data_dir"))
 
 
 def is_stream(source) -> bool:

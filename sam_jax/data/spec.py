@@ -88,11 +88,12 @@ def _check_int_options(spec: DatasetSpec, keys) -> None:
             )
 
 
-def parse_dataset_spec(spec: str | DatasetSpec) -> DatasetSpec:
+def parse_dataset_spec(spec: str | DatasetSpec, check_paths: bool = True) -> DatasetSpec:
     """Parses and checks a dataset spec string; raises a one-line ValueError if malformed.
 
-    Checks the kind, the number of fields, the options, that paths exist and, for coco, that the
-    annotation file is a COCO instances file (it is loaded once and cached for the readers).
+    Checks the kind, the number of fields and the options; with check_paths, also that paths
+    exist (FileNotFoundError otherwise) and, for coco, that the annotation file is a COCO
+    instances file (it is loaded once and cached for the readers).
     """
     if isinstance(spec, DatasetSpec):
         return spec
@@ -124,21 +125,27 @@ def parse_dataset_spec(spec: str | DatasetSpec) -> DatasetSpec:
     if kind == "sa1b":
         if not rest:
             raise ValueError(f"dataset spec {text!r}: expected sa1b:PATH")
-        if not paths.exists(rest):
-            raise ValueError(f"dataset spec {text!r}: path {rest!r} does not exist")
+        if check_paths and not paths.exists(rest):
+            raise FileNotFoundError(f"dataset spec {text!r}: path {rest!r} does not exist")
         return DatasetSpec(kind, path=rest, options=options, text=text)
     if kind == "coco":
         parts = _split_paths(rest)
         if len(parts) != 2 or not all(parts):
             raise ValueError(f"dataset spec {text!r}: expected coco:ANN_JSON:IMAGES_DIR")
         ann, images = parts
-        if not paths.exists(ann):
-            raise ValueError(f"dataset spec {text!r}: annotation file {ann!r} does not exist")
-        if not paths.isdir(images):
-            raise ValueError(f"dataset spec {text!r}: images folder {images!r} does not exist")
         out = DatasetSpec(kind, path=ann, images_dir=images, options=options, text=text)
         if out.option("include_crowd", "0") not in ("0", "1"):
             raise ValueError(f"dataset spec {text!r}: include_crowd must be 0 or 1")
+        if not check_paths:
+            return out
+        if not paths.exists(ann):
+            raise FileNotFoundError(
+                f"dataset spec {text!r}: annotation file {ann!r} does not exist"
+            )
+        if not paths.isdir(images):
+            raise FileNotFoundError(
+                f"dataset spec {text!r}: images folder {images!r} does not exist"
+            )
         from sam_jax.data.coco import load_coco_index
 
         load_coco_index(ann)  # raises ValueError if not a COCO instances file

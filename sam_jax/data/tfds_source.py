@@ -52,28 +52,67 @@ def tfds_example_to_record(example: dict, stats: dict | None = None) -> Record |
     return Record(image_id, image, masks)
 
 
+def _prepared_builder(name: str, split: str, data_dir: str | None):
+    """The tfds builder of a prepared dataset that has `split` (one-line ValueError otherwise)."""
+    import tensorflow_datasets as tfds  # lazy
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as e:  # noqa: BLE001 - DatasetNotFoundError and friends
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"tfds:{name}: cannot load the builder ({first})") from None
+    if not builder.is_prepared():
+        raise ValueError(
+            f"tfds:{name}: dataset is not prepared in {builder.data_dir} (run `tfds build "
+            f"{name}` or builder.download_and_prepare(); to read SA-1B tars you already have, "
+            "use sa1b:PATH)"
+        )
+    base = split.split("[")[0]
+    if base not in builder.info.splits:
+        raise ValueError(
+            f"tfds:{name}: no split {base!r} (available: {', '.join(builder.info.splits)})"
+        )
+    return builder
+
+
+def open_tfds(name: str, split: str, data_dir: str | None = None):
+    """A prepared tfds split: a `TfdsIndexedSource` (random access) when it was built as
+    array_record (`tfds build --file_format=array_record`, the layout to use at SA-1B scale),
+    else a `TfdsSource` stream (tfrecord builds have no random access)."""
+    builder = _prepared_builder(name, split, data_dir)
+    try:
+        data = builder.as_data_source(split=split, decoders=_skip_image_decoding())
+    except NotImplementedError:  # tfrecord: only sequential reading
+        return TfdsSource(name, split, data_dir, builder=builder)
+    return TfdsIndexedSource(name, split, data)
+
+
+def _skip_image_decoding() -> dict:
+    """tfds decoders that leave the image bytes encoded (we decode them ourselves)."""
+    import tensorflow_datasets as tfds  # lazy
+
+    return {"image": {"content": tfds.decode.SkipDecoding()}}
+
+
+class TfdsIndexedSource:
+    """A prepared tfds split with random access (a tfds data source over array_record files):
+    example i is read directly, so the training pipeline resumes at step k in O(1) reads."""
+
+    def __init__(self, name: str, split: str, data):
+        self.name, self.split, self._data = name, split, data
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def load(self, i: int, stats: dict | None = None) -> Record | None:
+        return tfds_example_to_record(self._data[int(i)], stats)
+
+
 class TfdsSource:
-    """A prepared tfds dataset split, read as a stream (whole, or one host's even share)."""
+    """A prepared tfds split, read as a stream (whole, or one host's even share)."""
 
-    def __init__(self, name: str, split: str, data_dir: str | None = None):
-        import tensorflow_datasets as tfds  # lazy
-
-        try:
-            self.builder = tfds.builder(name, data_dir=data_dir)
-        except Exception as e:  # noqa: BLE001 - DatasetNotFoundError and friends
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ValueError(f"tfds:{name}: cannot load the builder ({first})") from None
-        if not self.builder.is_prepared():
-            raise ValueError(
-                f"tfds:{name}: dataset is not prepared in {self.builder.data_dir} (run `tfds build "
-                f"{name}` or builder.download_and_prepare(); to read SA-1B tars you already have, "
-                "use sa1b:PATH)"
-            )
-        base = split.split("[")[0]
-        if base not in self.builder.info.splits:
-            raise ValueError(
-                f"tfds:{name}: no split {base!r} (available: {', '.join(self.builder.info.splits)})"
-            )
+    def __init__(self, name: str, split: str, data_dir: str | None = None, builder=None):
+        self.builder = builder if builder is not None else _prepared_builder(name, split, data_dir)
         self.name = name
         self.split = split
 
@@ -96,7 +135,7 @@ class TfdsSource:
             split=split,
             shuffle_files=shuffle,
             read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed) if shuffle else None,
-            decoders={"image": {"content": tfds.decode.SkipDecoding()}},
+            decoders=_skip_image_decoding(),
         )
         if repeat:
             ds = ds.repeat()

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sam_jax.amg_utils import batched_mask_to_box
+from sam_jax.amg.masks import batched_mask_to_box
 
 
 def _cropped_dt(mask: np.ndarray) -> tuple[np.ndarray, int, int]:

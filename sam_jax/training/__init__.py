@@ -10,10 +10,12 @@ events), so the inference path never imports this package. Modules:
     optimizer         AdamW, warm-up + step/cosine decay, layer-wise lr decay, frozen parts
     train_state       TrainState (step, params, opt_state, rng)
     sharding          (data, fsdp) mesh, parameter / optimizer-state / batch sharding rules
-    checkpointing     orbax CheckpointManager: async saves, keep-last-N, data position
     initialization    SamConfig and initial params: random, a SAM checkpoint or MAE
     metric_writer     metric logging: metrics.jsonl, TensorBoard events, MFU
     validation        periodic point-prompt mIoU on held-out images (sam_jax.evaluation)
     visualize         the predictions picture written at the end of training
     train_loop        train_and_evaluate(config, workdir): what train.py runs
+
+Train checkpoints (orbax CheckpointManager, keep-last-N, data position) live with the other
+checkpoint formats in sam_jax.checkpoints.training.
 """

@@ -33,7 +33,7 @@ sharding_rules   ((regex, spec tuple), ...) overrides; min_fsdp_size: smaller ar
 checkpoint.*     every_steps, max_to_keep, async_save
 log_every_steps  metrics.jsonl / TensorBoard / progress-bar period
 eval.*           dataset (spec, "" = off), split, every_steps (0 = only at the end), max_images,
-                 max_masks, num_points (mIoU after these clicks), batch_size, feed_mask
+                 max_masks (0 = all), num_points (mIoU after these clicks), batch_size, feed_mask
                  (previous logits as mask prompt, as eval.py --feed-mask)
 peak_tflops_per_device  for the MFU estimate; 0 = look up the device kind (None if unknown)
 compilation_cache_dir  persistent jax compilation cache ("" = off): reruns and resumes skip

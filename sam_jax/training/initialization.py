@@ -24,7 +24,7 @@ import numpy as np
 from flax import traverse_util
 
 from sam_jax import paths
-from sam_jax.checkpoint_mapping import expected_leaves, flatten_params, to_flax_layout
+from sam_jax.checkpoints.mapping import expected_leaves, flatten_params, to_flax_layout
 from sam_jax.config import SamConfig, get_config, tiny_config
 
 

@@ -22,9 +22,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sam_jax import distributed, paths
+from sam_jax.checkpoints import training as checkpointing
 from sam_jax.config import SamConfig
 from sam_jax.modeling import build_sam
-from sam_jax.training import checkpointing, initialization, metric_writer, sharding
+from sam_jax.training import config_checks, initialization, metric_writer, sharding
 from sam_jax.training.optimizer import lr_schedule_from_config, make_optimizer
 from sam_jax.training.train_state import create_train_state
 from sam_jax.training.train_step import make_train_step
@@ -158,6 +159,7 @@ def train_and_evaluate(
     random init. With several processes, call sam_jax.distributed.initialize() first (train.py
     does); every process runs this function with the same config.
     """
+    config_checks.check_config(config)  # types and ranges, before any work (ConfigError)
     distributed.initialize()
     distributed.check_same_on_all_processes(config.to_json(sort_keys=True), "experiment config")
     if config.compilation_cache_dir:
@@ -166,6 +168,8 @@ def train_and_evaluate(
     workdir = paths.resolve(workdir)
     mesh = sharding.make_mesh(config.mesh_shape)
     _check_config(config, mesh.devices.size)
+    may_resume = paths.isdir(paths.join(workdir, "checkpoints"))
+    config_checks.check_inputs(config, workdir, resuming=may_resume)  # data and init files exist
     paths.check_writable(workdir)  # a bucket without credentials fails here, in one line
     is_main = distributed.is_main_process()
     say = print if is_main else (lambda *a, **k: None)

@@ -15,12 +15,7 @@ from typing import Any
 import numpy as np
 
 from sam_jax import paths
-
-
-def _overlay(image: np.ndarray, mask: np.ndarray, color) -> np.ndarray:
-    out = image.astype(np.float32).copy()
-    out[mask] = 0.45 * out[mask] + 0.55 * np.asarray(color, np.float32)
-    return out.astype(np.uint8)
+from sam_jax.images import tint
 
 
 def predict_with_clicks(predictor, gt: np.ndarray, num_clicks: int):
@@ -68,13 +63,13 @@ def save_prediction_figure(
         gt = masks[int(np.argmax(masks.reshape(len(masks), -1).sum(1)))]
         predictor.set_image(image)
         rounds = predict_with_clicks(predictor, gt, num_clicks)
-        row[0].imshow(_overlay(image, gt, (255, 255, 0)))
+        row[0].imshow(tint(image, gt, (255, 255, 0)))
         row[0].contour(gt, levels=[0.5], colors="yellow", linewidths=0.8)
         row[0].set_title("ground truth")
         for ax, (pred, clicks, labels), n in zip(
             row[1:], (rounds[0], rounds[-1]), (1, num_clicks), strict=True
         ):
-            ax.imshow(_overlay(image, pred, (0, 120, 255)))
+            ax.imshow(tint(image, pred, (0, 120, 255)))
             ax.contour(gt, levels=[0.5], colors="yellow", linewidths=0.8)
             colors = np.where(labels[:, None] == 1, [[0, 1, 0]], [[1, 0, 0]])
             ax.scatter(clicks[:, 0], clicks[:, 1], c=colors, s=25, edgecolors="white")

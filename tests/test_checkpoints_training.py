@@ -6,7 +6,8 @@ import numpy as np
 import optax
 import pytest
 
-from sam_jax.training import checkpointing, sharding
+from sam_jax.checkpoints import training as checkpointing
+from sam_jax.training import sharding
 from sam_jax.training.train_state import create_train_state
 
 

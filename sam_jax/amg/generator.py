@@ -26,9 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sam_jax import amg_utils as au
 from sam_jax import functional as F
 from sam_jax import transforms
+from sam_jax.amg import masks as au
+from sam_jax.sam_model import unbind
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 MASK_THRESHOLD = 0.0
@@ -126,6 +127,8 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
 
 
 def _check_float(name: str, value: Any, low: float, high: float, high_open: bool = False) -> float:
+    if isinstance(value, (bool, str, bytes)):  # float("0.5") and float(True) are not numbers here
+        raise ValueError(f"{name} must be a number, got {value!r}")
     try:
         v = float(value)
     except (TypeError, ValueError):
@@ -139,6 +142,9 @@ class SamAutomaticMaskGenerator:
     """Generates masks for a whole image from a grid of point prompts (official options and
     defaults; see `segment_anything.SamAutomaticMaskGenerator`).
 
+    `SamAutomaticMaskGenerator(sam, points_per_side=...)` with a `SamModel` (the official call;
+    options by keyword), or `SamAutomaticMaskGenerator(model, params, ...)` with a Flax module.
+
     `generate(image)` takes a uint8 (H, W, 3) RGB image and returns a list of records:
     segmentation (bool (H, W) array, or an uncompressed / COCO RLE dict, per `output_mode`),
     area (int), bbox (XYWH ints), predicted_iou (float), point_coords ([[x, y]]),
@@ -148,7 +154,7 @@ class SamAutomaticMaskGenerator:
     def __init__(
         self,
         model,
-        params,
+        params=None,
         points_per_side: int | None = 32,
         points_per_batch: int = 64,
         pred_iou_thresh: float = 0.88,
@@ -163,6 +169,9 @@ class SamAutomaticMaskGenerator:
         min_mask_region_area: int = 0,
         output_mode: str = "binary_mask",
     ) -> None:
+        # A SamModel alone (the official call), or a module and its params; (None, None) checks
+        # the settings only (sam-jax-amg does, before loading a model).
+        model, params = unbind(model, params, "SamAutomaticMaskGenerator", allow_none=True)
         if (points_per_side is None) == (point_grids is None):
             raise ValueError("exactly one of points_per_side or point_grids must be given")
         self.crop_n_layers = _check_int("crop_n_layers", crop_n_layers, 0)
@@ -183,9 +192,10 @@ class SamAutomaticMaskGenerator:
         if output_mode not in OUTPUT_MODES:
             raise ValueError(f"unknown output_mode {output_mode!r}; expected one of {OUTPUT_MODES}")
         self.points_per_batch = _check_int("points_per_batch", points_per_batch, 1)
-        self.pred_iou_thresh = _check_float("pred_iou_thresh", pred_iou_thresh, -math.inf, math.inf)
+        # Thresholds of [0, 1] scores (0 turns the filter off, as any value <= 0 does officially).
+        self.pred_iou_thresh = _check_float("pred_iou_thresh", pred_iou_thresh, 0.0, 1.0)
         self.stability_score_thresh = _check_float(
-            "stability_score_thresh", stability_score_thresh, -math.inf, math.inf
+            "stability_score_thresh", stability_score_thresh, 0.0, 1.0
         )
         self.stability_score_offset = _check_float(
             "stability_score_offset", stability_score_offset, 0.0, math.inf
@@ -232,7 +242,7 @@ class SamAutomaticMaskGenerator:
 
     def generate(self, image: np.ndarray) -> list[dict[str, Any]]:
         """Masks for a uint8 (H, W, 3) RGB image, as a list of records (see the class doc)."""
-        image = transforms.check_image(image)
+        image = transforms.check_image(transforms.to_host(image))
         data = self._generate_masks(image)
         if self.min_mask_region_area > 0:
             data = self.postprocess_small_regions(

@@ -1,4 +1,4 @@
-"""amg_utils against the official segment_anything.utils.amg and torchvision.ops.batched_nms."""
+"""sam_jax.amg.masks against the official segment_anything.utils.amg and torchvision batched_nms."""
 
 import builtins
 
@@ -10,7 +10,7 @@ from pycocotools import mask as mask_utils
 from segment_anything.utils import amg as ref
 from torchvision.ops import batched_nms as tv_batched_nms
 
-from sam_jax import amg_utils as au
+from sam_jax.amg import masks as au
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools")
 

@@ -9,10 +9,10 @@ import pytest
 from pycocotools import mask as mask_utils
 from segment_anything import SamAutomaticMaskGenerator as OfficialGenerator
 
-from sam_jax import amg_utils as au
-from sam_jax import automatic_mask_generator as amg_module
-from sam_jax.automatic_mask_generator import SamAutomaticMaskGenerator
-from sam_jax.checkpoint_mapping import state_dict_to_params
+from sam_jax.amg import generator as amg_module
+from sam_jax.amg import masks as au
+from sam_jax.amg.generator import SamAutomaticMaskGenerator
+from sam_jax.checkpoints.mapping import state_dict_to_params
 from sam_jax.config import tiny_config
 from sam_jax.modeling import build_sam
 from tests.torch_reference import build_official, state_dict_numpy

@@ -1,0 +1,47 @@
+"""SAM checkpoints: the official PyTorch `.pth` files, our converted orbax directories, the
+mapping between the two, and training checkpoints.
+
+    pth.py        reading / writing official state_dicts (torch imported lazily)
+    mapping.py    the one table between torch keys and flax params (pure numpy)
+    converted.py  orbax directories of (config, params); `load` reads either format
+    manifest.py   checksums of every file and array, written last, verified at load
+    training.py   the train state under an orbax CheckpointManager (resume, preemption)
+"""
+
+from sam_jax.checkpoints.converted import (
+    check_finite,
+    load,
+    load_converted,
+    read_converted_config,
+    save_converted,
+)
+from sam_jax.checkpoints.mapping import (
+    infer_config,
+    params_to_state_dict,
+    state_dict_to_params,
+)
+from sam_jax.checkpoints.pth import (
+    check_sha256,
+    config_for_state_dict,
+    load_pth,
+    read_state_dict,
+    save_pth,
+)
+from sam_jax.errors import CheckpointError
+
+__all__ = [
+    "CheckpointError",
+    "check_finite",
+    "check_sha256",
+    "config_for_state_dict",
+    "infer_config",
+    "load",
+    "load_converted",
+    "load_pth",
+    "params_to_state_dict",
+    "read_converted_config",
+    "read_state_dict",
+    "save_converted",
+    "save_pth",
+    "state_dict_to_params",
+]

@@ -1,0 +1,44 @@
+"""Typed errors shared by the library and the commands, and the one-line form of any error.
+
+Commands map them to exit statuses in sam_jax.cli.common (never by matching message text).
+"""
+
+from __future__ import annotations
+
+
+def one_line(message: object, limit: int | None = None) -> str:
+    """`message` (a string or an exception) on one line; an empty exception gives its type name;
+    longer than `limit` characters it is cut with "..."."""
+    text = " ".join(str(message).split())
+    if not text and isinstance(message, BaseException):
+        text = type(message).__name__
+    if limit is not None and len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return text
+
+
+class UsageError(Exception):
+    """The command line or the config asks for something invalid (commands exit 2)."""
+
+
+class ConfigError(UsageError, ValueError):
+    """A config field has the wrong type or is out of range (the message names the field)."""
+
+
+class OutputOverlapsInputError(UsageError, ValueError):
+    """An output path is, contains (when it would be replaced) or lies inside an input path."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is damaged, incomplete or unreadable, or holds params that are refused
+    (non-finite values); the message is one line naming the checkpoint and the file or array."""
+
+
+def check_bool(name: str, value: object) -> bool:
+    """`value` if it is a bool (or numpy bool); TypeError otherwise (the string "False" is true
+    by truthiness, so flags are never read that way)."""
+    import numpy as np
+
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {value!r}")

@@ -1,0 +1,200 @@
+"""`jax.export` (serialized StableHLO) of the decoder and the image encoder, weights included.
+
+The decoder is the function of Meta's `SamOnnxModel` with a symbolic number of points N, up to
+its mask post-processing: an output whose size is an input's VALUE (the original image size)
+cannot be expressed with jax's static or symbolic shapes, so it returns the low-resolution
+logits and the client resizes them (see `postprocess_masks` for the recipe):
+
+    decoder(image_embeddings (1, D, g, g), point_coords (1, N, 2), point_labels (1, N),
+            mask_input (1, 1, m, m), has_mask_input (1,))
+        -> {"iou_predictions": (1, K), "low_res_masks": (1, K, m, m)}
+    encoder(x (B, 3, S, S)) -> {"image_embeddings": (B, D, g, g)}
+
+K = 4 (single-mask output first, then the three multimask outputs), or 1 with
+return_single_mask; use_stability_score replaces the IoU predictions by the stability score of
+the low-res masks, as `SamOnnxModel`. The files need only jax to run:
+
+    exp = jax.export.deserialize(open("decoder.stablehlo", "rb").read())
+    out = exp.call(image_embeddings, point_coords, point_labels, mask_input, has_mask_input)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sam_jax.export.signature import (
+    MASK_THRESHOLD,
+    SINGLE_MASK_MIN_POINTS,
+    SINGLE_MASK_REWEIGHT,
+    STABILITY_SCORE_OFFSET,
+)
+
+# Lowered for all three by default, so a file written on a laptop runs on a GPU or TPU server.
+DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+# jax.export's serialization is a flatbuffer, which cannot exceed 2 GiB.
+MAX_SERIALIZED_BYTES = 2**31 - 1
+
+
+def check_platforms(platforms: Sequence[str] | None) -> tuple[str, ...]:
+    if platforms is None:
+        return DEFAULT_PLATFORMS
+    if isinstance(platforms, str):
+        platforms = [p for p in platforms.split(",") if p.strip()]
+    out = tuple(p.strip().lower() for p in platforms)
+    bad = [p for p in out if p not in PLATFORMS]
+    if not out or bad:
+        raise ValueError(f"platforms must be some of {PLATFORMS}, got {list(platforms)}")
+    return tuple(dict.fromkeys(out))
+
+
+def stability_score(masks: jax.Array) -> jax.Array:
+    """Official `calculate_stability_score(masks, 0.0, 1.0)` over the last two axes."""
+    hi = jnp.sum(masks > MASK_THRESHOLD + STABILITY_SCORE_OFFSET, axis=(-2, -1), dtype=jnp.int32)
+    lo = jnp.sum(masks > MASK_THRESHOLD - STABILITY_SCORE_OFFSET, axis=(-2, -1), dtype=jnp.int32)
+    return hi.astype(jnp.float32) / lo.astype(jnp.float32)
+
+
+def _decode(
+    sam,
+    image_embeddings,
+    point_coords,
+    point_labels,
+    mask_input,
+    has_mask_input,
+    return_single_mask,
+    use_stability_score,
+):
+    """`SamOnnxModel.forward` up to its post-processing, on a bound Flax `Sam` (NCHW in)."""
+    pe = sam.prompt_encoder
+    s = sam.config.image_size
+    labels = point_labels[..., None]
+    f32 = lambda cond: cond.astype(jnp.float32)
+    sparse = pe.pe_layer.with_coords(point_coords + 0.5, (s, s)) * f32(labels != -1)
+    sparse = sparse + pe.not_a_point_embed.embedding[0] * f32(labels == -1)
+    for i in range(4):
+        sparse = sparse + pe.point_embeddings[i].embedding[0] * f32(labels == i)
+    dense = pe.embed_masks(mask_input[:, 0])  # (1, g, g, D)
+    no_mask = pe.no_mask_embed.embedding[0]
+    dense = has_mask_input * dense + (1 - has_mask_input) * no_mask
+    src = jnp.transpose(image_embeddings, (0, 2, 3, 1))
+    valid = jnp.ones(sparse.shape[:2], bool)
+    masks, scores = sam.mask_decoder(src, pe.get_dense_pe(), sparse, valid, dense, None)
+    if use_stability_score:
+        scores = stability_score(masks)
+    if return_single_mask:
+        num_points = jnp.asarray(point_coords.shape[1], jnp.float32)
+        reweight = jnp.zeros(scores.shape[1], jnp.float32).at[0].set(SINGLE_MASK_REWEIGHT)
+        best = jnp.argmax(scores + (num_points - SINGLE_MASK_MIN_POINTS) * reweight, axis=1)
+        masks = jnp.take_along_axis(masks, best[:, None, None, None], axis=1)
+        scores = jnp.take_along_axis(scores, best[:, None], axis=1)
+    return {"iou_predictions": scores, "low_res_masks": masks}
+
+
+def decoder_function(model, params, return_single_mask: bool = False, use_stability_score=False):
+    """The decoder as a jax function of the five arrays (params closed over)."""
+
+    def decoder(image_embeddings, point_coords, point_labels, mask_input, has_mask_input):
+        return model.apply(
+            {"params": params},
+            image_embeddings,
+            point_coords,
+            point_labels,
+            mask_input,
+            has_mask_input,
+            bool(return_single_mask),
+            bool(use_stability_score),
+            method=_decode,
+        )
+
+    return decoder
+
+
+def encoder_function(model, params):
+    """The image encoder as a jax function x (B, 3, S, S) -> {"image_embeddings": (B, D, g, g)}."""
+
+    def encoder(x):
+        emb = model.apply({"params": params}, jnp.transpose(x, (0, 2, 3, 1)), method=model.encode)
+        return {"image_embeddings": jnp.transpose(emb, (0, 3, 1, 2))}
+
+    return encoder
+
+
+def _device_params(params):
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
+
+
+def export_decoder(
+    model,
+    params,
+    return_single_mask: bool = False,
+    use_stability_score: bool = False,
+    platforms: Sequence[str] | None = None,
+):
+    """`jax.export.Exported` of the decoder, N symbolic ("num_points")."""
+    from jax import export
+
+    c = model.config
+    d, g, m = c.prompt_embed_dim, c.embedding_size, c.low_res_size
+    (n,) = export.symbolic_shape("num_points")
+    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+    fn = decoder_function(model, _device_params(params), return_single_mask, use_stability_score)
+    args = (f32(1, d, g, g), f32(1, n, 2), f32(1, n), f32(1, 1, m, m), f32(1))
+    return export.export(jax.jit(fn), platforms=check_platforms(platforms))(*args)
+
+
+def export_encoder(model, params, platforms: Sequence[str] | None = None):
+    """`jax.export.Exported` of the image encoder, the batch B symbolic ("batch")."""
+    from jax import export
+
+    s = model.config.image_size
+    (batch,) = export.symbolic_shape("batch")
+    fn = encoder_function(model, _device_params(params))
+    spec = jax.ShapeDtypeStruct((batch, 3, s, s), jnp.float32)
+    return export.export(jax.jit(fn), platforms=check_platforms(platforms))(spec)
+
+
+def serialize(exported) -> bytes:
+    """The bytes of a `jax.export.Exported` (ValueError, one line, past the 2 GiB limit)."""
+    try:
+        data = exported.serialize()
+    except Exception as e:  # flatbuffers raises its own types on overflow
+        raise ValueError(f"cannot serialize the export: {type(e).__name__}: {e}") from None
+    if len(data) > MAX_SERIALIZED_BYTES:
+        raise ValueError(f"the export is {len(data)} bytes, over jax.export's 2 GiB limit")
+    return bytes(data)
+
+
+def postprocess_masks(low_res_masks, orig_im_size, image_size: int) -> np.ndarray:
+    """What the ONNX graph does after the decoder, for clients of the StableHLO file (numpy):
+    bilinear (half-pixel, no antialiasing) to (S, S), crop to the resized size
+    floor(S / max(H, W) * (H, W) + 0.5), bilinear to (H, W). Returns float32 logits."""
+    x = np.asarray(low_res_masks, np.float32)
+    h, w = (int(v) for v in orig_im_size)
+    scale = np.float32(image_size) / np.float32(max(h, w))
+    ph, pw = (int(np.floor(scale * np.float32(v) + np.float32(0.5))) for v in (h, w))
+    x = resize_bilinear(x, (image_size, image_size))[..., :ph, :pw]
+    return resize_bilinear(x, (h, w))
+
+
+def resize_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """torch `F.interpolate(x, size, mode="bilinear", align_corners=False)` in numpy (the last
+    two axes; half-pixel centres, source index clamped at 0, no antialiasing)."""
+    out = np.asarray(x, np.float32)
+    for axis, new in ((-2, size[0]), (-1, size[1])):
+        old = out.shape[axis]
+        src = (np.arange(new, dtype=np.float32) + 0.5) * np.float32(old / new) - 0.5
+        src = np.maximum(src, 0.0)
+        i0 = np.minimum(np.floor(src).astype(np.int64), old - 1)
+        i1 = np.minimum(i0 + 1, old - 1)
+        frac = (src - i0).astype(np.float32)
+        shape = [1] * out.ndim
+        shape[axis] = new
+        frac = frac.reshape(shape)
+        a, b = np.take(out, i0, axis=axis), np.take(out, i1, axis=axis)
+        out = a * (1 - frac) + b * frac
+    return out.astype(np.float32)
