@@ -1,5 +1,6 @@
 """sam_jax.export and sam-jax-export: ONNX against Meta's SamOnnxModel in onnxruntime, StableHLO
-deserialized and run in a process that never imports sam_jax, the command's errors.
+(weights inside or in a safetensors file beside it) deserialized and run in a process that never
+imports sam_jax, the command's errors.
 
 A tiny SAM (tiny_config, 128 x 128 input, 8 x 8 embedding grid, 32 x 32 low-res masks) with the
 official model's perturbed random weights, converted to ours.
@@ -7,6 +8,7 @@ official model's perturbed random weights, converted to ours.
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -270,27 +272,50 @@ def test_full_size_vit_b_onnx_matches_official():
     assert max(errors.values()) <= TOL, errors
 
 
-# The whole of the other process: jax and numpy only.
+# The whole of the other process: jax, numpy and json only. An export with a weights file beside
+# it takes its arrays first, in the order of their data in the file (the documented recipe).
 RUNNER = textwrap.dedent(
     """
+    import json
+    import os
     import sys
     import numpy as np
     from jax import export
 
     folder = sys.argv[1]
 
+    def read_weights(path):
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")  # safetensors: u64 header size, JSON
+            header = json.loads(f.read(size))
+        header.pop("__metadata__", None)
+        arrays = []
+        for t in sorted(header.values(), key=lambda t: t["data_offsets"][0]):
+            begin, end = t["data_offsets"]
+            assert t["dtype"] == "F32", t
+            x = np.fromfile(path, "<f4", count=(end - begin) // 4, offset=8 + size + begin)
+            arrays.append(x.reshape(t["shape"]))
+        return arrays
+
     def load(name):
         with open(f"{folder}/{name}", "rb") as f:
-            return export.deserialize(bytearray(f.read()))
+            exp = export.deserialize(bytearray(f.read()))
+        path = f"{folder}/{name}.safetensors"
+        if not os.path.exists(path):
+            return exp.call
+        weights = read_weights(path)
+        assert [a.shape for a in exp.in_avals[: len(weights)]] == [w.shape for w in weights]
+        print("external weights", name, len(weights))
+        return lambda *args: exp.call(*weights, *args)
 
     z = np.load(f"{folder}/inputs.npz")
     out = {}
-    out["embedding"] = load("encoder.stablehlo").call(z["x"])["image_embeddings"]
+    out["embedding"] = load("encoder.stablehlo")(z["x"])["image_embeddings"]
     for name in ("decoder", "single"):
-        exp = load(f"{name}.stablehlo")
+        call = load(f"{name}.stablehlo")
         for case in ("one", "three", "mask"):
             args = [z[f"{case}/{k}"] for k in ("emb", "coords", "labels", "mask", "has_mask")]
-            r = exp.call(*args)
+            r = call(*args)
             out[f"{name}/{case}/iou"] = r["iou_predictions"]
             out[f"{name}/{case}/low_res"] = r["low_res_masks"]
     np.savez(f"{folder}/outputs.npz", **{k: np.asarray(v) for k, v in out.items()})
@@ -301,14 +326,24 @@ RUNNER = textwrap.dedent(
 )
 
 
-def test_stablehlo_runs_without_sam_jax_and_matches_the_predictor(pair, tmp_path):
+@pytest.mark.parametrize("external", [False, True], ids=["weights_inside", "external_weights"])
+def test_stablehlo_runs_without_sam_jax_and_matches_the_predictor(pair, tmp_path, external):
+    """Weights inside, or forced into <output>.safetensors (what vit_h's encoder needs): the
+    other process reads them with numpy and json and passes them first."""
     model, params = pair
     for name, part, options in (
         ("encoder", "encoder", {}),
         ("decoder", "decoder", {}),
         ("single", "decoder", dict(return_single_mask=True)),
     ):
-        export.save(model, params, tmp_path / f"{name}.stablehlo", "stablehlo", part, **options)
+        out = tmp_path / f"{name}.stablehlo"
+        written = export.save(
+            model, params, out, "stablehlo", part, external_data=external or None, **options
+        )
+        assert written == [str(out), str(out) + ".safetensors"][: 1 + external]
+    if external:  # the graph only: the weights are in the file beside it
+        enc = tmp_path / "encoder.stablehlo"
+        assert enc.stat().st_size < (tmp_path / "encoder.stablehlo.safetensors").stat().st_size
     image = np.random.default_rng(5).integers(0, 256, (90, 120, 3), dtype=np.uint8)
     predictor = SamPredictor(model, params)
     predictor.set_image(image)
@@ -348,6 +383,7 @@ def test_stablehlo_runs_without_sam_jax_and_matches_the_predictor(pair, tmp_path
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "ran without sam_jax" in run.stdout
+    assert run.stdout.count("external weights") == (3 if external else 0), run.stdout
     out = dict(np.load(tmp_path / "outputs.npz"))
 
     ours = predictor.get_image_embedding()
@@ -380,6 +416,133 @@ def test_stablehlo_serialized_shapes(pair):
     enc = stablehlo.export_encoder(*pair, platforms="cpu")
     assert [str(a.shape) for a in enc.in_avals] == [f"(batch, 3, {S}, {S})"]
     assert [str(a.shape) for a in enc.out_avals] == [f"(batch, {D}, {G}, {G})"]
+    # Weights as arguments: only their shapes are needed (no arrays), then the inputs.
+    model, params = pair
+    shapes = jax.eval_shape(lambda p: p, params)
+    dec = stablehlo.export_decoder(model, shapes, platforms="cpu", weights_as_arguments=True)
+    weights = stablehlo.weight_arrays(params, "decoder")
+    assert [a.shape for a in dec.in_avals[: len(weights)]] == [w.shape for _, w in weights]
+    assert [str(a.shape) for a in dec.in_avals[len(weights) :]] == [
+        str(a.shape) for a in exp.in_avals
+    ]
+    assert len(dec.serialize()) < len(stablehlo.export_decoder(*pair, platforms="cpu").serialize())
+
+
+def test_stablehlo_external_weights_file(pair, tmp_path, monkeypatch):
+    """The safetensors layout: u64 header size, JSON header padded to 8 bytes, the data in the
+    order of the export's arguments with no gaps; `read_weights` returns them in that order."""
+    model, params = pair
+    out = tmp_path / "enc.stablehlo"
+    export.save(model, params, out, "stablehlo", "encoder", external_data=True, platforms="cpu")
+    raw = (tmp_path / "enc.stablehlo.safetensors").read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    assert (8 + size) % 8 == 0
+    header = json.loads(raw[8 : 8 + size])
+    meta = header.pop("__metadata__")
+    assert meta["sam_jax.part"] == "encoder" and meta["sam_jax.export"] == "enc.stablehlo"
+    assert json.loads(meta["sam_jax.config"]) == CONFIG.to_dict()
+    expected = stablehlo.weight_arrays(params, "encoder")
+    assert list(header) == json.loads(meta["sam_jax.arguments"]) == [n for n, _ in expected]
+    assert all(n.startswith("image_encoder/") for n in header)
+    assert "image_encoder/blocks_0/attn/qkv/kernel" in header
+    ends = [0] + [t["data_offsets"][1] for t in header.values()]
+    assert [t["data_offsets"][0] for t in header.values()] == ends[:-1]  # contiguous, in order
+    assert 8 + size + ends[-1] == len(raw)
+    names, arrays, metadata = stablehlo.read_weights(tmp_path / "enc.stablehlo.safetensors")
+    assert metadata == meta and names == [n for n, _ in expected]
+    for a, (_, b) in zip(arrays, expected, strict=True):
+        assert a.dtype == np.float32
+        np.testing.assert_array_equal(a, np.asarray(b))
+    exp = jax.export.deserialize(bytearray(out.read_bytes()))
+    assert [a.shape for a in exp.in_avals[:-1]] == [a.shape for a in arrays]
+    assert str(exp.in_avals[-1].shape) == f"(batch, 3, {S}, {S})"
+    # Automatic: external above stablehlo.EXTERNAL_WEIGHTS_ABOVE (1.5 GB), inside below it.
+    export.save(model, params, tmp_path / "d.stablehlo", "stablehlo", platforms="cpu")
+    monkeypatch.setattr(stablehlo, "EXTERNAL_WEIGHTS_ABOVE", 1000)
+    written = export.save(model, params, tmp_path / "big.stablehlo", "stablehlo", platforms="cpu")
+    assert written == [str(tmp_path / "big.stablehlo"), str(tmp_path / "big.stablehlo.safetensors")]
+    forced = export.save(
+        model, params, tmp_path / "in.stablehlo", "stablehlo", external_data=False, platforms="cpu"
+    )
+    assert forced == [str(tmp_path / "in.stablehlo")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "big.stablehlo",
+        "big.stablehlo.safetensors",
+        "d.stablehlo",
+        "enc.stablehlo",
+        "enc.stablehlo.safetensors",
+        "in.stablehlo",
+    ]
+
+
+def test_stablehlo_weights_file_reads_with_safetensors(pair, tmp_path):
+    """Any safetensors reader (here the reference implementation's numpy API) loads the file."""
+    import safetensors.numpy as st  # the test extra installs it: no skip
+    from safetensors import safe_open
+
+    model, params = pair
+    out = tmp_path / "d.stablehlo"
+    export.save(model, params, out, "stablehlo", external_data=True, platforms="cpu")
+    loaded = st.load_file(tmp_path / "d.stablehlo.safetensors")
+    expected = dict(stablehlo.weight_arrays(params, "decoder"))
+    assert sorted(loaded) == sorted(expected)
+    for name, value in expected.items():
+        np.testing.assert_array_equal(loaded[name], np.asarray(value))
+    with safe_open(tmp_path / "d.stablehlo.safetensors", "np") as f:
+        order = json.loads(f.metadata()["sam_jax.arguments"])
+    assert order == [n for n, _ in stablehlo.weight_arrays(params, "decoder")]
+
+
+def test_stablehlo_external_weights_failures_leave_nothing(pair, tmp_path, monkeypatch):
+    model, params = pair
+    out = tmp_path / "new" / "enc.stablehlo"
+
+    def save(**kw):
+        return export.save(
+            model, params, out, "stablehlo", "encoder", external_data=True, platforms="cpu", **kw
+        )
+
+    real_write = stablehlo.write_weights
+
+    def broken_weights(f, *args, **kwargs):
+        f.write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(stablehlo, "write_weights", broken_weights)
+    with pytest.raises(OSError, match="disk full"):
+        save()
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(stablehlo, "write_weights", real_write)
+    # The weights in place, then the graph fails: the weights file goes too.
+    real_write_bytes = pathlib.Path.write_bytes
+
+    def broken_graph(self, data):
+        if self.name == "enc.stablehlo":
+            raise OSError("the graph broke")
+        return real_write_bytes(self, data)
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", broken_graph)
+    with pytest.raises(OSError, match="the graph broke"):
+        save()
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(pathlib.Path, "write_bytes", real_write_bytes)
+    # An existing weights file is kept unless overwrite; a serialization failure writes nothing.
+    out.parent.mkdir()
+    (tmp_path / "new" / "enc.stablehlo.safetensors").write_bytes(b"old")
+    with pytest.raises(FileExistsError, match="exists already"):
+        save()
+    assert [p.name for p in out.parent.iterdir()] == ["enc.stablehlo.safetensors"]
+
+    def broken_serialize(exported):
+        raise ValueError("cannot serialize the export")
+
+    monkeypatch.setattr(stablehlo, "serialize", broken_serialize)
+    with pytest.raises(ValueError, match="cannot serialize"):
+        save(overwrite=True)
+    assert (tmp_path / "new" / "enc.stablehlo.safetensors").read_bytes() == b"old"
+    assert [p.name for p in out.parent.iterdir()] == ["enc.stablehlo.safetensors"]
+    with pytest.raises(TypeError, match="external_data"):
+        export.save(model, params, out, "stablehlo", weights_as_arguments=True)
 
 
 def test_export_modules_import_neither_onnx_nor_torch():
@@ -429,7 +592,18 @@ def test_command_writes_onnx_and_stablehlo(pth, tmp_path, capsys):
     assert rc == 0, err
     exp = jax.export.deserialize(bytearray((out / "d.stablehlo").read_bytes()))
     assert exp.platforms == ("cpu",)
-    assert sorted(p.name for p in out.iterdir()) == ["d.onnx", "d.stablehlo", "e.onnx"]
+    enc = [out / "e.stablehlo", "--format", "stablehlo", "--part", "encoder", "--external-data"]
+    rc, stdout, err = _run([*argv, *enc, "--platforms", "cpu"], capsys)
+    assert rc == 0, err
+    assert (
+        stdout.startswith(f"wrote {out / 'e.stablehlo'} (")
+        and "e.stablehlo.safetensors (" in stdout
+    )
+    names = ["d.onnx", "d.stablehlo", "e.onnx", "e.stablehlo", "e.stablehlo.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == names
+    rc, _, err = _run([*argv, *enc], capsys)  # both files exist: kept unless --force
+    assert rc == 1
+    _one_line(err, "e.stablehlo exists already", "--force")
     # An existing output is kept unless --force.
     before = (out / "d.onnx").read_bytes()
     rc, _, err = _run([*argv, out / "d.onnx", "--format", "onnx"], capsys)
@@ -439,7 +613,7 @@ def test_command_writes_onnx_and_stablehlo(pth, tmp_path, capsys):
     rc, _, err = _run([*argv, out / "d.onnx", "--format", "onnx", "--force"], capsys)
     assert rc == 0, err
     assert (out / "d.onnx").read_bytes() != before  # now 4 masks
-    assert sorted(p.name for p in out.iterdir()) == ["d.onnx", "d.stablehlo", "e.onnx"]
+    assert sorted(p.name for p in out.iterdir()) == names
 
 
 @pytest.mark.parametrize(
@@ -451,7 +625,7 @@ def test_command_writes_onnx_and_stablehlo(pth, tmp_path, capsys):
             ["--return-single-mask: decoder options"],
         ),
         (["--format", "stablehlo", "--return-extra-metrics"], ["needs the ONNX format"]),
-        (["--format", "stablehlo", "--opset", "18"], ["apply to --format onnx"]),
+        (["--format", "stablehlo", "--opset", "18"], ["--opset applies to --format onnx"]),
         (["--format", "onnx", "--opset", "11"], ["opset must be in 17..21"]),
         (["--format", "onnx", "--platforms", "cpu"], ["--platforms applies"]),
         (["--format", "stablehlo", "--platforms", "gpu0"], ["platforms must be some of"]),
@@ -500,3 +674,10 @@ def test_command_remote_output(pth, gcs, capsys):
 
     sess = ort.InferenceSession(paths.read_bytes(url), providers=["CPUExecutionProvider"])
     assert [o.name for o in sess.get_outputs()] == list(export.signature.DECODER_OUTPUTS)
+    # External StableHLO weights need a rename beside the output: refused, nothing written.
+    url = gcs.url("export/e.stablehlo")
+    argv = ["--checkpoint", pth, "--format", "stablehlo", "--part", "encoder", "--output", url]
+    rc, _, err = _run([*argv, "--external-data"], capsys)
+    assert rc == 1
+    _one_line(err, "external StableHLO weights file needs a local output")
+    assert not paths.exists(url) and not paths.exists(url + ".safetensors")

@@ -2,6 +2,8 @@
 `python -m sam_jax.annotate`.
 
     sam-jax-annotate auto --checkpoint CKPT --input DIR --output DIR [generator options]
+    sam-jax-annotate serve --checkpoint CKPT --images DIR --output DIR [--prefill DIR]
+                           [--detections FILE] [--host 127.0.0.1] [--port 8000]
 
 `auto` writes one SA-1B JSON per image (DIR/<stem>.json, COCO RLE masks with predicted IoU,
 stability score, point and crop box) and the image as DIR/<stem>.jpg, so DIR is an `sa1b:DIR`
@@ -9,6 +11,13 @@ training source. Defaults are the paper's fully automatic settings; the generato
 spelled as in sam-jax-amg. Every local device is used; the processes of a multi-host job (TPU
 pod, SLURM, explicit launch) take disjoint shares. Rerunning resumes: finished images are
 skipped. Unreadable images are reported and skipped; the exit status is then 1.
+
+`serve` starts a local web tool (open the printed address in a browser) for the
+assisted-manual stage: click points or drag a box, see the mask after each click, accept, name,
+undo and delete objects. Work is saved as it happens in DIR: annotations.json (COCO), one SA-1B
+JSON per image (<stem>.json, as `auto` writes) and the tool's state; embeddings are cached in
+DIR/.embeddings. --prefill (an `auto` output) or --detections (COCO results boxes) open each
+image with proposals to accept or reject (the semi-automatic stage). It serves until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -72,7 +81,80 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
             help=f"{help_text} ({PAPER_SETTINGS[name]:.4g})",
         )
     common.add_distributed_flags(auto)
+    add_serve_parser(commands, parser)
     return parser
+
+
+def add_serve_parser(commands, parser: argparse.ArgumentParser) -> None:
+    from sam_jax.config import MODEL_TYPES
+
+    serve = commands.add_parser(
+        "serve",
+        help="a local web tool to annotate images by clicks (assisted-manual stage)",
+        description=(
+            "The assisted-manual and semi-automatic stages: a web tool on --host:--port where a\n"
+            "person clicks points or drags boxes and accepts the masks; the work is saved as it\n"
+            "happens in --output (annotations.json in COCO format, <stem>.json in SA-1B format)."
+        ),
+        epilog=common.EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.error = parser.error
+    serve.add_argument("--checkpoint", required=True, help="Official .pth or converted dir.")
+    serve.add_argument("--images", required=True, help="Folder (or gs:// URL) of images.")
+    serve.add_argument(
+        "--output", required=True, help="Folder for the annotations (created if needed)."
+    )
+    serve.add_argument("--model-type", default=None, choices=sorted(MODEL_TYPES))
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)"
+    )
+    serve.add_argument(
+        "--port", type=_port, default=8000, help="port to listen on (0: any free port; 8000)"
+    )
+    serve.add_argument(
+        "--prefill", default=None, metavar="DIR", help="an `auto` output: its masks as proposals"
+    )
+    serve.add_argument(
+        "--prefill-min-iou",
+        type=float,
+        default=0.0,
+        help="propose only --prefill masks of predicted IoU >= this (0.0)",
+    )
+    serve.add_argument(
+        "--detections",
+        default=None,
+        metavar="FILE",
+        help="COCO results JSON of detector boxes: each box is decoded into a proposal",
+    )
+    serve.add_argument(
+        "--score-threshold",
+        type=float,
+        default=0.5,
+        help="propose only detections of score >= this (0.5)",
+    )
+    serve.add_argument(
+        "--max-detections",
+        type=common.positive_int,
+        default=100,
+        help="propose at most this many detections per image, best first (100)",
+    )
+    serve.add_argument(
+        "--no-copy-images",
+        dest="copy_images",
+        action="store_false",
+        help="do not write <stem>.jpg beside each SA-1B JSON",
+    )
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in [0, 65535], got {value}")
+    return value
 
 
 def parse_args(argv=None, prog: str = PROG) -> argparse.Namespace:
@@ -80,6 +162,10 @@ def parse_args(argv=None, prog: str = PROG) -> argparse.Namespace:
     from sam_jax.amg.generator import SamAutomaticMaskGenerator
 
     args = build_parser(prog).parse_args(argv)
+    if args.stage == "serve":
+        if args.prefill is None and args.prefill_min_iou != 0.0:
+            raise common.UsageError("--prefill-min-iou needs --prefill")
+        return args
     args.settings = {k: getattr(args, k) for k in AMG_FLAGS}
     try:
         SamAutomaticMaskGenerator(None, None, **args.settings)
@@ -151,9 +237,79 @@ def run_auto(args: argparse.Namespace) -> int:
     return common.EXIT_FAILED if failed else common.EXIT_OK
 
 
+def run_serve(args: argparse.Namespace) -> int:
+    inputs = {
+        "--images": args.images,
+        "--checkpoint": args.checkpoint,
+        "--prefill": args.prefill,
+        "--detections": args.detections,
+    }
+    common.check_paths(inputs, args.output)
+    from sam_jax import paths
+    from sam_jax.annotate import serve
+
+    if args.prefill is not None and not paths.isdir(args.prefill):
+        raise NotADirectoryError(f"--prefill {args.prefill} is not a folder")
+    paths.check_writable(args.output)
+    sock = serve.bind(args.host, args.port)  # before the model: a taken port fails at once
+    try:
+        detections, left_out = None, 0
+        if args.detections is not None:
+            detections, left_out = serve.load_detections(
+                args.detections,
+                serve.list_entries(args.images),
+                args.score_threshold,
+                args.max_detections,
+            )
+        print("Loading model...", flush=True)
+        model, params = common.load_model(args.checkpoint, args.model_type)
+        annotator = serve.Annotator(
+            model,
+            params,
+            args.images,
+            args.output,
+            prefill_dir=args.prefill,
+            prefill_min_iou=args.prefill_min_iou,
+            detections=detections,
+            detections_key=args.detections or "detections",
+            copy_images=args.copy_images,
+        )
+        for warning in annotator.warnings:
+            print(f"{PROG} serve: warning: {warning}", file=sys.stderr, flush=True)
+        if detections is not None:
+            kept = sum(len(v) for v in detections.values())
+            print(f"{kept} detector boxes to propose ({left_out} left out).", flush=True)
+        allowed = serve.allowed_hosts_for(args.host)
+        if allowed is None:
+            print(
+                f"{PROG} serve: warning: listening on {args.host}: anyone who can reach it can "
+                "see the images and change the annotations",
+                file=sys.stderr,
+                flush=True,
+            )
+        app = serve.create_app(annotator, allowed_hosts=allowed)
+        print(
+            f"Annotating {len(annotator.entries)} images of {args.images} into {args.output}: "
+            f"open {serve.url_of(sock)} (Ctrl-C to stop)",
+            flush=True,
+        )
+        try:
+            serve.serve_forever(app, sock)
+        finally:
+            annotator.close()
+    finally:
+        sock.close()
+    return common.EXIT_OK
+
+
+def _run(argv, prog: str) -> int:
+    args = parse_args(argv, prog)
+    return run_serve(args) if args.stage == "serve" else run_auto(args)
+
+
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     """The sam-jax-annotate command; returns the exit status (0, 1 any image failed, 2 usage)."""
-    return common.run_command(prog, lambda: run_auto(parse_args(argv, prog)), extras="amg,convert")
+    return common.run_command(prog, lambda: _run(argv, prog), extras="amg,convert,serve")
 
 
 if __name__ == "__main__":

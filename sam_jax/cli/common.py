@@ -220,12 +220,16 @@ def progress(items: Iterable, desc: str, unit: str, total: int | None = None, di
 
 def load_model(checkpoint: str, model_type: str | None = None):
     """(model, params) from a .pth or converted directory; model_type checks a .pth's shapes."""
+    from flax import traverse_util
+
     import sam_jax
     from sam_jax import checkpoints
     from sam_jax.modeling import build_sam
 
     if model_type is not None and os.path.isfile(checkpoint):
         config, params = checkpoints.load_pth(checkpoint, model_type=model_type)
+        flat = traverse_util.flatten_dict(params, sep="/")
+        checkpoints.check_finite(flat, checkpoint)  # as sam_jax.load does
         return build_sam(config), params
     return sam_jax.load(checkpoint)
 
@@ -236,11 +240,9 @@ def device_context(device: str | None):
         return nullcontext()
     import jax
 
-    platform = {"cuda": "gpu"}.get(device.lower(), device.lower())
-    try:
-        return jax.default_device(jax.devices(platform)[0])
-    except RuntimeError as e:
-        raise ValueError(f"device {device!r} is not available: {str(e).splitlines()[0]}") from None
+    from sam_jax.sam_model import resolve_device
+
+    return jax.default_device(resolve_device(device))
 
 
 def check_paths(inputs: dict[str, str], output: str | None = None, replaces: bool = False):

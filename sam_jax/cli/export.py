@@ -6,12 +6,14 @@
     sam-jax-export --checkpoint sam_vit_b_01ec64.pth --format onnx --part encoder \\
         --output sam_encoder.onnx [--external-data]
     sam-jax-export --checkpoint ckpt/sam_vit_b --format stablehlo --output decoder.stablehlo \\
-        [--part encoder] [--platforms cpu,cuda,tpu]
+        [--part encoder] [--platforms cpu,cuda,tpu] [--external-data]
 
 --part decoder (the default) is the prompt encoder + mask decoder of Meta's SamOnnxModel, with
 its inputs, outputs and options; --part encoder is the image encoder. The checkpoint is an
-official .pth or a converted directory. On bad input the command exits 1 (2 for a usage error)
-with a one-line error and leaves no file behind.
+official .pth or a converted directory. Weights too large for one file (vit_h's encoder), or
+all with --external-data, go beside it: ONNX's <output>.data, or <output>.safetensors for
+StableHLO, whose export then takes them as its first arguments. On bad input the command
+exits 1 (2 for a usage error) with a one-line error and leaves no file behind.
 """
 
 from __future__ import annotations
@@ -69,11 +71,6 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         action="store_true",
         help="tanh GELU instead of erf, for runtimes without a fast Erf",
     )
-    onnx.add_argument(
-        "--external-data",
-        action="store_true",
-        help="weights in <output>.data (automatic above ~1.8 GB: vit_h's encoder)",
-    )
     hlo = parser.add_argument_group("StableHLO options")
     hlo.add_argument(
         "--platforms",
@@ -87,6 +84,13 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         type=common.positive_int,
         default=None,
         help="mask decoder attention heads of a .pth (not stored in the weights; default 8)",
+    )
+    parser.add_argument(
+        "--external-data",
+        action="store_true",
+        help="weights in a file beside the output: <output>.data (ONNX external data) or "
+        "<output>.safetensors (StableHLO: the export's first arguments); automatic above ~1.8 "
+        "GB (ONNX) or ~1.5 GB (StableHLO), as vit_h's encoder",
     )
     parser.add_argument("--force", action="store_true", help="replace an existing output")
     return parser
@@ -112,8 +116,8 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = PROG) -> argparse.
             if args.opset is not None:
                 onnx_export.check_opset(args.opset)
         else:
-            if args.opset is not None or args.external_data:
-                raise ValueError("--opset and --external-data apply to --format onnx")
+            if args.opset is not None:
+                raise ValueError("--opset applies to --format onnx")
             args.platforms = stablehlo.check_platforms(args.platforms)
     except ValueError as e:
         raise common.UsageError(_flags(str(e))) from None

@@ -11,9 +11,12 @@
   computed in the graph), so Meta's web demo and apps written for its file load ours.
 - ONNX encoder (`onnx.encoder_model`): `x` (B, 3, S, S) -> `image_embeddings` (B, D, g, g), the
   interface of Meta's encoder export; weights over ~1.8 GB (vit_h) go to `<output>.data`.
-- StableHLO (`stablehlo.export_decoder` / `export_encoder`): `jax.export` serializations with
-  the weights inside, N points (or the encoder batch) symbolic, lowered for cpu, cuda and tpu.
-  The decoder returns low-res logits: the client resizes them (`stablehlo.postprocess_masks`).
+- StableHLO (`stablehlo.export_decoder` / `export_encoder`): `jax.export` serializations, N
+  points (or the encoder batch) symbolic, lowered for cpu, cuda and tpu. The decoder returns
+  low-res logits: the client resizes them (`stablehlo.postprocess_masks`). The weights are
+  inside, or over ~1.5 GB (vit_h's encoder: jax.export files cannot exceed 2 GiB) in
+  `<output>.safetensors` beside it, passed as the first arguments:
+  `exported.call(*stablehlo.read_weights(weights_file)[1], x)`.
 
 The graphs are written from the params pytree, node by node (`sam_jax.export.onnx`); `onnx` is
 needed only to write ONNX files (imported there, lazily). Files appear whole or not at all.
@@ -25,9 +28,24 @@ import contextlib
 import os
 from collections.abc import Callable, Sequence
 
-from sam_jax.export.signature import FORMATS, PARTS, check_options
+from sam_jax.export.signature import (
+    FORMATS,
+    ONNX_DATA_SUFFIX,
+    PARTS,
+    STABLEHLO_WEIGHTS_SUFFIX,
+    check_options,
+)
 
-__all__ = ["FORMATS", "PARTS", "build", "check_options", "data_path", "save", "save_loaded"]
+__all__ = [
+    "FORMATS",
+    "PARTS",
+    "build",
+    "check_options",
+    "data_path",
+    "external_path",
+    "save",
+    "save_loaded",
+]
 
 
 def _part_params(params, part: str) -> dict:
@@ -54,8 +72,11 @@ def build(
     gelu_approximate: bool = False,
     opset: int | None = None,
     platforms: Sequence[str] | None = None,
+    weights_as_arguments: bool = False,
 ):
-    """The export in memory: an `onnx.ModelProto` or a `jax.export.Exported`."""
+    """The export in memory: an `onnx.ModelProto` or a `jax.export.Exported` (with
+    `weights_as_arguments`, one whose first arguments are `stablehlo.weight_arrays(params,
+    part)`)."""
     check_options(
         format,
         part,
@@ -69,6 +90,8 @@ def build(
 
         if platforms is not None:
             raise ValueError("platforms apply to the stablehlo format")
+        if weights_as_arguments:
+            raise ValueError("weights_as_arguments applies to the stablehlo format")
         opset = onnx_export.DEFAULT_OPSET if opset is None else opset
         if part == "encoder":
             return onnx_export.encoder_model(model, params, gelu_approximate, opset)
@@ -86,15 +109,22 @@ def build(
     if opset is not None:
         raise ValueError("opset applies to the onnx format")
     if part == "encoder":
-        return stablehlo.export_encoder(model, params, platforms)
+        return stablehlo.export_encoder(model, params, platforms, weights_as_arguments)
     return stablehlo.export_decoder(
-        model, params, return_single_mask, use_stability_score, platforms
+        model, params, return_single_mask, use_stability_score, platforms, weights_as_arguments
     )
 
 
 def data_path(path: str) -> str:
     """Where an ONNX file's external weights go: `<path>.data` beside it."""
-    return f"{os.fspath(path)}.data"
+    return f"{os.fspath(path)}{ONNX_DATA_SUFFIX}"
+
+
+def external_path(path: str, format: str) -> str:
+    """Where an export's external weights go: `<path>.data` (ONNX) or `<path>.safetensors`
+    (StableHLO) beside it."""
+    suffix = ONNX_DATA_SUFFIX if format == "onnx" else STABLEHLO_WEIGHTS_SUFFIX
+    return f"{os.fspath(path)}{suffix}"
 
 
 def save(
@@ -113,8 +143,11 @@ def save(
     The file appears whole or not at all: a local output is written beside it and renamed, and
     its folder is tried before the export is built, so an output that cannot be written fails
     fast (OSError). An existing output is refused (FileExistsError) unless `overwrite`.
-    ONNX `external_data`: the weights in `<path>.data` (None: only when they exceed ~1.8 GB, as
-    vit_h's encoder must: protobuf files cannot exceed 2 GiB).
+    `external_data`: the weights in a file beside `path` (None: only when they exceed ~1.8 GB for
+    ONNX, ~1.5 GB for StableHLO, as vit_h's encoder must: neither format's files can exceed 2
+    GiB): ONNX's external data in `<path>.data`, which onnxruntime reads itself, or, for
+    StableHLO, `<path>.safetensors`, whose arrays are the export's first arguments (see
+    `sam_jax.export.stablehlo`). Each file appears whole, and on failure neither is left.
     """
     return save_loaded(
         lambda: (model, params),
@@ -150,47 +183,68 @@ def save_loaded(
         options.get("return_extra_metrics", False),
         options.get("gelu_approximate", False),
     )
-    if format != "onnx" and external_data:
-        raise ValueError("external_data applies to the onnx format")
+    if "weights_as_arguments" in options:  # what external_data decides
+        raise TypeError("save takes external_data, not weights_as_arguments")
     if paths.isdir(path):
         raise IsADirectoryError(f"output {path} is a folder; give the path of a file")
     paths.check_new_output(path, overwrite)
     if external_data:
-        paths.check_new_output(data_path(path), overwrite)
+        paths.check_new_output(external_path(path, format), overwrite)
+    what = "external ONNX data" if format == "onnx" else "an external StableHLO weights file"
     if paths.is_remote(path):
         if external_data:
-            raise ValueError(f"external ONNX data needs a local output, got {path}")
+            raise ValueError(f"{what} needs a local output, got {path}")
         paths.check_writable(paths.parent(path))
         model, params = load()
         if _wants_external(format, part, params, external_data):
-            raise ValueError("the weights need external ONNX data, which needs a local output")
+            raise ValueError(f"the weights need {what}, which needs a local output")
         paths.write_bytes(path, _serialize(build(model, params, format, part, **options)))
         return [path]
-    placed: list[str] = []  # an external data file already renamed into place
+    placed: list[str] = []  # an external weights file already renamed into place
     try:
         with paths.atomic_output(path, overwrite) as tmp:
-            model, params = load()
-            artifact = build(model, params, format, part, **options)
-            if _wants_external(format, part, params, external_data):
-                _save_external(artifact, path, tmp, overwrite, placed)
-            else:
-                tmp.write_bytes(_serialize(artifact))
-    except BaseException:
-        for leftover in placed:
-            with contextlib.suppress(OSError):
-                os.remove(leftover)
+            try:
+                model, params = load()
+                external = _wants_external(format, part, params, external_data)
+                if format == "onnx":
+                    artifact = build(model, params, format, part, **options)
+                    if external:
+                        _save_external(artifact, path, tmp, overwrite, placed)
+                    else:
+                        tmp.write_bytes(_serialize(artifact))
+                else:
+                    artifact = build(
+                        model, params, format, part, weights_as_arguments=external, **options
+                    )
+                    data = _serialize(artifact)  # before the weights: a failure writes nothing
+                    if external:
+                        _save_weights(model, params, part, path, overwrite, placed)
+                    tmp.write_bytes(data)
+            except BaseException:  # before atomic_output removes the folders it made
+                _remove_placed(placed)
+                raise
+    except BaseException:  # the rename failed
+        _remove_placed(placed)
         raise
     return [path, *placed]
 
 
+def _remove_placed(placed: list[str]) -> None:
+    while placed:
+        with contextlib.suppress(OSError):
+            os.remove(placed.pop())
+
+
 def _wants_external(format: str, part: str, params, external_data: bool | None) -> bool:
-    if format != "onnx":
-        return False
     if external_data is not None:
         return bool(external_data)
-    from sam_jax.export import onnx as onnx_export
+    if format == "onnx":
+        from sam_jax.export import onnx as onnx_export
 
-    return _nbytes(_part_params(params, part)) > onnx_export.EXTERNAL_DATA_ABOVE
+        return _nbytes(_part_params(params, part)) > onnx_export.EXTERNAL_DATA_ABOVE
+    from sam_jax.export import stablehlo
+
+    return _nbytes(_part_params(params, part)) > stablehlo.EXTERNAL_WEIGHTS_ABOVE
 
 
 def _serialize(artifact) -> bytes:
@@ -215,3 +269,22 @@ def _save_external(proto, path: str, tmp, overwrite: bool, placed: list[str]) ->
         onnx_export.externalize(proto, os.path.basename(data), f)
     placed.append(data)
     tmp.write_bytes(proto.SerializeToString())
+
+
+def _save_weights(model, params, part: str, path: str, overwrite: bool, placed: list) -> None:
+    """The StableHLO export's weights to `<path>.safetensors` (appended to `placed` once in
+    place), in the order of its arguments."""
+    import json
+
+    from sam_jax import paths
+    from sam_jax.export import stablehlo
+
+    weights = stablehlo.weights_path(path)
+    metadata = {
+        "sam_jax.part": part,
+        "sam_jax.export": os.path.basename(path),
+        "sam_jax.config": json.dumps(model.config.to_dict()),
+    }
+    with paths.atomic_output(weights, overwrite) as tmp, open(tmp, "wb") as f:
+        stablehlo.write_weights(f, stablehlo.weight_arrays(params, part), metadata)
+    placed.append(weights)

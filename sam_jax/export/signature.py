@@ -11,6 +11,9 @@ prompt_embed_dim, g = S / patch_size, m = 4g, N = any number of points:
     orig_im_size      float32 (2,)           (H, W) of the original image (ONNX only)
 
 Encoder: `x` float32 (B, 3, S, S) normalised and zero-padded -> `image_embeddings` (B, D, g, g).
+
+A StableHLO export with external weights takes them first: `exported.call(*weights, *inputs)`,
+the weights as its `<output>.safetensors` file orders them.
 """
 
 from __future__ import annotations
@@ -41,6 +44,10 @@ STABILITY_SCORE_OFFSET = 1.0
 # (padding point included), else the best-scored multimask output.
 SINGLE_MASK_MIN_POINTS = 2.5
 SINGLE_MASK_REWEIGHT = 1000.0
+
+# Where external weights go, beside the output: ONNX's external data, the StableHLO weights.
+ONNX_DATA_SUFFIX = ".data"
+STABLEHLO_WEIGHTS_SUFFIX = ".safetensors"
 
 DECODER_OPTIONS = ("return_single_mask", "use_stability_score", "return_extra_metrics")
 

@@ -168,9 +168,15 @@ def train_and_evaluate(
     workdir = paths.resolve(workdir)
     mesh = sharding.make_mesh(config.mesh_shape)
     _check_config(config, mesh.devices.size)
+    # A bucket without credentials fails here, in one line (a probe object, nothing left); a
+    # local workdir is created only after the inputs were checked.
+    remote = paths.is_remote(workdir)
+    if remote:
+        paths.check_writable(workdir)
     may_resume = paths.isdir(paths.join(workdir, "checkpoints"))
     config_checks.check_inputs(config, workdir, resuming=may_resume)  # data and init files exist
-    paths.check_writable(workdir)  # a bucket without credentials fails here, in one line
+    if not remote:
+        paths.check_writable(workdir)
     is_main = distributed.is_main_process()
     say = print if is_main else (lambda *a, **k: None)
 
