@@ -314,9 +314,9 @@ class Annotator:
     def __init__(
         self,
         model,
-        params=None,
-        images_dir: str = "",
-        output_dir: str = "",
+        params,
+        images_dir: str,
+        output_dir: str,
         *,
         prefill_dir: str | None = None,
         prefill_min_iou: float = 0.0,

@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from einops import rearrange
 
 from sam_jax.modeling.common import DropPath, Dtype, MLPBlock, attention, layer_norm
 
@@ -109,8 +110,9 @@ class Attention(nn.Module):
         b, h, w, c = x.shape
         hd = c // self.num_heads
         qkv = nn.Dense(3 * c, dtype=self.dtype, name="qkv")(x)
-        qkv = qkv.reshape(b, h * w, 3, self.num_heads, hd)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q, k, v = rearrange(
+            qkv, "b h w (three n d) -> three b (h w) n d", three=3, n=self.num_heads
+        )
         zeros = nn.initializers.zeros
         rel_pos_h = self.param("rel_pos_h", zeros, (2 * self.input_size[0] - 1, hd), jnp.float32)
         rel_pos_w = self.param("rel_pos_w", zeros, (2 * self.input_size[1] - 1, hd), jnp.float32)
@@ -128,22 +130,18 @@ class Attention(nn.Module):
 
 def window_partition(x: jax.Array, window: int) -> tuple[jax.Array, tuple[int, int]]:
     """(B, H, W, C) -> (B * nW, window, window, C), zero-padding H and W to multiples of window."""
-    b, h, w, c = x.shape
+    h, w = x.shape[1:3]
     pad_h, pad_w = (-h) % window, (-w) % window
     x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
-    hp, wp = h + pad_h, w + pad_w
-    x = x.reshape(b, hp // window, window, wp // window, window, c)
-    return x.transpose(0, 1, 3, 2, 4, 5).reshape(-1, window, window, c), (hp, wp)
+    windows = rearrange(x, "b (nh wh) (nw ww) c -> (b nh nw) wh ww c", wh=window, ww=window)
+    return windows, (h + pad_h, w + pad_w)
 
 
 def window_unpartition(x: jax.Array, window: int, pad_hw, hw) -> jax.Array:
     """Inverse of `window_partition`, cropping the padding: -> (B, H, W, C)."""
-    hp, wp = pad_hw
-    h, w = hw
-    c = x.shape[-1]
-    b = x.shape[0] // (hp * wp // window // window)
-    x = x.reshape(b, hp // window, wp // window, window, window, c)
-    return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, c)[:, :h, :w]
+    (hp, wp), (h, w) = pad_hw, hw
+    x = rearrange(x, "(b nh nw) wh ww c -> b (nh wh) (nw ww) c", nh=hp // window, nw=wp // window)
+    return x[:, :h, :w]
 
 
 class Block(nn.Module):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 
 from sam_jax.modeling.common import MLP, Dtype, embedding, gelu, layer_norm
 from sam_jax.modeling.transformer import TwoWayTransformer
@@ -24,9 +25,8 @@ class ConvTranspose2x2(nn.Module):
         shape = (2, 2, x.shape[-1], self.features)
         kernel = self.param("kernel", nn.initializers.lecun_normal(), shape, jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-        b, h, w, _ = x.shape
         y = jnp.einsum("nhwc,abco->nhawbo", x.astype(self.dtype), kernel.astype(self.dtype))
-        return y.reshape(b, 2 * h, 2 * w, self.features) + bias.astype(self.dtype)
+        return rearrange(y, "n h a w b o -> n (h a) (w b) o") + bias.astype(self.dtype)
 
 
 class MaskDecoder(nn.Module):
