@@ -172,10 +172,10 @@ class Client:
 @contextlib.contextmanager
 def running(model, images: Path, output: Path, **kwargs):
     """The tool on a free loopback port in a thread: (annotator, client, url)."""
-    from sam_jax.annotate import serve
+    from sam_jax.annotate import serve, tool
 
     kwargs.setdefault("warmup", False)
-    annotator = serve.Annotator(*model, str(images), str(output), **kwargs)
+    annotator = tool.Annotator(*model, str(images), str(output), **kwargs)
     server = serve.BackgroundServer(serve.create_app(annotator))
     try:
         yield annotator, Client(server.url), server.url
@@ -296,8 +296,13 @@ def test_restart_loses_nothing_and_reuses_the_embedding(model, images, tmp_path)
     # A crash between two writes: the derived files are rebuilt from the state at start.
     (out / "annotations.json").unlink()
     (out / "b.json").write_text("{}")
+    Image.fromarray(_picture(64, 96, 6)).save(folder / "ü b#1%2F.png")
     with running(model, folder, out) as (annotator, c, _url):
         assert _files(out) == saved
+        status, odd = c.get("/api/images/" + urllib.parse.quote("ü b#1%2F.png", safe=""))
+        assert status == 200 and odd["name"] == "ü b#1%2F.png"
+        assert annotator.stats["encoder_runs"] == 1
+        annotator.stats["encoder_runs"] = 0
         status, opened = c.get("/api/images/b.jpg")
         assert status == 200
         assert [(o["id"], o["name"]) for o in opened["objects"]] == [(obj["id"], "x")]
@@ -311,7 +316,7 @@ def test_restart_loses_nothing_and_reuses_the_embedding(model, images, tmp_path)
 
 
 def test_bad_requests_get_a_4xx_json_answer(model, images, tmp_path):
-    from sam_jax.annotate import serve
+    from sam_jax.annotate import prompts
 
     out = tmp_path / "out"
     point = [[30, 20, 1]]
@@ -367,7 +372,7 @@ def test_bad_requests_get_a_4xx_json_answer(model, images, tmp_path):
             (
                 "POST",
                 "/api/predict",
-                {**ok, "pad": "x" * (serve.MAX_BODY_BYTES + 10)},
+                {**ok, "pad": "x" * (prompts.MAX_BODY_BYTES + 10)},
                 None,
                 {},
                 413,
@@ -444,7 +449,7 @@ def test_bad_requests_get_a_4xx_json_answer(model, images, tmp_path):
 
 def _sa1b_prefill(folder: Path, masks, ious) -> None:
     from sam_jax.annotate.auto import sa1b_record
-    from sam_jax.annotate.serve import mask_bbox, mask_rle
+    from sam_jax.annotate.prompts import mask_bbox, mask_rle
 
     records = [
         {
@@ -516,12 +521,12 @@ def _detections_file(path: Path) -> None:
 
 def test_prefill_from_detector_boxes(model, images, reference, tmp_path):
     from sam_jax.amg.masks import calculate_stability_score
-    from sam_jax.annotate import serve
+    from sam_jax.annotate import prompts
 
-    entries = serve.list_entries(str(images))
+    entries = prompts.list_entries(str(images))
     det_file, out = tmp_path / "dets.json", tmp_path / "out"
     _detections_file(det_file)
-    detections, left_out = serve.load_detections(str(det_file), entries, 0.5)
+    detections, left_out = prompts.load_detections(str(det_file), entries, 0.5)
     assert left_out == 2 and list(detections) == ["a.png"]
     ref = reference("a.png")
     with running(model, images, out, detections=detections) as (_, c, _url):
@@ -549,9 +554,9 @@ def test_prefill_from_detector_boxes(model, images, reference, tmp_path):
 
 
 def test_load_detections_formats(images, tmp_path):
-    from sam_jax.annotate import serve
+    from sam_jax.annotate import prompts
 
-    entries = serve.list_entries(str(images))  # a.png has SA-1B id 1, b.jpg id 2
+    entries = prompts.list_entries(str(images))  # a.png has SA-1B id 1, b.jpg id 2
     path = tmp_path / "d.json"
     path.write_text(
         json.dumps(
@@ -562,10 +567,10 @@ def test_load_detections_formats(images, tmp_path):
             ]
         )
     )
-    found, left_out = serve.load_detections(str(path), entries, 0.5, max_per_image=1)
+    found, left_out = prompts.load_detections(str(path), entries, 0.5, max_per_image=1)
     assert left_out == 1
-    assert found["b.jpg"] == [serve.Detection((1.0, 2.0, 4.0, 6.0), 0.8, "category 5")]
-    assert found["a.png"] == [serve.Detection((0.0, 0.0, 6.0, 6.0), 0.9, "object")]
+    assert found["b.jpg"] == [prompts.Detection((1.0, 2.0, 4.0, 6.0), 0.8, "category 5")]
+    assert found["a.png"] == [prompts.Detection((0.0, 0.0, 6.0, 6.0), 0.9, "object")]
     for text, message in [
         ("{", "not valid JSON"),
         ('{"x": 1}', "'annotations' list"),
@@ -576,7 +581,7 @@ def test_load_detections_formats(images, tmp_path):
     ]:
         path.write_text(text)
         with pytest.raises(ValueError, match=message):
-            serve.load_detections(str(path), entries)
+            prompts.load_detections(str(path), entries)
 
 
 # ---------------------------------------------------------------------------------- CLI
@@ -750,8 +755,22 @@ def test_browser_clicks_box_accept_undo_reload(model, images, reference, browser
         np.testing.assert_array_equal(mask, first)
         page.mouse.click(*_screen(page, 80.5, 50.5), button="right")
         _wait_idle(page)
+        points = _current(page)[0]
+        assert len(points) == 2
         # Name it and accept with Enter.
         page.fill("#name", "cat")
+        page.press("#name", "Enter")
+        page.wait_for_function("() => document.querySelectorAll('#object-list li').length === 1")
+        _wait_idle(page)
+        assert _current(page)[0] == []
+        # Undo with no pending click takes the accepted object back into editing.
+        page.click("#undo")
+        page.wait_for_function("() => document.querySelectorAll('#object-list li').length === 0")
+        _wait_idle(page)
+        restored, _, mask = _current(page)
+        assert restored == points
+        np.testing.assert_array_equal(mask, tool_mask(ref, points, None))
+        assert json.loads((out / "a.json").read_text())["annotations"] == []
         page.press("#name", "Enter")
         page.wait_for_function("() => document.querySelectorAll('#object-list li').length === 1")
         _wait_idle(page)

@@ -119,7 +119,7 @@ class AnnotateResult:
     images: list[str] = dataclasses.field(default_factory=list)  # the share this process owns
 
 
-def _jpeg_bytes(raw: bytes, path: str, image: np.ndarray) -> bytes:
+def jpeg_bytes(raw: bytes, path: str, image: np.ndarray) -> bytes:
     """The image as JPEG bytes: the file itself when it is a JPEG, else encoded (quality 95)."""
     if posixpath.splitext(path)[1].lower() in (".jpg", ".jpeg"):
         return raw
@@ -204,7 +204,7 @@ def annotate_dataset(
         records = drop_large_masks(records, hw, max_area_fraction)
         name = stems[i] + ".jpg"
         if copy_images:
-            paths.write_bytes(paths.join(output_dir, name), _jpeg_bytes(raw, path, image))
+            paths.write_bytes(paths.join(output_dir, name), jpeg_bytes(raw, path, image))
         record = sa1b_record(records, ids[i], name, hw)
         paths.write_text(paths.join(output_dir, stems[i] + ".json"), json.dumps(record))
         return i, len(records)

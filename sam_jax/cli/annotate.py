@@ -246,7 +246,7 @@ def run_serve(args: argparse.Namespace) -> int:
     }
     common.check_paths(inputs, args.output)
     from sam_jax import paths
-    from sam_jax.annotate import serve
+    from sam_jax.annotate import prompts, serve, tool
 
     if args.prefill is not None and not paths.isdir(args.prefill):
         raise NotADirectoryError(f"--prefill {args.prefill} is not a folder")
@@ -255,15 +255,15 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         detections, left_out = None, 0
         if args.detections is not None:
-            detections, left_out = serve.load_detections(
+            detections, left_out = prompts.load_detections(
                 args.detections,
-                serve.list_entries(args.images),
+                prompts.list_entries(args.images),
                 args.score_threshold,
                 args.max_detections,
             )
         print("Loading model...", flush=True)
         model, params = common.load_model(args.checkpoint, args.model_type)
-        annotator = serve.Annotator(
+        annotator = tool.Annotator(
             model,
             params,
             args.images,
