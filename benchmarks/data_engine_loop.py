@@ -38,7 +38,9 @@ def _evaluate(checkpoint: str, out: str, max_masks: int) -> dict:
     from sam_jax.cli.eval import main as eval_main
 
     argv = ["--checkpoint", checkpoint, "--dataset", "synthetic:test", "--output", out]
-    argv += ["--num-points", "1,3,5", "--max-masks", str(max_masks), "--no-progress"]
+    argv += ["--num-points", "1,3,5", "--no-progress"]
+    if max_masks:
+        argv += ["--max-masks", str(max_masks)]
     if eval_main(argv) != 0:
         raise SystemExit(f"evaluation of {checkpoint} failed")
     with open(os.path.join(out, "results.json")) as f:
@@ -56,6 +58,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--points-per-side", type=int, default=None)
     p.add_argument("--crop-n-layers", type=int, default=None)
+    p.add_argument("--pred-iou-thresh", type=float, default=None, help="paper: 0.88")
+    p.add_argument("--stability-score-thresh", type=float, default=None, help="paper: 0.95")
     p.add_argument("--eval-masks", type=int, default=0, help="0: every mask of synthetic:test")
     p.add_argument("--out", default="benchmarks/results/data_engine_loop_cpu.json")
     args = p.parse_args()
@@ -87,7 +91,7 @@ def main() -> None:
 
     # (3) the automatic stage (no ground truth).
     settings = dict(PAPER_SETTINGS)
-    for key in ("points_per_side", "crop_n_layers"):
+    for key in ("points_per_side", "crop_n_layers", "pred_iou_thresh", "stability_score_thresh"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     model, params = sam_jax.load(base)

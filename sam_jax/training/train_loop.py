@@ -99,16 +99,13 @@ def _mean_metrics(history: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def _check_config(config: Any, num_devices: int) -> None:
+    """What the config must satisfy on these devices (the field checks are config_checks')."""
     if config.batch_size % num_devices:
         raise ValueError(
             f"batch_size {config.batch_size} is not divisible by {num_devices} devices"
         )
     if config.batch_size % jax.process_count():
         raise ValueError(f"batch_size {config.batch_size} not divisible by the process count")
-    if config.total_steps < 1:
-        raise ValueError(f"total_steps must be >= 1, got {config.total_steps}")
-    if config.train.num_rounds < 1:
-        raise ValueError(f"train.num_rounds must be >= 1, got {config.train.num_rounds}")
 
 
 class WorkdirMismatchError(ValueError):
