@@ -525,8 +525,9 @@ def _gcs_endpoint_problem() -> str | None:
 
 
 @contextlib.contextmanager
-def _quiet_loggers(*names: str):
-    """Silences these loggers (gcsfs logs a traceback for each request it gives up on)."""
+def quiet_loggers(*names: str):
+    """Silences these loggers while the block runs (gcsfs logs a traceback for each request it
+    gives up on; orbax logs every failed read)."""
     import logging
 
     loggers = [logging.getLogger(n) for n in names]
@@ -569,7 +570,7 @@ def check_writable(path: str) -> None:
         except OSError as e:
             raise PathError(f"cannot write to {path}: {_typed(e, 300)}") from None
         return
-    with _quiet_loggers("gcsfs", "google.auth", "google_auth_httplib2", "fsspec"):
+    with quiet_loggers("gcsfs", "google.auth", "google_auth_httplib2", "fsspec"):
         _check_remote_writable(path, probe)
 
 

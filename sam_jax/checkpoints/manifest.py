@@ -318,18 +318,12 @@ def quiet_orbax() -> Iterator[None]:
     asyncio loop collected here (so that "Task exception was never retrieved" is not printed
     later); reads that complete after orbax closed its loop are dropped (see `_drop_loop_noise`)."""
     _install_unraisable_filter()
-    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL + 1)
-    try:
-        yield
-    except BaseException:
-        gc.collect()
-        raise
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
+    with paths.quiet_loggers(*_NOISY_LOGGERS):
+        try:
+            yield
+        except BaseException:
+            gc.collect()
+            raise
 
 
 _previous_unraisablehook = None
