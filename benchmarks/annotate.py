@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -23,6 +22,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
+from host_info import describe  # noqa: E402 (this folder, on sys.path when run as a script)
 
 
 def _make_images(folder: str, n: int, h: int, w: int) -> list[str]:
@@ -121,15 +121,12 @@ def main() -> None:
         "official_images_per_s": None if official is None else args.images / official,
         "speedup": None if official is None else official / ours,
     }
-    machine = {
-        "platform": jax.default_backend(),
-        "devices": [d.device_kind for d in jax.local_devices()],
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "load_avg_at_start": load,
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "torch_threads": torch.get_num_threads(),
-    }
+    machine = describe(
+        load,
+        platform=jax.default_backend(),
+        devices=[d.device_kind for d in jax.local_devices()],
+        torch_threads=torch.get_num_threads(),
+    )
     print("| model | images | sam_jax img/s | official img/s | official / sam_jax time |")
     print("|---|---|---|---|---|")
     off, ratio = row["official_images_per_s"], row["speedup"]

@@ -24,7 +24,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -32,27 +31,9 @@ import tempfile
 import time
 
 import numpy as np
+from host_info import describe  # this folder, on sys.path when run as a script
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-
-def machine() -> dict:
-    model = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in open("/proc/cpuinfo")
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    return {
-        "cpu_model": model,
-        "cores": os.cpu_count(),
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "load_avg_at_start": os.getloadavg(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-    }
 
 
 def random_params(model: str, seed: int = 0):
@@ -146,7 +127,7 @@ def main() -> None:
 
     from sam_jax.checkpoints import load_converted, manifest
 
-    result: dict = {"machine": machine(), "args": vars(args)}
+    result: dict = {"machine": describe(), "args": vars(args)}
     root = tempfile.mkdtemp(prefix="sam_jax_verify_", dir=args.dir)
     try:
         path = os.path.join(root, "ckpt")

@@ -19,13 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
+from host_info import describe  # noqa: E402 (this folder, on sys.path when run as a script)
 
 
 def _demo_config():
@@ -147,12 +147,7 @@ def main() -> None:
         f"automatic stage: {result.annotated} images, {row['masks_kept']} masks "
         f"({row['masks_per_image']['mean']:.1f} per image)"
     )
-    machine = {
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "load_avg_at_start": load,
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-    }
+    machine = describe(load)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"machine": machine, "args": vars(args), "result": row}, f, indent=1)

@@ -18,7 +18,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import sys
 import tarfile
 import tempfile
@@ -28,6 +27,7 @@ from concurrent.futures import ProcessPoolExecutor
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
+from host_info import describe  # noqa: E402 (this folder, on sys.path when run as a script)
 
 from sam_jax.data.sa1b import SA1BSource  # noqa: E402
 
@@ -399,25 +399,6 @@ def _table(rows: list[dict], cols: list[str]) -> str:
     return "\n".join(lines + ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows])
 
 
-def machine() -> dict:
-    model = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in open("/proc/cpuinfo")
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    return {
-        "cpu_model": model,
-        "cores": os.cpu_count(),
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "load_avg_at_start": os.getloadavg(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-    }
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--images", type=int, default=64)
@@ -464,7 +445,7 @@ def run(args) -> dict:
         except ImportError:
             print("grain is not installed (pip install grain): skipping the grain backends")
             backends = [b for b in backends if not b.startswith("grain")]
-    result = {"machine": machine(), "args": vars(args)}
+    result = {"machine": describe(), "args": vars(args)}
     with tempfile.TemporaryDirectory(prefix="sa1b_bench_") as tmp:
         folder = args.data_dir or os.path.join(tmp, "sa1b")
         t = time.perf_counter()
