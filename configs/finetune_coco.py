@@ -6,34 +6,13 @@ python train.py --config configs/finetune_coco.py --workdir workdir/coco \
     --config.eval.dataset=coco:annotations/instances_val2017.json:val2017
 
 The architecture comes from the checkpoint. `trainable` picks what trains: "mask_decoder",
-"prompt_encoder_and_decoder" (default) or "all" (then lower the lr; layer decay applies).
+"prompt_encoder_and_decoder" (default) or "all" (then lower the lr; layer decay applies). With the
+encoder frozen, each training image's embedding is computed once (WORKDIR/embedding_cache) and
+the steps run only the prompt encoder and the decoder (`embedding_cache`, "auto").
 """
 
-from sam_jax.training.defaults import base_config
+from sam_jax.training.defaults import finetune_recipe
 
 
 def get_config():
-    c = base_config()
-    c.init.type = "sam"
-    c.init.path = ""  # a converted sam_jax checkpoint directory or an official .pth
-    c.trainable = "prompt_encoder_and_decoder"
-    c.data.train = "coco:"  # coco:ANN_JSON:IMAGES_DIR
-    c.data.train_split = "train"
-    c.data.max_masks = 32
-    c.batch_size = 16
-    c.total_steps = 5000
-    c.optimizer.lr = 1e-4
-    c.optimizer.warmup_steps = 100
-    c.optimizer.decay = "cosine"
-    c.optimizer.weight_decay = 0.01
-    c.optimizer.layer_decay = 0.8
-    c.optimizer.grad_clip_norm = 1.0
-    c.dtype = "bfloat16"
-    c.remat_policy = "none"  # no encoder backward pass when it is frozen
-    c.checkpoint.every_steps = 500
-    c.log_every_steps = 20
-    c.eval.dataset = ""  # e.g. coco:ANN_JSON:IMAGES_DIR
-    c.eval.split = "val"
-    c.eval.every_steps = 1000
-    c.eval.max_images = 100
-    return c
+    return finetune_recipe()

@@ -1,7 +1,9 @@
 """sam_jax: Segment Anything (SAM) in JAX/Flax.
 
 Public API (imported lazily, so `import sam_jax` stays light):
-  load(path) -> (model, params)              a converted checkpoint directory or an official .pth
+  load(path) -> (model, params)              a converted directory, an official .pth, a transformers
+                                             folder, a Hub id (facebook/sam-vit-base) or a
+                                             registry name (sam_vit_b: downloaded once, cached)
   build_sam(config, dtype, attention_impl)   the Flax module; `SamConfig`, `get_config("vit_b")`
   SamPredictor(model, params)                the official predictor API
   SamAutomaticMaskGenerator(model, params)   "segment everything"

@@ -4,7 +4,8 @@ Shapes and layouts (S = config.image_size, g = S / patch_size, D = prompt_embed_
 
 - images: uint8 (H, W, 3) RGB originals; model inputs float32 (B, S, S, 3), normalised and
   zero-padded bottom/right (`preprocess_images`).
-- embeddings: float32 (B, g, g, D) (`encode_images`).
+- embeddings: float32 (B, g, g, D) (`encode_images`); images larger than the model input can be
+  encoded per tile (`encode_image_tiled`, `sam_jax.tiling`).
 - prompts: points (B, P, N, 2) float32 (x, y) in the S x S input frame and labels (B, P, N) int32:
   B images, P prompts per image, N tokens per prompt. Labels: 1 fg point, 0 bg point, -1 official
   padding point, 2/3 box top-left/bottom-right corner, PAD_LABEL (-10) ignored slot. Prompts of
@@ -33,8 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sam_jax import transforms
-from sam_jax.errors import check_bool
+from sam_jax import tiling, transforms
+from sam_jax.errors import ConfigError, check_bool
 from sam_jax.modeling import PAD_LABEL
 from sam_jax.modeling.sam import check_prompts, pack_prompt_tokens
 from sam_jax.transforms import MASK_SIZE_MULTIPLE, bucket_size
@@ -42,6 +43,7 @@ from sam_jax.transforms import MASK_SIZE_MULTIPLE, bucket_size
 __all__ = [
     "bucket_size",
     "decode_prompts",
+    "encode_image_tiled",
     "encode_images",
     "pack_image_prompts",
     "postprocess_masks",
@@ -87,6 +89,38 @@ def encode_images(model, params, images: jax.Array) -> jax.Array:
     if images.ndim != 4 or tuple(images.shape[1:]) != (s, s, 3):
         raise ValueError(f"images must have shape (B, {s}, {s}, 3), got {tuple(images.shape)}")
     return _encode(model, params, images)
+
+
+def encode_image_tiled(
+    model, params, image: np.ndarray, tile_shape: Sequence[int], halo: Sequence[int]
+) -> tiling.TiledEmbeddings:
+    """Tiled image encoder (micro_sam's tiled embeddings) for images larger than the model input.
+
+    image uint8 (H, W, 3) RGB; tile_shape and halo (h, w) pixels (`tiling.check_tiling`). Every
+    tile-with-halo `grid.outer[t]` is resized, normalised and padded to one (1, S, S, 3) input
+    and encoded on its own, so every image size compiles the encoder once and device memory
+    holds one tile's activations at a time. Returns `tiling.TiledEmbeddings`: features[t]
+    (1, g, g, D). To decode: `tiling.choose_tiles`, then the prompts shifted by the tile's
+    (x0, y0) through `pack_image_prompts` / `decode_prompts` / `postprocess_masks` with the
+    tile's outer size, then `tiling.paste` (what `SamPredictor(..., tile_shape, halo)` does).
+    """
+    spec = tiling.check_tiling(tile_shape, halo)
+    if spec is None:
+        raise ConfigError("encode_image_tiled needs tile_shape and halo")
+    image = transforms.check_image(transforms.to_host(image))
+    return _encode_tiles(model, params, image, tiling.TileGrid.build(image.shape[:2], *spec))
+
+
+def _encode_tiles(model, params, image: np.ndarray, grid: tiling.TileGrid):
+    """`encode_image_tiled` of a checked image on a built grid."""
+    features, input_sizes = [], []
+    for t in range(grid.num_tiles):
+        x, input_size = transforms.preprocess_image(grid.crop(image, t), model.config.image_size)
+        features.append(_encode(model, params, x[None]))
+        input_sizes.append(input_size)
+        if t:  # at most two tiles in flight
+            features[t - 1].block_until_ready()
+    return tiling.TiledEmbeddings(grid, features, input_sizes)
 
 
 # --------------------------------------------------------------------------- prompts

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sam_jax import functional as F
-from sam_jax import transforms
+from sam_jax import tiling, transforms
 from sam_jax.errors import check_bool
 from sam_jax.sam_model import device_of, unbind
 from sam_jax.transforms import to_host
@@ -276,12 +276,25 @@ class SamPredictor:
     min_batch_bucket: `predict_batch` / `predict_torch` pad the number of prompts B to a power of
     two of at least this (padded rows are dropped from the outputs), so that batches of 1..8
     prompts share one compiled version; `predict` (one prompt) is not padded.
+
+    Tiled mode (micro_sam's): with tile_shape and halo ((h, w) pixels, `sam_jax.tiling`),
+    `set_image` encodes every tile-with-halo separately (`functional.encode_image_tiled`), and
+    each prompt (points and/or box, in full-image pixels) is decoded in the tile that holds it
+    with the most margin (`tiling.choose_tiles`; `tile_ids` holds the last call's choices).
+    Masks come back at the full (H, W), False (logits -inf) outside the chosen tile; iou is that
+    tile's; low_res_masks are in the chosen tile's frame (its tile-with-halo resized), so pass them
+    back as mask_input only with prompts decoded in the same tile. A prompt needs a point or a
+    box; `predict_torch` and `set_torch_image` (resized-frame inputs) are refused. An image
+    within one tile gives exactly the untiled results.
     """
 
-    def __init__(self, model, params=None, min_batch_bucket: int = 8):
+    def __init__(
+        self, model, params=None, min_batch_bucket: int = 8, *, tile_shape=None, halo=None
+    ):
         model, params = unbind(model, params, "SamPredictor")
         self.model = model
         self.min_batch_bucket = int(min_batch_bucket)
+        self.tiling = tiling.check_tiling(tile_shape, halo)  # None: untiled
         # Host (numpy) leaves go to the device once, not on every call.
         self.params = jax.tree_util.tree_map(
             lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x), params
@@ -298,6 +311,8 @@ class SamPredictor:
         to put inputs, e.g. `jnp.asarray(boxes, device=predictor.device)`."""
         if self.features is not None:
             return device_of(self.features)
+        if self.tiles is not None:
+            return device_of(self.tiles.features[0])
         return device_of(jax.tree_util.tree_leaves(self.params)[0])
 
     # ----------------------------------------------------------------------- image
@@ -309,6 +324,12 @@ class SamPredictor:
         image = transforms.check_image(to_host(image))
         if image_format == "BGR":
             image = image[..., ::-1]
+        if self.tiling is not None:
+            grid = tiling.TileGrid.build(image.shape[:2], *self.tiling)
+            tiles = F._encode_tiles(self.model, self.params, image, grid)
+            self.reset_image()
+            self.tiles, self.original_size, self.is_image_set = tiles, image.shape[:2], True
+            return
         x, input_size = transforms.preprocess_image(image, self.image_size)
         self._set_embedding(
             F._encode(self.model, self.params, x[None]), image.shape[:2], input_size
@@ -318,6 +339,7 @@ class SamPredictor:
         """`set_image` of an image already resized (official `set_torch_image`): (1, 3, h, w)
         (numpy, jax or torch; uint8 or float values) from `transform.apply_image`, and the
         original (H, W)."""
+        self._refuse_tiled("set_torch_image", "set_image")
         x = to_host(transformed_image)
         shape = np.shape(x)
         if len(shape) != 4 or shape[0] != 1:
@@ -337,9 +359,12 @@ class SamPredictor:
         self.is_image_set = True
 
     def get_image_embedding(self):
-        """The embedding of the current image: jax array (1, g, g, D) (NHWC)."""
+        """The embedding of the current image: jax array (1, g, g, D) (NHWC); in tiled mode
+        (T, g, g, D), one per tile of `tiles.grid` (row-major)."""
         if not self.is_image_set:
             raise RuntimeError("An image must be set with .set_image(...) to get an embedding.")
+        if self.tiles is not None:
+            return jnp.concatenate(self.tiles.features)
         return self.features
 
     def reset_image(self) -> None:
@@ -348,6 +373,8 @@ class SamPredictor:
         self.features = None
         self.original_size = None
         self.input_size = None
+        self.tiles = None  # tiling.TiledEmbeddings in tiled mode
+        self.tile_ids = None  # (P,) tile of each prompt of the last tiled call
 
     # ----------------------------------------------------------------------- prompts
 
@@ -428,6 +455,7 @@ class SamPredictor:
         masks (B, C, H, W) at the original size, iou (B, C), low-res logits (B, C, m, m).
         """
         self._require_image()
+        self._refuse_tiled("predict_torch", "predict_batch")
         _check_frame(point_coords, "point_coords", self.image_size)
         _check_frame(boxes, "boxes", self.image_size)
         coords, labels, box_arr, masks, num = check_batched_prompts(
@@ -450,6 +478,12 @@ class SamPredictor:
         if not self.is_image_set:
             raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
 
+    def _refuse_tiled(self, method: str, instead: str) -> None:
+        if self.tiling is not None:
+            raise ValueError(
+                f"{method} takes resized-frame inputs, which tiled mode has not: use {instead}"
+            )
+
     def _zero_masks(self, num: int):
         """Device-resident zeros (1, num, m, m), cached per size (no host transfer per call)."""
         if num not in self._zeros:
@@ -468,12 +502,23 @@ class SamPredictor:
         multimask_output,
         logits,
         input_frame=False,
+        frame=None,
     ):
         """coords (P, N, 2) / labels (P, N) / boxes (P, 4) in original pixels (input_frame:
         already in the resized input frame); masks (P, m, m); all validated by the caller.
-        P = num prompts, padded to bucket_size(num, min_bucket)."""
+        P = num prompts, padded to bucket_size(num, min_bucket). frame: (features, original
+        size, input size) of a tile (default: the image's)."""
         multimask_output = check_bool("multimask_output", multimask_output)
         logits = check_bool("return_logits", logits)
+        if self.tiles is not None and frame is None:
+            return self._predict_tiled(
+                coords, labels, boxes, masks, min_bucket, multimask_output, logits
+            )
+        features, original_size, input_size = frame or (
+            self.features,
+            self.original_size,
+            self.input_size,
+        )
         tokens = (0 if coords is None else coords.shape[1] + (boxes is None)) + (
             0 if boxes is None else 2
         )
@@ -482,7 +527,7 @@ class SamPredictor:
             pts, labs = F._pack_input_prompts(coords, labels, boxes, pad_to)
         else:
             pts, labs = F._pack_image_prompts(
-                self.original_size, self.image_size, coords, labels, boxes, pad_to
+                original_size, self.image_size, coords, labels, boxes, pad_to
             )
         if pts.shape[0] != num:  # no sparse prompt: the same all-padding tokens for every prompt
             pts, labs = np.repeat(pts, num, axis=0), np.repeat(labs, num, axis=0)
@@ -499,7 +544,7 @@ class SamPredictor:
         low_res, iou = F._decode_prompts(
             self.model,
             self.params,
-            self.features,
+            features,
             pts[None],
             labs[None],
             mask_in,
@@ -509,15 +554,33 @@ class SamPredictor:
         # Padded post-processing: images of similar sizes share one compiled version.
         out = F._postprocess_masks_padded(
             low_res[0],
-            self.input_size,
-            self.original_size,
+            input_size,
+            original_size,
             self.image_size,
             None if logits else 0.0,
             transforms.MASK_SIZE_MULTIPLE,
         )
-        h, w = self.original_size
+        h, w = original_size
         out = np.ascontiguousarray(np.asarray(out)[:num, ..., :h, :w])
         return out, np.asarray(iou[0][:num]), np.asarray(low_res[0][:num])
+
+    def _predict_tiled(self, coords, labels, boxes, masks, min_bucket, multimask_output, logits):
+        """`_predict` in tiled mode: each prompt in its tile (`tiling.choose_tiles`), pasted."""
+        grid = self.tiles.grid
+        self.tile_ids = tiling.choose_tiles(grid, coords, boxes)
+
+        def predict_tile(t, rows, offset):
+            frame = (self.tiles.features[t], grid.outer_shape(t), self.tiles.input_sizes[t])
+            c = None if coords is None else coords[rows] - offset
+            b = None if boxes is None else boxes[rows] - np.tile(offset, 2)
+            lab = None if labels is None else labels[rows]
+            m = None if masks is None else masks[rows]
+            return self._predict(
+                c, lab, b, m, len(rows), min_bucket, multimask_output, logits, frame=frame
+            )
+
+        fill = -np.inf if logits else False
+        return tiling.predict_in_tiles(grid, self.tile_ids, predict_tile, fill)
 
 
 def default_multimask(points: Sequence[Point], box: Box | None) -> bool:
@@ -532,15 +595,18 @@ def segment(
     points: Sequence[Point] = (),
     box: Box | None = None,
     multimask_output: bool | None = None,
+    tile_shape=None,
+    halo=None,
 ) -> tuple[np.ndarray, np.ndarray, bool]:
-    """(masks bool (C, H, W), predicted IoU (C,), multimask_output) for the prompts."""
+    """(masks bool (C, H, W), predicted IoU (C,), multimask_output) for the prompts (tiled with
+    tile_shape and halo, see `SamPredictor`)."""
     if not points and box is None:
         raise ValueError("give at least one point or a box")
     if multimask_output is None:
         multimask_output = default_multimask(points, box)
     coords = np.array([p[:2] for p in points], np.float64) if points else None
     labels = np.array([p[2] for p in points], np.int32) if points else None
-    predictor = SamPredictor(model, params)
+    predictor = SamPredictor(model, params, tile_shape=tile_shape, halo=halo)
     predictor.set_image(image)
     masks, scores, _ = predictor.predict(
         point_coords=coords,

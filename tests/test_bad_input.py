@@ -290,6 +290,21 @@ CASES = [
         ["train.box_prob", "[0.0, 1.0]"],
     ),
     (
+        "train-lora-rank-larger-than-the-layer",
+        "train",
+        "--config {config} --workdir {new} --config.trainable=none --config.lora.rank=4096",
+        2,
+        ["lora.rank 4096 is larger than layer", "image_encoder/blocks_0/attn/qkv"],
+    ),
+    (
+        "train-lora-unknown-target",
+        "train",
+        "--config {config} --workdir {new} --config.trainable=none --config.lora.rank=2 "
+        "--config.lora.targets=qkv --config.lora.targets=neck",
+        2,
+        ["lora.targets", "unknown target", "neck"],
+    ),
+    (
         "train-field-typo",
         "train",
         "--config {config} --workdir {new} --config.optimzer.lr=1",

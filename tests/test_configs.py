@@ -59,3 +59,13 @@ def test_finetune_config_freezes_the_encoder():
     c = _load("finetune_coco")
     assert c.init.type == "sam" and c.trainable == "prompt_encoder_and_decoder"
     assert c.data.train.startswith("coco:")
+
+
+def test_lora_config_adapts_the_encoder_and_passes_the_checks():
+    from sam_jax.training.config_checks import check_config
+
+    c = _load("finetune_lora")
+    c.init.path = "some/checkpoint"
+    c.data.train = "coco:ann.json:images"
+    check_config(c)
+    assert c.lora.rank == 4 and tuple(c.lora.targets) == ("qkv",) and c.trainable == "mask_decoder"

@@ -157,3 +157,12 @@ def test_finetune_example(tmp_path, monkeypatch):
     # main number of eval.py) goes up; the 3-click and box numbers stay near the base level.
     assert after["1pt"] > before["1pt"], (before, after)
     assert after["1pt"] > 5.0, (before, after)
+    # LoRA: the adapters merged into the encoder change it; the decoder trains beside them.
+    lora = s["lora"]
+    assert lora["rank"] == 4 and lora["targets"] == ["qkv"] and lora["trainable"] == "mask_decoder"
+    assert lora["changed_parts"] == {
+        "image_encoder": True,
+        "prompt_encoder": False,
+        "mask_decoder": True,
+    }
+    assert lora["miou"]["1pt"] > before["1pt"], (before, lora)

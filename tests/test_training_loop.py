@@ -108,8 +108,8 @@ def test_sigterm_saves_and_resume_matches(reference_run, tmp_path, cache_dir):
 def test_non_finite_loss_stops_without_saving(tmp_path, monkeypatch):
     original = train_step.simulate_and_loss
 
-    def poisoned(model, params, emb, batch, key, tc):
-        loss, metrics = original(model, params, emb, batch, key, tc)
+    def poisoned(model, params, emb, batch, key, tc, *lora):
+        loss, metrics = original(model, params, emb, batch, key, tc, *lora)
         bad = batch["image"][0, 0, 0, 0] == 255  # the fake batch of step 3 carries the marker
         loss = jnp.where(bad, jnp.nan, loss)
         return loss, {**metrics, "loss": loss}

@@ -86,6 +86,11 @@ def test_weight_decay_mask():
     assert not mask["prompt_encoder"]["point_embeddings_0"]["embedding"]
 
 
+def _tree(params, adapters=None):
+    """What make_optimizer's optimizer updates: the params beside the LoRA adapters."""
+    return {"params": params, "adapters": adapters or {}}
+
+
 def _two_steps(tx, params):
     state = tx.init(params)
     rng = np.random.default_rng(0)
@@ -104,7 +109,7 @@ def test_matches_optax_adamw_with_clipping():
     params = _params()
     cfg = _config(weight_decay=0.1, grad_clip_norm=1.0)
     cfg.trainable = "all"
-    got = _two_steps(opt.make_optimizer(cfg, params, 2), params)
+    got = _two_steps(opt.make_optimizer(cfg, params, 2), _tree(params))["params"]
     labels = opt.trainable_labels(params, "all")
     ref_tx = optax.multi_transform(
         {
@@ -119,7 +124,8 @@ def test_matches_optax_adamw_with_clipping():
     want = _two_steps(ref_tx, params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got, want)
     # Without clipping the huge first gradient changes the second step.
-    unclipped = _two_steps(opt.make_optimizer(_config(weight_decay=0.1), params, 2), params)
+    tx = opt.make_optimizer(_config(weight_decay=0.1), params, 2)
+    unclipped = _two_steps(tx, _tree(params))["params"]
     k = ("mask_decoder", "iou_prediction_head", "layers_0", "kernel")
     a, b = got, unclipped
     for name in k:
@@ -130,8 +136,9 @@ def test_matches_optax_adamw_with_clipping():
 def test_layer_decay_scales_updates():
     params = _params()
     tx = opt.make_optimizer(_config(layer_decay=0.5), params, 2)
-    g = jax.tree.map(jnp.ones_like, params)
-    u, _ = tx.update(g, tx.init(params), params)
+    g = jax.tree.map(jnp.ones_like, _tree(params))
+    u, _ = tx.update(g, tx.init(_tree(params)), _tree(params))
+    u = u["params"]
     top = float(u["mask_decoder"]["iou_prediction_head"]["layers_0"]["kernel"][0, 0])
     b0 = float(u["image_encoder"]["blocks_0"]["mlp"]["lin1"]["kernel"][0, 0])
     pe = float(u["image_encoder"]["pos_embed"].ravel()[0])
@@ -152,8 +159,9 @@ def test_frozen_parts_do_not_move(trainable, trained):
     cfg = _config()
     cfg.trainable = trainable
     tx = opt.make_optimizer(cfg, params, 2)
-    g = jax.tree.map(jnp.ones_like, params)
-    u, _ = tx.update(g, tx.init(params), params)
+    g = jax.tree.map(jnp.ones_like, _tree(params))
+    u, _ = tx.update(g, tx.init(_tree(params)), _tree(params))
+    u = u["params"]
     for part in ("image_encoder", "prompt_encoder", "mask_decoder"):
         moved = [float(jnp.abs(x).sum()) > 0 for x in jax.tree.leaves(u[part])]
         if part not in trained:
@@ -169,3 +177,25 @@ def test_frozen_parts_do_not_move(trainable, trained):
         )
     with pytest.raises(ValueError, match="trainable must be one of"):
         opt.trainable_labels(params, "encoder")
+
+
+def test_lora_adapters_train_with_their_layer_lr_and_the_base_has_no_state():
+    params = _params()
+    adapters = {
+        "image_encoder": {
+            "blocks_0": {"mlp": {"lin1": {"a": jnp.ones((3, 2)), "b": jnp.ones((2, 3))}}}
+        }
+    }
+    cfg = _config(layer_decay=0.5)
+    cfg.trainable = "none"
+    tx = opt.make_optimizer(cfg, params, 2, adapters)
+    tree = _tree(params, adapters)
+    state = tx.init(tree)
+    # Adam moments exist for the two adapter arrays only (frozen leaves hold MaskedNodes).
+    moments = [x for x in jax.tree.leaves(state) if getattr(x, "ndim", 0) == 2]
+    assert sorted(x.shape for x in moments) == [(2, 3), (2, 3), (3, 2), (3, 2)]
+    u, _ = tx.update(jax.tree.map(jnp.ones_like, tree), state, tree)
+    assert all(float(jnp.abs(x).sum()) == 0 for x in jax.tree.leaves(u["params"]))
+    # blocks_0 is ViTDet layer 1 of L=2: lr * 0.5 ** (2 + 1 - 1) = 0.1 * 0.25
+    a = u["adapters"]["image_encoder"]["blocks_0"]["mlp"]["lin1"]["a"]
+    np.testing.assert_allclose(a, -0.025, rtol=1e-4)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sam_jax import functional as F
-from sam_jax import transforms
+from sam_jax import tiling, transforms
 from sam_jax.amg import masks as au
 from sam_jax.sam_model import unbind
 
@@ -149,6 +149,13 @@ class SamAutomaticMaskGenerator:
     segmentation (bool (H, W) array, or an uncompressed / COCO RLE dict, per `output_mode`),
     area (int), bbox (XYWH ints), predicted_iou (float), point_coords ([[x, y]]),
     stability_score (float), crop_box (XYWH ints).
+
+    Tiled mode (micro_sam's tiled AMG): with tile_shape and halo ((h, w) pixels), the whole
+    generation (crops included) runs on every tile-with-halo of the image (`sam_jax.tiling`), and
+    `tiling.merge_tiles` maps the masks to the image and merges those that cross tile seams (rule
+    in its docstring; crop_nms_thresh is the NMS threshold across tiles). Records are in
+    full-image coordinates; a merged mask's crop_box is the box around its tiles' crop boxes. An
+    image within one tile gives exactly the untiled records.
     """
 
     def __init__(
@@ -168,6 +175,8 @@ class SamAutomaticMaskGenerator:
         point_grids: list[np.ndarray] | None = None,
         min_mask_region_area: int = 0,
         output_mode: str = "binary_mask",
+        tile_shape: tuple[int, int] | None = None,
+        halo: tuple[int, int] | None = None,
     ) -> None:
         # A SamModel alone (the official call), or a module and its params; (None, None) checks
         # the settings only (sam-jax-amg does, before loading a model).
@@ -207,6 +216,7 @@ class SamAutomaticMaskGenerator:
         )
         self.min_mask_region_area = _check_int("min_mask_region_area", min_mask_region_area, 0)
         self.output_mode = output_mode
+        self.tiling = tiling.check_tiling(tile_shape, halo)  # None: untiled
         self.model, self.params = model, params
 
     @staticmethod
@@ -243,7 +253,11 @@ class SamAutomaticMaskGenerator:
     def generate(self, image: np.ndarray) -> list[dict[str, Any]]:
         """Masks for a uint8 (H, W, 3) RGB image, as a list of records (see the class doc)."""
         image = transforms.check_image(transforms.to_host(image))
-        data = self._generate_masks(image)
+        if self.tiling is None:
+            data = self._generate_masks(image)
+        else:
+            grid = tiling.TileGrid.build(image.shape[:2], *self.tiling)
+            data = tiling.generate_tiled(image, self._generate_masks, grid, self.crop_nms_thresh)
         if self.min_mask_region_area > 0:
             data = self.postprocess_small_regions(
                 data, self.min_mask_region_area, max(self.box_nms_thresh, self.crop_nms_thresh)

@@ -3,18 +3,23 @@ mapping between the two, and training checkpoints.
 
     pth.py        reading / writing official state_dicts (torch imported lazily)
     mapping.py    the one table between torch keys and flax params (pure numpy)
-    converted.py  orbax directories of (config, params); `load` reads either format
+    converted.py  orbax directories of (config, params); `load` reads every format below
+    hf.py         transformers SamModel directories and Hugging Face Hub ids
+    registry.py   Meta's released checkpoints by name (sam_vit_b, ...), downloaded and cached
     manifest.py   checksums of every file and array, written last, verified at load
     training.py   the train state under an orbax CheckpointManager (resume, preemption)
 """
 
 from sam_jax.checkpoints.converted import (
     check_finite,
+    is_checkpoint_name,
     load,
     load_converted,
+    read_checkpoint,
     read_converted_config,
     save_converted,
 )
+from sam_jax.checkpoints.hf import is_hf_dir, load_hf, save_hf
 from sam_jax.checkpoints.mapping import (
     infer_config,
     params_to_state_dict,
@@ -27,6 +32,7 @@ from sam_jax.checkpoints.pth import (
     read_state_dict,
     save_pth,
 )
+from sam_jax.checkpoints.registry import load_registered
 from sam_jax.errors import CheckpointError
 
 __all__ = [
@@ -35,13 +41,19 @@ __all__ = [
     "check_sha256",
     "config_for_state_dict",
     "infer_config",
+    "is_checkpoint_name",
+    "is_hf_dir",
     "load",
     "load_converted",
+    "load_hf",
     "load_pth",
+    "load_registered",
     "params_to_state_dict",
+    "read_checkpoint",
     "read_converted_config",
     "read_state_dict",
     "save_converted",
+    "save_hf",
     "save_pth",
     "state_dict_to_params",
 ]

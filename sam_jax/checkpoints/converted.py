@@ -231,6 +231,57 @@ def _restore(path: str, config: SamConfig) -> dict[str, Any]:
     return jax.tree.map(lambda x: np.asarray(x, np.float32), restored[PARAMS_ITEM])
 
 
+def read_checkpoint(
+    path: str | os.PathLike,
+    decoder_num_heads: int | None = None,
+    allow_nonfinite: bool = False,
+    verify: bool = True,
+) -> tuple[SamConfig, dict[str, Any]]:
+    """(config, params as float32 numpy arrays) of any checkpoint, tried in this order:
+
+    - a converted directory (verified against its manifest unless `verify=False`);
+    - a transformers `SamModel` directory (config.json + safetensors or pytorch_model.bin);
+    - an official `.pth` file (architecture inferred from the shapes; decoder heads:
+      `decoder_num_heads`, default 8);
+    - a registry name (`sam_vit_b`, `vit_l`, ...: downloaded once into the cache, checked,
+      converted once; see sam_jax.checkpoints.registry);
+    - a Hugging Face Hub id (`facebook/sam-vit-base`; huggingface_hub's cache and HF_HUB_OFFLINE).
+
+    Params with NaN or infinite values are refused unless `allow_nonfinite` (CheckpointError).
+    """
+    from sam_jax.checkpoints import hf, registry
+
+    name = os.fspath(path)
+    if paths.isdir(name) and not is_converted_dir(name) and hf.is_hf_dir(name):
+        config, params = hf.load_hf(name)
+    elif paths.isdir(name):
+        return load_converted(name, verify=verify, allow_nonfinite=allow_nonfinite)
+    elif paths.isfile(name):
+        config, params = load_pth(name, decoder_num_heads=decoder_num_heads)
+    elif registry.lookup(name) is not None:
+        return registry.load_registered(name, verify=verify, allow_nonfinite=allow_nonfinite)
+    elif hf.is_hub_id(name):
+        config, params = hf.load_hf(name)
+    else:
+        raise FileNotFoundError(f"checkpoint {name} does not exist")
+    if not allow_nonfinite:
+        check_finite(_flat(params), name if hf.is_hub_id(name) else paths.resolve(name))
+    return config, params
+
+
+def is_checkpoint_name(name: str | os.PathLike) -> bool:
+    """Whether `name` is a registry name or a Hub id, not a local path (`read_checkpoint`
+    fetches those itself, so commands must not require them to exist as files)."""
+    from sam_jax.checkpoints import hf, registry
+
+    return not paths.exists(name) and (registry.lookup(name) is not None or hf.is_hub_id(name))
+
+
+def is_converted_dir(path: str) -> bool:
+    """Whether `path` holds the items of a converted checkpoint."""
+    return paths.isfile(paths.join(path, CONFIG_ITEM, "metadata"))
+
+
 def load(
     path: str | os.PathLike,
     dtype: Any = jnp.float32,
@@ -239,7 +290,8 @@ def load(
     allow_nonfinite: bool = False,
     verify: bool = True,
 ):
-    """Loads a converted directory or an official `.pth` -> (model, params).
+    """Loads any checkpoint `read_checkpoint` reads (a converted or transformers directory, an
+    official `.pth`, a registry name such as "sam_vit_b", a Hub id) -> (model, params).
 
     `dtype` is the compute dtype of the model; params are float32 jax arrays. For a `.pth`, the
     architecture is inferred from the tensor shapes (decoder heads: `decoder_num_heads`, default 8).
@@ -248,13 +300,6 @@ def load(
     """
     from sam_jax.modeling import build_sam
 
-    if paths.isdir(path):
-        config, params = load_converted(path, verify=verify, allow_nonfinite=allow_nonfinite)
-    elif paths.isfile(path):
-        config, params = load_pth(path, decoder_num_heads=decoder_num_heads)
-        if not allow_nonfinite:
-            check_finite(_flat(params), paths.resolve(path))
-    else:
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    config, params = read_checkpoint(path, decoder_num_heads, allow_nonfinite, verify)
     model = build_sam(config, dtype=dtype, attention_impl=attention_impl)
     return model, jax.device_put(params)

@@ -8,6 +8,8 @@ DIR/<image name>/ of masks as PNGs (0/255) and a metadata.csv, or with --convert
 DIR/<image name>.json of COCO RLE records. Unreadable images are reported and skipped; the exit
 status is 1 when any image failed. Flags and outputs follow the official script;
 --crop-overlap-ratio takes a float (the official script declares it as an int by mistake).
+--tile-shape H,W and --halo H,W run the generator per tile of a large image (micro_sam's tiled
+AMG) and merge masks across tile seams.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import sys
 
 from sam_jax.cli import common
+from sam_jax.cli.predict import add_tiling_flags
 
 PROG = "sam-jax-amg"
 AMG_FLAGS = {  # flag -> (type, help)
@@ -74,6 +77,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     group = parser.add_argument_group("AMG Settings")
     for name, (kind, help_text) in AMG_FLAGS.items():
         group.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=help_text)
+    add_tiling_flags(parser)
     return parser
 
 
@@ -83,6 +87,7 @@ def parse_args(argv=None, prog: str = PROG) -> argparse.Namespace:
 
     args = build_parser(prog).parse_args(argv)
     args.amg_kwargs = {k: getattr(args, k) for k in AMG_FLAGS if getattr(args, k) is not None}
+    args.amg_kwargs.update(tile_shape=args.tile_shape, halo=args.halo)
     args.output_mode = "coco_rle" if args.convert_to_rle else "binary_mask"
     try:  # the constructor checks every setting and does not touch the model
         SamAutomaticMaskGenerator(None, None, output_mode=args.output_mode, **args.amg_kwargs)

@@ -245,13 +245,22 @@ def device_context(device: str | None):
     return jax.default_device(resolve_device(device))
 
 
+def _fetched(flag: str, path: str) -> bool:
+    """A --checkpoint that names a registry model or a Hub id (sam_jax.load fetches it)."""
+    if flag != "--checkpoint":
+        return False
+    from sam_jax.checkpoints import is_checkpoint_name
+
+    return is_checkpoint_name(path)
+
+
 def check_paths(inputs: dict[str, str], output: str | None = None, replaces: bool = False):
     """Before any work: every input ({flag: path}) exists (FileNotFoundError), and `output` is
     not an existing file (PathError) and neither is, holds nor sits inside an input (exit 2)."""
     from sam_jax import paths
 
     for flag, path in inputs.items():
-        if path and not paths.exists(path):
+        if path and not paths.exists(path) and not _fetched(flag, path):
             raise FileNotFoundError(f"{flag} {path} does not exist")
     if output is None:
         return

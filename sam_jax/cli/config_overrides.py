@@ -163,13 +163,17 @@ def field_paths(config, prefix: str = "") -> list[str]:
 
 
 def closest_field(path: str, candidates: list[str]) -> str | None:
-    """The closest field name (difflib): on the whole dotted path, else on its last part."""
+    """The closest field name: a field of the same name elsewhere (`lr` -> `optimizer.lr`), else
+    difflib on the whole dotted path, else on its last part."""
     if not candidates:
         return None
+    leaf = path.rsplit(".", 1)[-1]
+    same_name = [c for c in candidates if c.rsplit(".", 1)[-1] == leaf and c != path]
+    if same_name:
+        return min(same_name, key=len)
     best = difflib.get_close_matches(path, candidates, n=1, cutoff=0.6)
     if best:
         return best[0]
-    leaf = path.rsplit(".", 1)[-1]
     leaves = {}
     for c in candidates:
         leaves.setdefault(c.rsplit(".", 1)[-1], c)

@@ -1,13 +1,17 @@
-"""sam-jax-convert: convert SAM checkpoints between the official PyTorch format and sam_jax
-(orbax); also `python -m convert_weights`.
+"""sam-jax-convert: convert SAM checkpoints between the official PyTorch format, sam_jax
+(orbax) and transformers (Hugging Face); also `python -m convert_weights`.
 
     sam-jax-convert --checkpoint sam_vit_b_01ec64.pth --output ckpt/sam_vit_b \\
         [--model-type vit_b] [--sha256 HEX] [--decoder-num-heads 8] [--force]
     sam-jax-convert --to-pytorch --checkpoint ckpt/sam_vit_b --output sam_vit_b.pth
+    sam-jax-convert --checkpoint facebook/sam-vit-base --output ckpt/sam_vit_b
+    sam-jax-convert --checkpoint ckpt/sam_vit_b --to-hf hf/sam_vit_b
 
-Without --model-type the architecture is inferred from the tensor shapes, so fine-tuned and
-custom-size checkpoints convert as well. On bad input the command exits 1 with a one-line error
-and leaves no output behind.
+--checkpoint takes an official .pth, a converted directory, a transformers SamModel directory,
+a Hugging Face Hub id or a registry name (sam_vit_b, ...). Without --model-type the
+architecture of a .pth is inferred from the tensor shapes, so fine-tuned and custom-size
+checkpoints convert as well. On bad input the command exits 1 with a one-line error and leaves
+no output behind.
 """
 
 from __future__ import annotations
@@ -32,17 +36,22 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     parser.add_argument(
         "--checkpoint",
         required=True,
-        help="input: an official .pth file, or with --to-pytorch a converted directory",
+        help="input: a .pth file, a converted or transformers directory, a Hub id or a "
+        "registry name",
     )
     parser.add_argument(
         "--output",
-        required=True,
         help="output: a converted (orbax) directory, or with --to-pytorch a .pth file",
     )
     parser.add_argument(
         "--to-pytorch",
         action="store_true",
         help="convert a sam_jax checkpoint back to an official PyTorch state_dict",
+    )
+    parser.add_argument(
+        "--to-hf",
+        metavar="OUT_DIR",
+        help="write a transformers SamModel directory (config.json, model.safetensors) instead",
     )
     parser.add_argument(
         "--model-type",
@@ -62,14 +71,18 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     return parser
 
 
+_PTH_ONLY = "--model-type, --decoder-num-heads and --sha256 apply to .pth input only"
+
+
 def parse_args(argv: Sequence[str] | None = None, prog: str = PROG) -> argparse.Namespace:
     args = build_parser(prog).parse_args(argv)
-    if args.to_pytorch and any(
-        a is not None for a in (args.model_type, args.decoder_num_heads, args.sha256)
-    ):
-        raise common.UsageError(
-            "--model-type, --decoder-num-heads and --sha256 apply to .pth input only"
-        )
+    pth_flags = any(a is not None for a in (args.model_type, args.decoder_num_heads, args.sha256))
+    if args.to_pytorch and pth_flags:
+        raise common.UsageError(_PTH_ONLY)
+    if args.to_hf is not None and (args.to_pytorch or args.output is not None):
+        raise common.UsageError("--to-hf OUT_DIR takes the place of --output and --to-pytorch")
+    if args.to_hf is None and args.output is None:
+        raise common.UsageError("the following arguments are required: --output (or --to-hf)")
     return args
 
 
@@ -77,22 +90,35 @@ def convert(args: argparse.Namespace) -> str:
     """Runs one conversion; returns a one-line summary. Raises on bad input."""
     from sam_jax import checkpoints, paths
 
-    if not args.to_pytorch and paths.isdir(args.checkpoint):
+    src, out = args.checkpoint, args.to_hf or args.output
+    local = paths.exists(src)
+    pth = local and paths.isfile(src)
+    converted = local and not pth and not checkpoints.is_hf_dir(src)
+    if converted and not args.to_pytorch and args.to_hf is None:
         raise common.UsageError(
-            f"{args.checkpoint} is a directory; converting to PyTorch needs --to-pytorch"
+            f"{src} is a directory; converting to PyTorch needs --to-pytorch (or --to-hf)"
         )
-    common.check_paths({"--checkpoint": args.checkpoint}, args.output, replaces=True)
-    paths.check_new_output(args.output, overwrite=args.force)
+    if not pth and any(
+        a is not None for a in (args.model_type, args.decoder_num_heads, args.sha256)
+    ):
+        raise common.UsageError(_PTH_ONLY)
+    common.check_paths({"--checkpoint": src} if local else {}, out, replaces=True)
+    paths.check_new_output(out, overwrite=args.force)
+    if pth and not args.to_pytorch:
+        config, params = checkpoints.load_pth(
+            src, args.model_type, args.decoder_num_heads, args.sha256
+        )
+    else:  # anything sam_jax.load reads (a converted directory is verified)
+        config, params = checkpoints.read_checkpoint(src)
+    if args.to_hf is not None:
+        checkpoints.save_hf(out, config, params, overwrite=args.force)
+        return f"wrote {out}: transformers SamModel, {config.to_json()}"
     if args.to_pytorch:
-        config, params = checkpoints.load_converted(args.checkpoint)
         state_dict = checkpoints.params_to_state_dict(params, config)
-        checkpoints.save_pth(args.output, state_dict, overwrite=args.force)
-        return f"wrote {args.output}: {len(state_dict)} tensors"
-    config, params = checkpoints.load_pth(
-        args.checkpoint, args.model_type, args.decoder_num_heads, args.sha256
-    )
-    checkpoints.save_converted(args.output, config, params, overwrite=args.force)
-    return f"wrote {args.output}: {config.to_json()}"
+        checkpoints.save_pth(out, state_dict, overwrite=args.force)
+        return f"wrote {out}: {len(state_dict)} tensors"
+    checkpoints.save_converted(out, config, params, overwrite=args.force)
+    return f"wrote {out}: {config.to_json()}"
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,13 +1,15 @@
 """sam-jax-predict: prompted segmentation of one image; also `python -m sam_jax.cli.predict`.
 
     sam-jax-predict --checkpoint CKPT --image IMAGE --output DIR \\
-        [--point X,Y[,LABEL] ...] [--box X0,Y0,X1,Y1] [--no-multimask-output]
+        [--point X,Y[,LABEL] ...] [--box X0,Y0,X1,Y1] [--no-multimask-output] \\
+        [--tile-shape H,W --halo H,W]
 
 Points are in pixels of the original image; LABEL is 1 (foreground, the default) or 0
 (background). Writes DIR/mask_<i>.png (0/255) for every output mask, DIR/overlay.png (the image
 with the best mask tinted and the prompts drawn) and DIR/scores.json (predicted IoU and area per
 mask, the best mask and the prompts). Multimask output defaults to on for a single point without
-a box, as the official notebooks recommend.
+a box, as the official notebooks recommend. With --tile-shape and --halo a large image is
+encoded per tile (micro_sam's tiling) and the prompt decoded in the tile that holds it best.
 """
 
 from __future__ import annotations
@@ -48,6 +50,26 @@ def parse_box(text: str) -> tuple[float, float, float, float]:
     return x0, y0, x1, y1
 
 
+def parse_pair(text: str) -> tuple[int, int]:
+    """'H,W': two integers (a tile shape or a halo; `sam_jax.tiling.check_tiling` checks them)."""
+    try:
+        values = [int(p) for p in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 2:
+        raise argparse.ArgumentTypeError(f"expected H,W (two integers), got {text!r}")
+    return values[0], values[1]
+
+
+def add_tiling_flags(parser: argparse.ArgumentParser) -> None:
+    """--tile-shape H,W and --halo H,W (sam-jax-predict and sam-jax-amg)."""
+    group = parser.add_argument_group(
+        "tiling", "Large images: encode tiles of H x W pixels, each widened by a halo."
+    )
+    group.add_argument("--tile-shape", type=parse_pair, default=None, metavar="H,W")
+    group.add_argument("--halo", type=parse_pair, default=None, metavar="H,W")
+
+
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     from sam_jax.config import MODEL_TYPES
 
@@ -77,6 +99,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         help="Three masks instead of one (default: on for a single point without a box).",
     )
     parser.add_argument("--device", default=None, help="JAX platform (cpu, gpu, tpu).")
+    add_tiling_flags(parser)
     return parser
 
 
@@ -85,6 +108,9 @@ def parse_args(argv=None, prog: str = PROG) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.point and args.box is None:
         parser.error("give at least one --point or a --box")
+    from sam_jax.tiling import check_tiling
+
+    check_tiling(args.tile_shape, args.halo)  # ConfigError, a usage error
     return args
 
 
@@ -100,7 +126,14 @@ def run(args: argparse.Namespace) -> int:
     with common.device_context(args.device):
         model, params = common.load_model(args.checkpoint, args.model_type)
         masks, scores, multimask = segment(
-            model, params, image, args.point, args.box, args.multimask_output
+            model,
+            params,
+            image,
+            args.point,
+            args.box,
+            args.multimask_output,
+            args.tile_shape,
+            args.halo,
         )
     summary = write_prediction(
         args.output, args.image, image, masks, scores, args.point, args.box, multimask

@@ -236,7 +236,7 @@ def _tf_map(fn, start: int, num_workers: int | None):
     An exception raised by fn is re-raised as is from the iterator (not as a tf error)."""
     import tensorflow as tf  # lazy
 
-    keys = ("image", "image_hw", "masks", "mask_valid")
+    keys = ("image", "image_hw", "masks", "mask_valid", "index")
     first = fn(start)  # fixes the static shapes (and surfaces errors before tf.data starts)
     yield first
     zeros = [np.zeros_like(first[k]) for k in keys]
@@ -252,7 +252,7 @@ def _tf_map(fn, start: int, num_workers: int | None):
         return (*(ex[k] for k in keys), i, True)
 
     def load(i):
-        types = [tf.uint8, tf.int32, tf.uint8, tf.bool, tf.int64, tf.bool]
+        types = [tf.uint8, tf.int32, tf.uint8, tf.bool, tf.int32, tf.int64, tf.bool]
         out = tf.py_function(py, [i], types)
         for t, z in zip(out, [*zeros, 0, True], strict=True):
             t.set_shape(np.shape(z))
@@ -348,8 +348,10 @@ def make_train_iterator(
     zero-padded bottom/right), "image_hw" int32 (R,2) resized (h, w) before padding, "masks" uint8
     {0,1} (R,M,m,m) GT masks on the m x m grid of the padded S x S frame (pixel-area average from
     the original resolution, threshold 0.5; S must be a multiple of m), "mask_valid" bool (R,M)
-    (False for padding slots and masks that vanish at m x m; every image has >= 1). Masks over
-    max_mask_area_fraction of the image are dropped, then up to max_masks are sampled uniformly.
+    (False for padding slots and masks that vanish at m x m; every image has >= 1), "index" int32
+    (R,) the source position of each row's image (-1 for a stream; the embedding cache's key).
+    Masks over max_mask_area_fraction of the image are dropped, then up to max_masks are sampled
+    uniformly.
     large_scale_jitter=(lo, hi) rescales by U(lo, hi) and crops/pads to S.
 
     Row s of batch k is a pure function of (spec, split, seed, k, s) (see the module doc);
@@ -414,12 +416,14 @@ def make_train_iterator(
         raw = source.iter_examples(shuffle_seed=seed, repeat=True, skip=skip)
         window = _StreamWindow(raw, skip, keep=2 * max_run)
         fetch = lambda q, st: tfds_example_to_record(window(q), st)  # noqa: E731
+        position = lambda q: -1  # noqa: E731 - a stream has no stable index
         use_tf = False
     else:
         if len(source) == 0:
             raise ValueError(f"dataset {spec.text!r}: no images")
         order = _EpochOrder(len(source), seed)
         fetch = lambda q, st: source.load(order(q), st)  # noqa: E731
+        position = order
         max_run = 2 * len(source) + 100
         use_tf = backend == "tf"
 
@@ -433,6 +437,7 @@ def make_train_iterator(
             record = fetch(q, st)
             ex = None if record is None else make_training_example(record, rng, stats=st, **kwargs)
             if ex is not None:
+                ex["index"] = np.int32(position(q))
                 return ex
         raise RuntimeError(
             f"no usable training image in {max_run} consecutive examples of {spec.text!r} "

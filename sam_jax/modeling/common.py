@@ -31,6 +31,30 @@ def embedding(num: int, dim: int, name: str | None = None) -> nn.Embed:
     return nn.Embed(num, dim, embedding_init=nn.initializers.normal(1.0), name=name)
 
 
+class Dense(nn.Dense):
+    """nn.Dense (same params, same arithmetic) plus an optional low-rank adapter (LoRA).
+
+    When the `lora` collection holds `a` (in, r) and `b` (r, out) for this layer (see
+    sam_jax.modeling.lora), y = x W + bias + (dropout(x) a) b; `b` arrives already scaled by
+    alpha / r. Dropout applies when the collection also holds `rate` and a `lora_dropout` rng is
+    given. Without the collection this is exactly nn.Dense.
+    """
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = super().__call__(x)
+        if not self.has_variable("lora", "a"):
+            return y
+        a, b = self.get_variable("lora", "a"), self.get_variable("lora", "b")
+        h = x
+        if self.has_variable("lora", "rate") and self.has_rng("lora_dropout"):
+            keep = 1.0 - self.get_variable("lora", "rate")
+            mask = jax.random.bernoulli(self.make_rng("lora_dropout"), keep, x.shape)
+            h = jnp.where(mask, x / keep, 0)
+        h, a, b = self.promote_dtype(h, a, b, dtype=self.dtype)
+        return y + (h @ a) @ b
+
+
 class MLPBlock(nn.Module):
     """lin1 -> act -> lin2 (the official MLPBlock)."""
 
@@ -41,9 +65,9 @@ class MLPBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = nn.Dense(self.hidden_dim, dtype=self.dtype, name="lin1")(x)
+        x = Dense(self.hidden_dim, dtype=self.dtype, name="lin1")(x)
         x = gelu(x) if self.act == "gelu" else nn.relu(x)
-        return nn.Dense(self.out_dim, dtype=self.dtype, name="lin2")(x)
+        return Dense(self.out_dim, dtype=self.dtype, name="lin2")(x)
 
 
 class MLP(nn.Module):

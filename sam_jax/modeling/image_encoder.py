@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from einops import rearrange
 
-from sam_jax.modeling.common import DropPath, Dtype, MLPBlock, attention, layer_norm
+from sam_jax.modeling.common import Dense, DropPath, Dtype, MLPBlock, attention, layer_norm
 
 REMAT_POLICIES = {
     "full": None,
@@ -109,7 +109,7 @@ class Attention(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         b, h, w, c = x.shape
         hd = c // self.num_heads
-        qkv = nn.Dense(3 * c, dtype=self.dtype, name="qkv")(x)
+        qkv = Dense(3 * c, dtype=self.dtype, name="qkv")(x)
         q, k, v = rearrange(
             qkv, "b h w (three n d) -> three b (h w) n d", three=3, n=self.num_heads
         )
@@ -125,7 +125,7 @@ class Attention(nn.Module):
         else:
             bias = decomposed_rel_pos_bias(q, rel_pos_h, rel_pos_w, (h, w))
             out = attention(q, k, v, bias=bias, impl=self.attention_impl)
-        return nn.Dense(c, dtype=self.dtype, name="proj")(out.reshape(b, h, w, c))
+        return Dense(c, dtype=self.dtype, name="proj")(out.reshape(b, h, w, c))
 
 
 def window_partition(x: jax.Array, window: int) -> tuple[jax.Array, tuple[int, int]]:

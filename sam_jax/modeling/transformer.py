@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sam_jax.modeling.common import Dtype, MLPBlock, attention, layer_norm
+from sam_jax.modeling.common import Dense, Dtype, MLPBlock, attention, layer_norm
 
 
 class Attention(nn.Module):
@@ -28,16 +28,14 @@ class Attention(nn.Module):
             raise ValueError("num_heads must divide embedding_dim // downsample_rate")
 
         def project(x, name):
-            x = nn.Dense(internal, dtype=self.dtype, name=name)(x.astype(self.dtype))
+            x = Dense(internal, dtype=self.dtype, name=name)(x.astype(self.dtype))
             return x.reshape(*x.shape[:-1], self.num_heads, internal // self.num_heads)
 
         q, k, v = project(q, "q_proj"), project(k, "k_proj"), project(v, "v_proj")
         mask = None if key_mask is None else key_mask[:, None, None, :]
         out = attention(q, k, v, mask=mask, impl=self.attention_impl)
         out = out.reshape(*out.shape[:-2], internal)
-        return nn.Dense(self.embedding_dim, dtype=self.dtype, name="out_proj")(out).astype(
-            jnp.float32
-        )
+        return Dense(self.embedding_dim, dtype=self.dtype, name="out_proj")(out).astype(jnp.float32)
 
 
 class TwoWayAttentionBlock(nn.Module):

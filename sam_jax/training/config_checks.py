@@ -100,6 +100,12 @@ def jitter(v: Any) -> str | None:
     return None if 0 < v[0] <= v[1] else f"must have 0 < min <= max, got {tuple(v)}"
 
 
+def string_tuple(v: Any) -> str | None:
+    if isinstance(v, (tuple, list)) and v and all(isinstance(x, str) and x for x in v):
+        return None
+    return f"must be a non-empty tuple of names, got {v!r}"
+
+
 def sorted_steps(v: Any) -> str | None:
     if not isinstance(v, (tuple, list)) or not all(_is_int(x) and x >= 1 for x in v):
         return f"must be a tuple of step numbers >= 1, got {v!r}"
@@ -115,7 +121,12 @@ RULES: dict[str, Check] = {
     "remat_policy": remat,
     "init.type": one_of(*INIT_TYPES),
     "init.path": string,
-    "trainable": one_of("all", "prompt_encoder_and_decoder", "mask_decoder"),
+    "trainable": one_of("all", "prompt_encoder_and_decoder", "mask_decoder", "none"),
+    "lora.rank": integer(0),
+    "lora.alpha": real(0.0, low_open=True),
+    "lora.dropout": lambda v: real(0.0)(v) or (None if v < 1 else f"must be < 1, got {v}"),
+    "lora.targets": string_tuple,
+    "embedding_cache": one_of("auto", "on", "off"),
     "data.train": string,
     "data.train_split": string,
     "data.max_masks": integer(1),
@@ -191,6 +202,7 @@ def check_config(config: Any) -> None:
             raise ConfigError(f"config field {name} {problem}")
     if config.init.type != "random" and not config.init.path:
         raise ConfigError(f"config field init.path must be set for init.type={config.init.type!r}")
+    _check_lora(config)
     if not config.eval.num_points:
         raise ConfigError("config field eval.num_points must list at least one click count")
     from sam_jax.config import SamConfig
@@ -207,6 +219,43 @@ def check_config(config: Any) -> None:
             raise ConfigError(f"config field {name}: {e}") from None
 
 
+def _check_lora(config: Any) -> None:
+    """What LoRA and the embedding cache need of `trainable` and the data (shapes are checked
+    against the model by sam_jax.modeling.lora.target_layers)."""
+    rank, trainable = config.lora.rank, config.trainable
+    if trainable == "none" and rank == 0:
+        raise ConfigError(
+            'config field trainable "none" trains nothing without LoRA: set lora.rank > 0'
+        )
+    if trainable == "all" and rank > 0:
+        raise ConfigError(
+            'config fields trainable "all" and lora.rank > 0: full fine-tuning has no use for '
+            'adapters; choose "none", "mask_decoder" or "prompt_encoder_and_decoder"'
+        )
+    if config.embedding_cache == "on":
+        why = cache_blocker(config)
+        if why:
+            raise ConfigError(f'config field embedding_cache "on" is impossible: {why}')
+
+
+def cache_blocker(config: Any) -> str | None:
+    """Why the embedding cache cannot serve this config (None: it can)."""
+    if config.trainable == "all":
+        return 'the image encoder trains (trainable "all")'
+    if config.lora.rank > 0 and any(t != "decoder_attn" for t in config.lora.targets):
+        return "LoRA adapts the image encoder"
+    if config.data.large_scale_jitter:
+        return "large_scale_jitter changes the encoder input every epoch"
+    return None
+
+
+def _fetched(config: Any) -> bool:
+    """init.path names a registry model or a Hub id (read_checkpoint fetches it)."""
+    from sam_jax.checkpoints import is_checkpoint_name
+
+    return config.init.type == "sam" and is_checkpoint_name(config.init.path)
+
+
 def check_inputs(config: Any, workdir: str, resuming: bool) -> None:
     """FileNotFoundError (one line) when a dataset folder or file, or the init checkpoint (not
     read on resume), does not exist; OutputOverlapsInputError when the workdir is, or lies
@@ -219,7 +268,7 @@ def check_inputs(config: Any, workdir: str, resuming: bool) -> None:
         spec = parse_dataset_spec(_get(config, name))  # FileNotFoundError for a missing path
         inputs.update({name: spec.path, f"{name} images": spec.images_dir})
     if config.init.type != "random":
-        if not resuming and not paths.exists(config.init.path):
+        if not resuming and not paths.exists(config.init.path) and not _fetched(config):
             raise FileNotFoundError(f"init checkpoint {config.init.path} does not exist")
         inputs["init.path"] = config.init.path
     paths.check_output(workdir, inputs, flag="workdir")

@@ -10,7 +10,14 @@ attention_impl   "xla" | "cudnn" | "auto"
 remat_policy     encoder block remat: "none", "full", "dots_saveable", ... (jax.checkpoint_policies)
 init.type        "random" | "sam" (converted orbax dir or official .pth) | "mae" (official MAE .pth)
 init.path        checkpoint path for "sam" / "mae"
-trainable        "all" | "prompt_encoder_and_decoder" | "mask_decoder"
+trainable        "all" | "prompt_encoder_and_decoder" | "mask_decoder" | "none" (what of the base
+                 model trains; LoRA adapters train in addition; "none" needs LoRA)
+lora.*           rank (0 = no LoRA), alpha (the update is scaled by alpha / rank), dropout (on
+                 the adapter input), targets (a tuple of "qkv", "proj", "mlp", "decoder_attn";
+                 sam_jax.modeling.lora)
+embedding_cache  "auto" | "on" | "off": compute each training image's embedding once into
+                 WORKDIR/embedding_cache when the encoder is frozen (no LoRA on it, no jitter);
+                 "auto" uses it when possible, "on" refuses a config that cannot
 data.train       training dataset spec (synthetic, sa1b:PATH, coco:ANN:IMAGES, tfds:NAME)
 data.train_split split name passed to the iterator
 data.max_masks   masks per image (64 in the paper)
@@ -55,6 +62,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.remat_policy = "full"
     c.init = ml_collections.ConfigDict({"type": "random", "path": ""})
     c.trainable = "all"
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0
+    c.lora.alpha = 4.0
+    c.lora.dropout = 0.0
+    c.lora.targets = ("qkv",)
+    c.embedding_cache = "auto"
 
     c.data = ml_collections.ConfigDict()
     c.data.train = "synthetic"
@@ -129,4 +142,34 @@ def sa1b_recipe() -> ml_collections.ConfigDict:
     c.init.type = "mae"
     c.data.train = "sa1b:"  # set the folder: --config.data.train=sa1b:PATH
     c.checkpoint.every_steps = 1000
+    return c
+
+
+def finetune_recipe() -> ml_collections.ConfigDict:
+    """Fine-tuning a SAM checkpoint on one's own data (configs/finetune_coco.py and
+    finetune_lora.py): the base config with the architecture and weights from init.path, the
+    image encoder frozen (its embeddings cached), AdamW with a short warm-up and cosine decay."""
+    c = base_config()
+    c.init.type = "sam"
+    c.init.path = ""  # a converted sam_jax checkpoint directory or an official .pth
+    c.trainable = "prompt_encoder_and_decoder"
+    c.data.train = "coco:"  # coco:ANN_JSON:IMAGES_DIR
+    c.data.train_split = "train"
+    c.data.max_masks = 32
+    c.batch_size = 16
+    c.total_steps = 5000
+    c.optimizer.lr = 1e-4
+    c.optimizer.warmup_steps = 100
+    c.optimizer.decay = "cosine"
+    c.optimizer.weight_decay = 0.01
+    c.optimizer.layer_decay = 0.8
+    c.optimizer.grad_clip_norm = 1.0
+    c.dtype = "bfloat16"
+    c.remat_policy = "none"  # no encoder backward pass when it is frozen
+    c.checkpoint.every_steps = 500
+    c.log_every_steps = 20
+    c.eval.dataset = ""  # e.g. coco:ANN_JSON:IMAGES_DIR
+    c.eval.split = "val"
+    c.eval.every_steps = 1000
+    c.eval.max_images = 100
     return c

@@ -32,19 +32,16 @@ def sam_config_from(config: Any) -> SamConfig:
     """The SamConfig of an experiment config (model name + model_overrides, or the init ckpt)."""
     overrides = dict(config.model_overrides)
     if config.init.type == "sam":
-        from sam_jax.checkpoints import (
-            config_for_state_dict,
-            read_converted_config,
-            read_state_dict,
-        )
+        from sam_jax.checkpoints import read_checkpoint, read_converted_config
+        from sam_jax.checkpoints.converted import is_converted_dir
 
         path = config.init.path
         if not path:
             raise ValueError("init.type='sam' needs init.path")
-        if paths.isdir(path):
+        if paths.isdir(path) and is_converted_dir(path):  # its config alone
             base = read_converted_config(path)
-        else:
-            base = config_for_state_dict(read_state_dict(path))
+        else:  # anything else sam_jax.load reads
+            base, _ = read_checkpoint(path)
         return base.replace(**overrides)
     if config.model == "tiny":
         return tiny_config(**overrides)
@@ -114,10 +111,10 @@ def initial_params(config: Any, sam_config: SamConfig, model: Any) -> Any | None
     if kind == "random":
         return None
     if kind == "sam":
-        from sam_jax.checkpoints import load_converted, load_pth
+        from sam_jax.checkpoints import read_checkpoint
 
-        path = config.init.path
-        _, params = load_converted(path) if paths.isdir(path) else load_pth(path)
+        # a converted directory, a .pth, a transformers folder, a registry name or a hub id
+        _, params = read_checkpoint(config.init.path)
         return params
     if kind == "mae":
         if not config.init.path:

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-TRAINABLE_CHOICES = ("all", "prompt_encoder_and_decoder", "mask_decoder")
+TRAINABLE_CHOICES = ("all", "prompt_encoder_and_decoder", "mask_decoder", "none")
 # Buffers in the official model (never trained): the random Fourier features of the prompt PE.
 ALWAYS_FROZEN = re.compile(r"positional_encoding_gaussian_matrix")
 _NO_DECAY = re.compile(r"(pos_embed|embedding|positional_encoding_gaussian_matrix)$")
@@ -67,11 +67,12 @@ def trainable_labels(params: Any, trainable: str) -> Any:
         "all": ("",),
         "prompt_encoder_and_decoder": ("prompt_encoder/", "mask_decoder/"),
         "mask_decoder": ("mask_decoder/",),
+        "none": (),  # only LoRA adapters train
     }[trainable]
 
     def label(path, _):
         s = path_str(path)
-        train = s.startswith(prefixes) and not ALWAYS_FROZEN.search(s)
+        train = bool(prefixes) and s.startswith(prefixes) and not ALWAYS_FROZEN.search(s)
         return "train" if train else "freeze"
 
     return jax.tree_util.tree_map_with_path(label, params)
@@ -146,21 +147,31 @@ def lr_schedule_from_config(config: Any) -> Callable[[jax.Array], jax.Array]:
     )
 
 
-def make_optimizer(config: Any, params: Any, num_layers: int) -> optax.GradientTransformation:
-    """The training optimizer from an experiment config (see sam_jax.training.defaults)."""
+def make_optimizer(
+    config: Any, params: Any, num_layers: int, adapters: Any = None
+) -> optax.GradientTransformation:
+    """The training optimizer from an experiment config (see sam_jax.training.defaults), over
+    the tree {"params": params, "adapters": LoRA adapters ({} without LoRA)}. Frozen params get
+    no optimizer state; adapters always train, with the layer-wise lr of the layer they adapt."""
     oc = config.optimizer
     schedule = lr_schedule_from_config(config)
+    trees = {"params": params, "adapters": {} if adapters is None else adapters}
     parts = []
     if oc.grad_clip_norm and oc.grad_clip_norm > 0:
         parts.append(optax.clip_by_global_norm(oc.grad_clip_norm))
+    decay_mask = {k: weight_decay_mask(t) for k, t in trees.items()}
     parts += [
         optax.scale_by_adam(b1=oc.b1, b2=oc.b2, eps=oc.eps),
-        optax.add_decayed_weights(oc.weight_decay, mask=weight_decay_mask(params)),
+        optax.add_decayed_weights(oc.weight_decay, mask=decay_mask),
         optax.scale_by_learning_rate(schedule),
     ]
     if oc.layer_decay != 1.0:
-        parts.append(scale_by_tree(layer_lr_scales(params, num_layers, oc.layer_decay)))
+        scales = {k: layer_lr_scales(t, num_layers, oc.layer_decay) for k, t in trees.items()}
+        parts.append(scale_by_tree(scales))
+    labels = {
+        "params": trainable_labels(params, config.trainable),
+        "adapters": jax.tree.map(lambda _: "train", trees["adapters"]),
+    }
     return optax.multi_transform(
-        {"train": optax.chain(*parts), "freeze": optax.set_to_zero()},
-        trainable_labels(params, config.trainable),
+        {"train": optax.chain(*parts), "freeze": optax.set_to_zero()}, labels
     )

@@ -24,9 +24,19 @@ from jax.sharding import PartitionSpec as P
 from sam_jax import distributed, paths
 from sam_jax.checkpoints import training as checkpointing
 from sam_jax.config import SamConfig
-from sam_jax.modeling import build_sam
-from sam_jax.training import config_checks, initialization, metric_writer, sharding
-from sam_jax.training.optimizer import lr_schedule_from_config, make_optimizer
+from sam_jax.modeling import build_sam, lora
+from sam_jax.training import (
+    config_checks,
+    embedding_cache,
+    initialization,
+    metric_writer,
+    sharding,
+)
+from sam_jax.training.optimizer import (
+    lr_schedule_from_config,
+    make_optimizer,
+    trainable_labels,
+)
 from sam_jax.training.train_state import create_train_state
 from sam_jax.training.train_step import make_train_step
 
@@ -115,17 +125,27 @@ class WorkdirMismatchError(ValueError):
 # Experiment fields besides the architecture (compared as SamConfigs) that decide the train
 # state's structure: a checkpoint written with other values cannot be restored (the mesh and batch
 # size may change: orbax reshards on restore).
-STATE_FIELDS = ("trainable",)
+STATE_FIELDS = ("trainable", "lora.rank", "lora.targets")
+
+
+def _field(tree: Any, name: str) -> Any:
+    """A dotted field of a config or of its JSON (KeyError when absent)."""
+    for part in name.split("."):
+        tree = tree[part]
+    return list(tree) if isinstance(tree, tuple) else tree
 
 
 def _check_resumable(config: Any, saved_json: str | None, saved_sam: Any, sam_config: Any, where):
     """Raises WorkdirMismatchError when the workdir's checkpoint belongs to another experiment."""
     saved = json.loads(saved_json) if saved_json is not None else {}
-    diffs = [
-        f"{name}: {saved[name]!r} -> {config[name]!r}"
-        for name in STATE_FIELDS
-        if name in saved and saved[name] != config[name]
-    ]
+    diffs = []
+    for name in STATE_FIELDS:
+        try:
+            old = _field(saved, name)
+        except (KeyError, TypeError):
+            continue
+        if old != _field(config, name):
+            diffs.append(f"{name}: {old!r} -> {_field(config, name)!r}")
     a, b = saved_sam.to_dict(), sam_config.to_dict()
     diffs += [f"model.{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b.get(k)]
     if diffs:
@@ -172,6 +192,11 @@ def train_and_evaluate(
         paths.check_writable(workdir)
     may_resume = paths.isdir(paths.join(workdir, "checkpoints"))
     config_checks.check_inputs(config, workdir, resuming=may_resume)  # data and init files exist
+    # LoRA's layers exist and are large enough (ConfigError), before anything is written; on a
+    # resume they are checked against the saved architecture below.
+    if config.lora.rank > 0 and not (may_resume and config.init.type == "sam"):
+        shapes = build_sam(initialization.sam_config_from(config)).param_shapes()
+        lora.target_layers(shapes, config.lora.targets, config.lora.rank)
     if not remote:
         paths.check_writable(workdir)
     is_main = distributed.is_main_process()
@@ -200,12 +225,20 @@ def train_and_evaluate(
         sam_config = initialization.sam_config_from(config)
     model = build_sam(sam_config, config.dtype, config.attention_impl, remat_policy(config))
     param_shapes = model.param_shapes()
-    tx = make_optimizer(config, param_shapes, sam_config.encoder_depth)
+    lc = config.lora
+    lora_layers = lora.target_layers(param_shapes, lc.targets, lc.rank) if lc.rank > 0 else {}
+    adapter_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+    adapter_shapes = jax.eval_shape(
+        lambda k: lora.init_adapters(k, lora_layers, lc.rank), adapter_key
+    )
+    tx = make_optimizer(config, param_shapes, sam_config.encoder_depth, adapter_shapes)
+    say(trainable_summary(config, param_shapes, lora_layers))
 
     def init_state(params):
         if params is None:
             params = model.init_params(jax.random.key(config.seed))
-        return create_train_state(params, tx, config.seed)
+        adapters = lora.init_adapters(adapter_key, lora_layers, lc.rank)
+        return create_train_state(params, tx, config.seed, adapters)
 
     abstract_state = jax.eval_shape(init_state, None)
     rules = [tuple(r) for r in config.sharding_rules]
@@ -236,7 +269,12 @@ def train_and_evaluate(
     validator = _make_validator(config, sam_config)
     writer = metric_writer.MetricWriter(workdir, resume_step=step)
     rows = _batch_rows(mesh, config.batch_size)
+    cache = embedding_cache.prepare(
+        config, sam_config, model, state.params, workdir, len(rows), say
+    )
     batches = make_iterator(config, sam_config, start_batch, rows, paths.join(workdir, "index"))
+    if cache is not None:  # the train step skips the frozen encoder
+        batches = embedding_cache.CachedBatches(batches, cache)
     peak = metric_writer.peak_flops_per_device(config.peak_tflops_per_device)
     schedule = lr_schedule_from_config(config)
     num_devices = mesh.devices.size
@@ -286,7 +324,7 @@ def train_and_evaluate(
             every = config.eval.every_steps
             if validator and (step == config.total_steps or (every and step % every == 0)):
                 t_val = time.perf_counter()
-                val = validator(state.params)
+                val = validator(exported_params(config, state))
                 t_log += time.perf_counter() - t_val  # not counted in images/s
                 record.update(val)
                 say(f"step {step}: " + json.dumps({k: round(v, 4) for k, v in val.items()}))
@@ -302,7 +340,7 @@ def train_and_evaluate(
                 say(f"preempted: saved a checkpoint at step {step} and stopping")
                 return {"step": step, "preempted": True, **last}
         ckpt.wait()
-        _finish(workdir, sam_config, state.params, validator)
+        _finish(workdir, sam_config, exported_params(config, state), validator)
         return {"step": step, "preempted": False, **last}
     finally:
         if hasattr(batches, "close"):
@@ -312,6 +350,30 @@ def train_and_evaluate(
             pbar.close()
         writer.close()
         ckpt.close()
+
+
+def trainable_summary(config: Any, param_shapes: Any, lora_layers: dict) -> str:
+    """The start-up line with the trained-parameter count: base params that `trainable` names
+    plus r * (in + out) per adapted layer."""
+    labels = jax.tree.leaves(trainable_labels(param_shapes, config.trainable))
+    sizes = [int(np.prod(x.shape)) for x in jax.tree.leaves(param_shapes)]
+    base = sum(n for n, lab in zip(sizes, labels, strict=True) if lab == "train")
+    adapters = lora.num_adapter_params(lora_layers, config.lora.rank)
+    total = sum(sizes)
+    line = f"trainable parameters: {base + adapters:,} of {total + adapters:,}"
+    if lora_layers:
+        line += (
+            f" ({adapters:,} in rank-{config.lora.rank} LoRA adapters on {len(lora_layers)} "
+            f"layers, {base:,} base params: trainable={config.trainable!r})"
+        )
+    return line
+
+
+def exported_params(config: Any, state: Any) -> Any:
+    """The params of an ordinary SAM: the base with the LoRA adapters merged in."""
+    if not state.adapters:
+        return state.params
+    return lora.merge(state.params, state.adapters, lora.scale_of(config.lora))
 
 
 def model_flops(config, sam_config, tx, state, batch, lowered=None) -> float | None:

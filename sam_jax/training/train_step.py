@@ -29,6 +29,7 @@ import optax
 
 from sam_jax import functional as F
 from sam_jax.config import PIXEL_MEAN, PIXEL_STD
+from sam_jax.modeling import lora
 from sam_jax.training import losses, prompt_sampling
 from sam_jax.training.optimizer import trainable_labels
 from sam_jax.training.train_state import TrainState
@@ -64,14 +65,30 @@ def _select(x: jax.Array, idx: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, idx, axis=2)[:, :, 0]
 
 
-def decode_all_outputs(model, params, emb, points, labels, mask_input, has_mask):
+def decode_all_outputs(
+    model, params, emb, points, labels, mask_input, has_mask, lora=None, lora_key=None
+):
     """All four decoder outputs in one pass: logits (B, P, 4, m, m) and IoU (B, P, 4), float32.
 
     Output 0 is what `decode(multimask_output=False)` returns, outputs 1..3 what
     `decode(multimask_output=True)` returns (`multimask_output=None`), so one decoder pass serves
-    both the single-point and the multi-prompt rule.
+    both the single-point and the multi-prompt rule. lora: the `lora` variable collection
+    (`lora.lora_variables`) or None; lora_key: the key of LoRA dropout (None: no dropout).
     """
-    return F.decode_prompts(model, params, emb, points, labels, mask_input, has_mask, None)
+    if not lora:
+        return F.decode_prompts(model, params, emb, points, labels, mask_input, has_mask, None)
+    rngs = {} if lora_key is None else {"lora_dropout": lora_key}
+    return model.apply(
+        {"params": params, "lora": lora},
+        emb,
+        points,
+        labels,
+        mask_input,
+        has_mask,
+        None,
+        rngs=rngs,
+        method=model.decode,
+    )
 
 
 def mask_prompt_rounds(key: jax.Array, add: jax.Array, prob: float) -> jax.Array:
@@ -85,14 +102,22 @@ def mask_prompt_rounds(key: jax.Array, add: jax.Array, prob: float) -> jax.Array
 
 
 def simulate_and_loss(
-    model: Any, params: Any, emb: jax.Array, batch: dict[str, jax.Array], key: jax.Array, tc: Any
+    model: Any,
+    params: Any,
+    emb: jax.Array,
+    batch: dict[str, jax.Array],
+    key: jax.Array,
+    tc: Any,
+    lora: Any = None,
+    lora_dropout: bool = False,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Runs the interactive rounds on image embeddings (B, g, g, D); returns (loss, metrics).
 
     tc: the `config.train` ConfigDict (num_rounds, loss weights, box noise, ...). All rounds
-    share one `lax.scan` body (one decoder pass per round, compiled once).
+    share one `lax.scan` body (one decoder pass per round, compiled once). lora: the decoder's
+    LoRA variables or None; lora_dropout: draw LoRA dropout masks (training).
     """
-    image_size = batch["image"].shape[1]
+    image_size = model.config.image_size
     gt = batch["masks"] > 0
     b, n_masks, m, _ = gt.shape
     valid = valid_masks(batch, image_size, tc.max_mask_area_fraction)
@@ -128,8 +153,9 @@ def simulate_and_loss(
         k, add_r, has_mask = xs
         prompts = prompt_sampling.add_correction_click(k, prompts, prev > 0, gt, image_size, add_r)
         prompts = jax.lax.stop_gradient(prompts)
+        drop_key = jax.random.fold_in(k, 1) if lora_dropout else None
         logits, iou = decode_all_outputs(
-            model, params, emb, prompts["points"], prompts["labels"], prev, has_mask
+            model, params, emb, prompts["points"], prompts["labels"], prev, has_mask, lora, drop_key
         )
         # One point (no box): 3 outputs, back-propagate the min-loss one; otherwise output 0.
         multi = (prompts["num_clicks"] == 1) & ~prompts["is_box"]
@@ -156,42 +182,72 @@ def simulate_and_loss(
     return metrics["loss"], metrics
 
 
+def uses_cached_embeddings(batch: dict[str, Any]) -> bool:
+    """A batch from the embedding cache carries `embedding` (B, g, g, D) instead of `image`."""
+    return "embedding" in batch
+
+
 def make_train_step(model: Any, tx: optax.GradientTransformation, config: Any, params_template):
     """Returns train_step(state, batch) -> (state, metrics) (to be jitted by the caller).
 
-    A step with a non-finite loss or gradient leaves the state unchanged (the loop then stops).
+    With LoRA (`config.lora.rank > 0`) the adapters in `state.adapters` are applied to their
+    layers without merging (y = x W + (alpha/r) (dropout(x) a) b) and trained with whatever
+    `config.trainable` names. A batch carrying `embedding` (the embedding cache,
+    sam_jax.training.embedding_cache) skips the frozen encoder. A step with a non-finite loss or
+    gradient leaves the state unchanged (the loop then stops).
     """
     tc = config.train
     labels = trainable_labels(params_template, config.trainable)
     encoder_trains = any(lab == "train" for lab in jax.tree.leaves(labels["image_encoder"]))
+    lc = config.lora
+    scale = lora.scale_of(lc) if lc.rank > 0 else 0.0
+    dropout = float(lc.dropout) if lc.rank > 0 else 0.0
 
-    def loss_fn(params, batch, key):
+    def loss_fn(trainables, batch, key):
         # Frozen parts are constants: no gradient is computed for them.
         params = jax.tree.map(
-            lambda p, lab: p if lab == "train" else jax.lax.stop_gradient(p), params, labels
+            lambda p, lab: p if lab == "train" else jax.lax.stop_gradient(p),
+            trainables["params"],
+            labels,
         )
+        adapters = trainables["adapters"]
+        lora_vars = lora.lora_variables(adapters, scale, dropout) if adapters else None
+        enc_lora = (lora_vars or {}).get("image_encoder")
+        dec_lora = (lora_vars or {}).get("mask_decoder")
         k_drop, k_sim = jax.random.split(key)
-        images = normalize_images(batch["image"], batch["image_hw"])
-        emb = model.apply(
-            {"params": params},
-            images,
-            deterministic=not encoder_trains,
-            rngs={"dropout": k_drop},
-            method=model.encode,
-        )
-        return simulate_and_loss(model, params, emb, batch, k_sim, tc)
+        if uses_cached_embeddings(batch):
+            emb = batch["embedding"]
+        else:
+            images = normalize_images(batch["image"], batch["image_hw"])
+            variables = {"params": params}
+            if enc_lora:
+                variables["lora"] = {"image_encoder": enc_lora}
+            emb = model.apply(
+                variables,
+                images,
+                deterministic=not (encoder_trains or enc_lora),
+                rngs={"dropout": k_drop, "lora_dropout": jax.random.fold_in(k_drop, 1)},
+                method=model.encode,
+            )
+        dec = {"mask_decoder": dec_lora} if dec_lora else None
+        return simulate_and_loss(model, params, emb, batch, k_sim, tc, dec, dropout > 0)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         key = jax.random.fold_in(state.key(), state.step)
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        trainables = state.trainables
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainables, batch, key)
+        updates, opt_state = tx.update(grads, state.opt_state, trainables)
+        new = optax.apply_updates(trainables, updates)
+        # Frozen params are passed on as they are (bit-identical, not p + 0).
+        frozen = lambda n, o, lab: n if lab == "train" else o  # noqa: E731
+        new["params"] = jax.tree.map(frozen, new["params"], state.params, labels)
         grad_norm = optax.tree.norm(grads)
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(params))
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(new))
         keep = lambda new, old: jax.tree.map(lambda a, c: jnp.where(ok, a, c), new, old)
         new_state = state.replace(
             step=state.step + 1,
-            params=keep(params, state.params),
+            params=keep(new["params"], state.params),
+            adapters=keep(new["adapters"], state.adapters),
             opt_state=keep(opt_state, state.opt_state),
         )
         metrics = {**metrics, "loss": loss, "grad_norm": grad_norm, "finite": ok}

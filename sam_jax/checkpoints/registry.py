@@ -1,0 +1,221 @@
+"""Meta's released SAM checkpoints by name: `sam_jax.load("sam_vit_b")` (or "vit_b") downloads
+the official `.pth` once, checks its SHA-256, converts it once and loads the conversion after.
+
+The cache is $SAM_JAX_CACHE, by default ~/.cache/sam_jax:
+
+    <cache>/sam_vit_b_01ec64.pth   the official file (kept: it is what the checksum covers)
+    <cache>/sam_vit_b_01ec64/      its converted checkpoint, what later calls load
+
+A download goes to `<file>.<random>.partial` and is renamed to `<file>` only once its length
+(Content-Length) and SHA-256 are right; whatever fails (checksum, a cut connection, Ctrl-C)
+removes the partial file, so an interrupted download is never taken for a complete one and
+the next call downloads again. Without network a call fails at once (connection refused, no
+DNS; `timeout` seconds otherwise) with one line saying where to put the file by hand.
+
+URLs are $SAM_JAX_MODEL_BASE_URL (or `base_url=`) + the file name, by default Meta's
+https://dl.fbaipublicfiles.com/segment_anything/. `register(Model(...))` adds an entry. Every
+failure is one CheckpointError line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import os
+import sys
+import uuid
+from typing import Any
+
+from sam_jax.errors import CheckpointError, one_line
+
+DEFAULT_BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
+CACHE_ENV, BASE_URL_ENV = "SAM_JAX_CACHE", "SAM_JAX_MODEL_BASE_URL"
+DEFAULT_TIMEOUT_S = 10.0
+_CHUNK = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A downloadable checkpoint: its name, file name, full SHA-256 (64 hex digits), the model
+    type its shapes must match ("vit_b", ...; None: inferred) and an optional full URL (None:
+    the base URL + `filename`)."""
+
+    name: str
+    filename: str
+    sha256: str
+    model_type: str | None = None
+    url: str | None = None
+
+    @property
+    def stem(self) -> str:
+        return self.filename.rsplit(".", 1)[0]
+
+
+MODELS: dict[str, Model] = {
+    m.name: m
+    for m in (
+        Model(
+            "sam_vit_b",
+            "sam_vit_b_01ec64.pth",
+            "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
+            "vit_b",
+        ),
+        Model(
+            "sam_vit_l",
+            "sam_vit_l_0b3195.pth",
+            "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622",
+            "vit_l",
+        ),
+        Model(
+            "sam_vit_h",
+            "sam_vit_h_4b8939.pth",
+            "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
+            "vit_h",
+        ),
+    )
+}
+ALIASES: dict[str, str] = {"vit_b": "sam_vit_b", "vit_l": "sam_vit_l", "vit_h": "sam_vit_h"}
+
+
+def register(model: Model, *aliases: str) -> Model:
+    """Adds (or replaces) a registry entry and its aliases."""
+    MODELS[model.name] = model
+    ALIASES.update(dict.fromkeys(aliases, model.name))
+    return model
+
+
+def lookup(name: str | os.PathLike) -> Model | None:
+    """The entry of a name or alias, None for anything else."""
+    name = os.fspath(name)
+    return MODELS.get(ALIASES.get(name, name))
+
+
+def cache_dir(cache: str | os.PathLike | None = None) -> str:
+    """`cache`, else $SAM_JAX_CACHE, else ~/.cache/sam_jax (absolute)."""
+    path = cache or os.environ.get(CACHE_ENV) or os.path.join("~", ".cache", "sam_jax")
+    return os.path.abspath(os.path.expanduser(os.fspath(path)))
+
+
+def model_url(model: Model, base_url: str | None = None) -> str:
+    if model.url:
+        return model.url
+    base = base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
+    return base.rstrip("/") + "/" + model.filename
+
+
+def _bar(total: int | None, desc: str, enabled: bool):
+    """A tqdm bytes bar on stderr (a silent stand-in without tqdm, an optional dependency)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        enabled = False
+    if not enabled:
+        return contextlib.nullcontext(type("NoBar", (), {"update": lambda self, n: None})())
+    return tqdm(
+        total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr
+    )
+
+
+def download(
+    model: Model,
+    cache: str | os.PathLike | None = None,
+    base_url: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    progress: bool = True,
+) -> str:
+    """The cached `.pth` of `model`, downloaded and verified first if absent (a file already in
+    the cache is checked against the SHA-256 too). Returns its path."""
+    import http.client
+    import urllib.error
+    import urllib.request
+
+    from sam_jax.checkpoints.pth import check_sha256
+
+    final = os.path.join(cache_dir(cache), model.filename)
+    if os.path.isfile(final):
+        try:
+            check_sha256(final, model.sha256)
+        except ValueError as e:
+            raise CheckpointError(f"{one_line(e)}; delete it to download it again") from None
+        return final
+    url = model_url(model, base_url)
+    by_hand = (
+        f"without network, download {url} elsewhere and put it at {final} (SHA-256 {model.sha256})"
+    )
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    partial = f"{final}.{uuid.uuid4().hex[:8]}.partial"
+    try:
+        try:
+            response = urllib.request.urlopen(url, timeout=timeout)  # noqa: S310 - http(s) only
+        except urllib.error.HTTPError as e:
+            raise CheckpointError(
+                f"cannot download {model.name}: {url} answered HTTP {e.code} {e.reason}; {by_hand}"
+            ) from None
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            reason = getattr(e, "reason", e)
+            raise CheckpointError(
+                f"cannot download {model.name} from {url} ({type(reason).__name__}: "
+                f"{one_line(reason, 200)}); {by_hand}"
+            ) from None
+        with response:
+            length = response.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+            digest, size = hashlib.sha256(), 0
+            with open(partial, "wb") as f, _bar(total, model.filename, progress) as bar:
+                while chunk := response.read(_CHUNK):
+                    f.write(chunk)
+                    digest.update(chunk)
+                    size += len(chunk)
+                    bar.update(len(chunk))
+        if total is not None and size != total:
+            raise CheckpointError(
+                f"the download of {url} was cut off after {size} of {total} bytes; nothing was "
+                "kept: run again to download it again"
+            )
+        if digest.hexdigest() != model.sha256.lower():
+            raise CheckpointError(
+                f"the download of {url} is corrupt: SHA-256 {digest.hexdigest()}, expected "
+                f"{model.sha256}; nothing was kept"
+            )
+        os.replace(partial, final)
+    except (OSError, http.client.HTTPException) as e:  # the connection broke mid-body
+        raise CheckpointError(
+            f"the download of {url} failed ({type(e).__name__}: {one_line(e, 200)}); nothing was "
+            "kept: run again to download it again"
+        ) from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(partial)
+    return final
+
+
+def load_registered(
+    name: str,
+    cache: str | os.PathLike | None = None,
+    base_url: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    verify: bool = True,
+    allow_nonfinite: bool = False,
+) -> tuple[Any, dict[str, Any]]:
+    """(config, params as float32 numpy) of a registry name: the cached conversion if there is
+    one, else the (downloaded, verified) `.pth`, converted into the cache first."""
+    from sam_jax import paths
+    from sam_jax.checkpoints.converted import check_finite, load_converted, save_converted
+    from sam_jax.checkpoints.mapping import flatten_params
+    from sam_jax.checkpoints.pth import load_pth
+
+    model = lookup(name)
+    if model is None:
+        known = ", ".join(sorted([*MODELS, *ALIASES]))
+        raise CheckpointError(f"unknown model {name!r}; the registry knows {known}")
+    converted = os.path.join(cache_dir(cache), model.stem)
+    if paths.isdir(converted):
+        return load_converted(converted, verify=verify, allow_nonfinite=allow_nonfinite)
+    pth = download(model, cache, base_url, timeout)
+    config, params = load_pth(pth, model_type=model.model_type)
+    if not allow_nonfinite:
+        check_finite({"/".join(k): v for k, v in flatten_params(params).items()}, pth)
+    with contextlib.suppress(FileExistsError):  # another process converted it meanwhile
+        save_converted(converted, config, params)
+    return config, params
