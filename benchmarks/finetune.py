@@ -112,7 +112,7 @@ def main(argv=None):
     p.add_argument("--masks", type=int, default=16)
     p.add_argument("--rounds", type=int, default=11)
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--remat", default="none")
+    p.add_argument("--remat", default="full", help="encoder remat of every variant")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant, print JSON

@@ -453,3 +453,23 @@ def test_to_hf_flag_conflicts_exit_2(hf_dir, tmp_path, capsys):
         lines = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(lines) == 1 and fragment in lines[0], lines
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fine_tuning_starts_from_a_transformers_folder(hf_dir, loaded, tmp_path):
+    """config.init.path takes a transformers folder: the architecture and the frozen encoder come
+    from it, and the exported model keeps that encoder bit for bit."""
+    from sam_jax.checkpoints import load_converted
+    from sam_jax.training import train_loop
+    from tests.training_fakes import fake_iterator, tiny_train_config
+
+    config = tiny_train_config()
+    config.init.type, config.init.path = "sam", str(hf_dir[1])
+    config.model_overrides = type(config.model_overrides)()  # the architecture is the folder's
+    config.trainable, config.total_steps, config.embedding_cache = "mask_decoder", 1, "off"
+    train_loop.train_and_evaluate(config, str(tmp_path / "ft"), fake_iterator)
+    sam, exported = load_converted(str(tmp_path / "ft" / "model"))
+    hf_params = jax.tree.map(np.asarray, loaded[1])
+    assert sam.encoder_embed_dim == EXPECTED.encoder_embed_dim
+    jax.tree.map(
+        np.testing.assert_array_equal, exported["image_encoder"], hf_params["image_encoder"]
+    )

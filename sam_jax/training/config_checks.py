@@ -158,6 +158,7 @@ RULES: dict[str, Check] = {
     "train.max_mask_area_fraction": real(0.0, 1.0, low_open=True),
     "train.mask_prompt_prob": real(0.0, 1.0),
     "train.unroll_rounds": integer(1),
+    "train.remat_rounds": boolean,
     "mesh_shape": int_tuple(2, -1),
     "sharding_rules": lambda v: (
         None if isinstance(v, (tuple, list)) else f"must be a tuple, got {v!r}"

@@ -34,7 +34,9 @@ train.*          num_rounds (11), box_prob, box_noise_std (fraction of side), bo
                  max_mask_area_fraction (0.9), mask_prompt_prob (chance that a correction
                  round with a click gets the previous logits as mask prompt; 1 in the paper;
                  rounds without a click always get them),
-                 unroll_rounds (lax.scan unroll of the rounds: faster steps, longer compile)
+                 unroll_rounds (lax.scan unroll of the rounds: faster steps, longer compile),
+                 remat_rounds (recompute each round's decoder pass in the backward pass: memory
+                 of one round instead of num_rounds, for about a third more decoder compute)
 mesh_shape       (data, fsdp); -1 takes the remaining devices
 sharding_rules   ((regex, spec tuple), ...) overrides; min_fsdp_size: smaller arrays replicate
 checkpoint.*     every_steps, max_to_keep, async_save
@@ -106,6 +108,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.max_mask_area_fraction = 0.9
     c.train.mask_prompt_prob = 1.0
     c.train.unroll_rounds = 1
+    c.train.remat_rounds = True
 
     c.mesh_shape = (-1, 1)
     c.sharding_rules = ()

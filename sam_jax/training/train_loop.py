@@ -387,10 +387,12 @@ def model_flops(config, sam_config, tx, state, batch, lowered=None) -> float | N
         lowered is not None
         and remat_policy(config) is None
         and config.train.unroll_rounds >= config.train.num_rounds
+        and not config.train.remat_rounds
     ):
         return metric_writer.flops_of(lowered)
     flops_config = config.copy_and_resolve_references()
     flops_config.train.unroll_rounds = config.train.num_rounds
+    flops_config.train.remat_rounds = False
     model = build_sam(sam_config, config.dtype, config.attention_impl, None)
     step_fn = make_train_step(model, tx, flops_config, model.param_shapes())
     return metric_writer.flops_of(jax.jit(step_fn).lower(state, batch))
