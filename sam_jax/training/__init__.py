@@ -6,9 +6,11 @@ events), so the inference path never imports this package. Modules:
     defaults          the experiment ConfigDict every file in configs/ starts from (all fields)
     losses            focal / dice / IoU-MSE and SAM's minimum-loss rule
     prompt_sampling   first prompt (point or noisy box) and error-region correction clicks
-    train_step        encoder once per image, the simulated rounds under lax.scan, the update
+    train_step        encoder once per image (with LoRA adapters, or skipped for cached
+                      embeddings), the simulated rounds under lax.scan, the update
     optimizer         AdamW, warm-up + step/cosine decay, layer-wise lr decay, frozen parts
-    train_state       TrainState (step, params, opt_state, rng)
+    train_state       TrainState (step, params, opt_state, rng, LoRA adapters)
+    embedding_cache   each training image's embedding computed once for a frozen encoder
     sharding          (data, fsdp) mesh, parameter / optimizer-state / batch sharding rules
     initialization    SamConfig and initial params: random, a SAM checkpoint or MAE
     metric_writer     metric logging: metrics.jsonl, TensorBoard events, MFU
