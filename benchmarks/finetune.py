@@ -35,12 +35,12 @@ def run_variant(args) -> dict:
 
     from benchmarks.train_throughput import random_batch
     from sam_jax.modeling import build_sam, lora
-    from sam_jax.training import initialization
+    from sam_jax.training import embedding_cache, initialization
     from sam_jax.training.defaults import base_config
     from sam_jax.training.optimizer import make_optimizer, trainable_labels
     from sam_jax.training.train_loop import remat_policy
     from sam_jax.training.train_state import create_train_state
-    from sam_jax.training.train_step import make_train_step, normalize_images
+    from sam_jax.training.train_step import make_train_step
 
     c = base_config()
     c.model = args.model
@@ -62,12 +62,8 @@ def run_variant(args) -> dict:
     state = create_train_state(params, tx, 0, adapters)
     host = random_batch(np.random.default_rng(0), 1, sam.image_size, sam.low_res_size, args.masks)
     if args.variant == "cached":
-        encode = jax.jit(
-            lambda p, x, hw: model.apply(
-                {"params": p}, normalize_images(x, hw), method=model.encode
-            )
-        )
-        host["embedding"] = np.asarray(encode(params, host["image"], host["image_hw"]))
+        encode = embedding_cache.frozen_encoder(model, params)
+        host["embedding"] = np.asarray(encode(host["image"], host["image_hw"]))
         del host["image"]
     batch = {k: jax.numpy.asarray(v) for k, v in host.items()}
     step = jax.jit(make_train_step(model, tx, c, shapes), donate_argnums=(0,))

@@ -198,59 +198,19 @@ class _TorchPeer:
 
 def _official_sam(config, pth: str, model_type: str):
     """The official `Sam` of `config` with the weights of `pth`: `sam_model_registry` for the
-    released sizes, else the same modules built from the config's sizes."""
-    from functools import partial
-
+    released sizes, else the same modules built from the config's sizes (the parity tests'
+    `tests/torch_reference.build_official`)."""
     import torch
     from segment_anything import sam_model_registry
-    from segment_anything.modeling import (
-        ImageEncoderViT,
-        MaskDecoder,
-        PromptEncoder,
-        Sam,
-        TwoWayTransformer,
-    )
 
     from sam_jax.config import MODEL_TYPES
 
     if MODEL_TYPES.get(model_type) == config:
         return sam_model_registry[model_type](checkpoint=pth)
-    c, g = config, config.embedding_size
-    sam = Sam(
-        ImageEncoderViT(
-            depth=c.encoder_depth,
-            embed_dim=c.encoder_embed_dim,
-            img_size=c.image_size,
-            mlp_ratio=c.mlp_ratio,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-            num_heads=c.encoder_num_heads,
-            patch_size=c.patch_size,
-            qkv_bias=True,
-            use_rel_pos=True,
-            global_attn_indexes=c.encoder_global_attn_indexes,
-            window_size=c.window_size,
-            out_chans=c.prompt_embed_dim,
-        ),
-        PromptEncoder(
-            embed_dim=c.prompt_embed_dim,
-            image_embedding_size=(g, g),
-            input_image_size=(c.image_size, c.image_size),
-            mask_in_chans=c.mask_in_chans,
-        ),
-        MaskDecoder(
-            num_multimask_outputs=c.num_multimask_outputs,
-            transformer=TwoWayTransformer(
-                depth=c.decoder_depth,
-                embedding_dim=c.prompt_embed_dim,
-                mlp_dim=c.decoder_mlp_dim,
-                num_heads=c.decoder_num_heads,
-                attention_downsample_rate=c.attention_downsample_rate,
-            ),
-            transformer_dim=c.prompt_embed_dim,
-            iou_head_depth=c.iou_head_depth,
-            iou_head_hidden_dim=c.iou_head_hidden_dim,
-        ),
-    )
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from tests.torch_reference import build_official
+
+    sam = build_official(config, perturb=0.0)
     sam.load_state_dict(torch.load(pth, weights_only=True))
     return sam
 

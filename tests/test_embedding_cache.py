@@ -12,7 +12,7 @@ from sam_jax.modeling import build_sam
 from sam_jax.training import embedding_cache, initialization, train_loop
 from sam_jax.training.optimizer import make_optimizer
 from sam_jax.training.train_state import create_train_state
-from sam_jax.training.train_step import make_train_step, normalize_images
+from sam_jax.training.train_step import make_train_step
 from tests.training_fakes import tiny_train_config
 
 DATA = "synthetic:train?num_images=5&image_size=96x80"
@@ -34,22 +34,14 @@ def _setup(config):
     return sam, model, params, tx
 
 
-def _encoder(model, params):
-    fn = jax.jit(
-        lambda p, x, hw: model.apply({"params": p}, normalize_images(x, hw), method=model.encode)
-    )
-    return lambda images, hw: fn(params, images, hw)
-
-
 def _build(tmp_path, config, sam, model, params, say=lambda s: None):
     source = open_source(config.data.train, "train")
     key = embedding_cache.cache_key(
         config, sam, embedding_cache.encoder_digest(params), len(source)
     )
     cache = embedding_cache.EmbeddingCache(str(tmp_path / "cache"), key)
-    counts = embedding_cache.build(
-        cache, source, _encoder(model, params), sam.image_size, config.batch_size, say
-    )
+    encode = embedding_cache.frozen_encoder(model, params)
+    counts = embedding_cache.build(cache, source, encode, sam.image_size, config.batch_size, say)
     return cache, counts
 
 

@@ -160,6 +160,18 @@ def build(
     return counts
 
 
+def frozen_encoder(model: Any, params: Any) -> Callable[[Any, Any], jax.Array]:
+    """encode(images uint8 (n, S, S, 3), image_hw int32 (n, 2)) -> (n, g, g, D), jitted: what
+    the train step's encoder computes on a pipeline batch (normalised, zero outside the image)."""
+    from sam_jax.training.train_step import normalize_images
+
+    @jax.jit
+    def encode(p, images, image_hw):
+        return model.apply({"params": p}, normalize_images(images, image_hw), method=model.encode)
+
+    return lambda images, image_hw: encode(params, images, image_hw)
+
+
 class CachedBatches:
     """The pipeline's batches with `embedding` looked up by `index` in place of `image`."""
 
@@ -188,7 +200,6 @@ def prepare(
     from sam_jax.data.sources import is_stream, open_source
     from sam_jax.errors import ConfigError
     from sam_jax.training.config_checks import cache_blocker
-    from sam_jax.training.train_step import normalize_images
 
     if config.embedding_cache == "off":
         return None
@@ -213,17 +224,8 @@ def prepare(
     key = cache_key(config, sam_config, encoder_digest(params), len(source))
     cache = EmbeddingCache(paths.join(workdir, "embedding_cache"), key)
 
-    @jax.jit
-    def encode(p, images, image_hw):
-        return model.apply({"params": p}, normalize_images(images, image_hw), method=model.encode)
-
     counts = build(
-        cache,
-        source,
-        lambda images, hw: encode(params, images, hw),
-        sam_config.image_size,
-        rows_per_step,
-        say,
+        cache, source, frozen_encoder(model, params), sam_config.image_size, rows_per_step, say
     )
     say(
         f"embedding cache {cache.directory}: {counts['computed']} computed, "

@@ -243,7 +243,7 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, config: Any, p
         updates, opt_state = tx.update(grads, state.opt_state, trainables)
         new = optax.apply_updates(trainables, updates)
         # Frozen params are passed on as they are (bit-identical, not p + 0).
-        frozen = lambda n, o, lab: n if lab == "train" else o  # noqa: E731
+        frozen = lambda n, o, lab: n if lab == "train" else o
         new["params"] = jax.tree.map(frozen, new["params"], state.params, labels)
         grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(new))
