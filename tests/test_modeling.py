@@ -254,21 +254,27 @@ def test_pe_scale_sets_the_random_fourier_matrix_std():
     np.testing.assert_allclose(matrices[3.0], 3.0 * matrices[1.0], rtol=1e-6)
 
 
-@pytest.mark.parametrize("rows", [None, 1, 3])
-def test_chunked_global_attention_equals_dense(rows):
-    """The query-blocked global attention (used above CHUNK_ABOVE_TOKENS with the XLA path) gives
-    the dense attention with the full decomposed rel-pos bias."""
+@pytest.mark.parametrize("block_bytes", [None, 4 * 240, 4 * 240 * 40, 4 * 240 * 240 * 3, 1 << 30])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_blocked_attention_equals_dense(block_bytes, dtype):
+    """The blocked rel-pos attention of the XLA path (one query, 40 queries, 3 heads, everything
+    at once) gives the dense attention with the full decomposed rel-pos bias."""
+    from einops import rearrange
+
     from sam_jax.modeling.common import attention
-    from sam_jax.modeling.image_encoder import (
-        chunked_rel_pos_attention,
-        decomposed_rel_pos_bias,
-    )
+    from sam_jax.modeling.image_encoder import blocked_rel_pos_attention, decomposed_rel_pos_bias
 
     rng = np.random.default_rng(0)
     h, w, heads, hd = 12, 20, 3, 8
-    q, k, v = (jnp.asarray(rng.normal(size=(2, h * w, heads, hd)), jnp.float32) for _ in range(3))
+    q, k, v = (jnp.asarray(rng.normal(size=(2, h * w, heads, hd)), dtype) for _ in range(3))
     rel_h = jnp.asarray(rng.normal(size=(2 * h - 1, hd)), jnp.float32)
     rel_w = jnp.asarray(rng.normal(size=(2 * w - 1, hd)), jnp.float32)
     dense = attention(q, k, v, bias=decomposed_rel_pos_bias(q, rel_h, rel_w, (h, w)))
-    chunked = chunked_rel_pos_attention(q, k, v, rel_h, rel_w, (h, w), rows=rows)
-    np.testing.assert_allclose(chunked, dense, rtol=1e-5, atol=1e-5)
+    items = [rearrange(x, "b t n d -> (b n) t d") for x in (q, k, v)]
+    blocked = blocked_rel_pos_attention(*items, rel_h, rel_w, (h, w), block_bytes=block_bytes)
+    blocked = rearrange(blocked, "(b n) t d -> b t n d", n=heads)
+    assert blocked.shape == dense.shape and blocked.dtype == dense.dtype
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(
+        np.asarray(blocked, np.float32), np.asarray(dense, np.float32), rtol=tol, atol=tol
+    )

@@ -65,67 +65,72 @@ def decomposed_rel_pos_bias(q: jax.Array, rel_pos_h, rel_pos_w, size: tuple[int,
     return _rel_pos_bias(q.reshape(b, h, w, heads, hd).astype(jnp.float32), r_h, r_w)
 
 
-# Global attention over more tokens than this runs in blocks of about CHUNK_QUERIES queries with the
-# XLA implementation, so the (heads, T, T) logits of a 64x64 grid never exist at once. On this
-# project's 2-core CPU it took the vit_b encoder from 12.8 s to 10.2 s per image (official: 11.2 s).
-CHUNK_ABOVE_TOKENS = 1024
-CHUNK_QUERIES = 512
+# The XLA path computes attention one block of (batch x head) items and queries at a time, with the
+# rel-pos bias added inside the block, so neither the (heads, T, T) logits nor their bias exist at
+# once. The block's float32 logits are kept to about this many bytes: on a CPU small enough to stay
+# in the cache (2 MiB L2 per core), elsewhere only bounded.
+LOGITS_BLOCK_BYTES = {"cpu": 8 << 20}
+LOGITS_BLOCK_BYTES_DEFAULT = 256 << 20
 
 
-def chunked_rel_pos_attention(q, k, v, rel_pos_h, rel_pos_w, size, impl="xla", rows=None):
-    """Attention with the decomposed rel-pos bias, `rows` query rows at a time (lax.map).
+def takes_blocked_path(impl: str) -> bool:
+    """Whether attention runs `blocked_rel_pos_attention`: with "xla", and with "auto" on a CPU.
+    Elsewhere "auto" leaves the choice (cuDNN on a GPU) to `jax.nn.dot_product_attention`, with
+    the rel-pos bias whole."""
+    return impl == "xla" or (impl == "auto" and jax.default_backend() == "cpu")
 
-    q, k, v: (B, h*w, heads, hd). Same result as
-    `attention(q, k, v, bias=decomposed_rel_pos_bias(q, rel_pos_h, rel_pos_w, size))`.
+
+def _largest_divisor(n: int, limit: int) -> int:
+    """The largest divisor of n that is at most max(limit, 1)."""
+    d = max(1, min(n, limit))
+    while n % d:
+        d -= 1
+    return d
+
+
+def blocked_rel_pos_attention(q, k, v, rel_pos_h, rel_pos_w, size, block_bytes=None):
+    """Attention with the decomposed rel-pos bias, a block of items and queries at a time.
+
+    q, k, v: (N, h*w, hd), one item per (image or window, head) -> (N, h*w, hd). Same function
+    as `attention` with the bias `decomposed_rel_pos_bias`: the bias is kept as its two factors,
+    rel_h (N, T, h) and rel_w (N, T, w), and broadcast into each block of logits. Logits and
+    softmax are float32; the softmax is normalised after the value product (one pass less over
+    the logits).
     """
     h, w = size
-    b, _, heads, hd = q.shape
-    if rows is None:
-        rows = max(1, min(h, CHUNK_QUERIES // w))
-        while h % rows:
-            rows -= 1
-    r_h = get_rel_pos(h, h, rel_pos_h).astype(jnp.float32).reshape(h // rows, rows, h, hd)
-    r_w = get_rel_pos(w, w, rel_pos_w).astype(jnp.float32)
+    n, t, hd = q.shape
+    if block_bytes is None:
+        block_bytes = LOGITS_BLOCK_BYTES.get(jax.default_backend(), LOGITS_BLOCK_BYTES_DEFAULT)
+    f32, hp = jnp.float32, jax.lax.Precision.HIGHEST
+    r_h = get_rel_pos(h, h, rel_pos_h).astype(f32)
+    r_w = get_rel_pos(w, w, rel_pos_w).astype(f32)
+    r_q = q.reshape(n, h, w, hd).astype(f32)
+    rel_h = jnp.einsum("nhwc,hkc->nhwk", r_q, r_h, precision=hp).reshape(n, t, h)
+    rel_w = jnp.einsum("nhwc,wkc->nhwk", r_q, r_w, precision=hp).reshape(n, t, w)
+    q = q * jnp.asarray(hd**-0.5, q.dtype)
+    bq = _largest_divisor(t, block_bytes // (4 * t))  # queries per block
+    g = _largest_divisor(n, block_bytes // (4 * t * bq))  # items per block
+    n_groups, n_chunks = n // g, t // bq
 
-    def block(args):
-        qc, rh = args  # (B, rows, w, heads, hd), (rows, h, hd)
-        bias = _rel_pos_bias(qc.astype(jnp.float32), rh, r_w)
-        return attention(qc.reshape(b, rows * w, heads, hd), k, v, bias=bias, impl=impl)
+    def block(kc, vc, qc, rh, rw):  # (g, T, hd) x2, (g, bq, hd), (g, bq, h), (g, bq, w)
+        s = jnp.einsum("gqd,gkd->gqk", qc, kc, preferred_element_type=f32)
+        s = (s.reshape(g, bq, h, w) + rh[..., :, None] + rw[..., None, :]).reshape(g, bq, t)
+        p = jnp.exp(s - s.max(-1, keepdims=True))
+        o = jnp.einsum("gqk,gkd->gqd", p.astype(vc.dtype), vc, preferred_element_type=f32)
+        return (o / p.sum(-1, keepdims=True)).astype(q.dtype)
 
-    qs = jnp.moveaxis(q.reshape(b, h // rows, rows, w, heads, hd), 1, 0)
-    out = jax.lax.map(block, (qs, r_h))  # (h // rows, B, rows * w, heads, hd)
-    return jnp.moveaxis(out, 0, 1).reshape(b, h * w, heads, hd)
+    def group(args):
+        kc, vc, *per_chunk = args
+        return jax.lax.map(lambda a: block(kc, vc, *a), tuple(per_chunk))
 
+    def chunks(x):  # (N, T, d) -> (groups, chunks, g, bq, d)
+        return x.reshape(n_groups, g, n_chunks, bq, x.shape[-1]).transpose(0, 2, 1, 3, 4)
 
-class Attention(nn.Module):
-    """Multi-head attention with the decomposed relative-position bias. x: (B, h, w, C)."""
+    def grouped(x):
+        return x.reshape(n_groups, g, t, x.shape[-1])
 
-    num_heads: int
-    input_size: tuple[int, int]
-    dtype: Dtype = jnp.float32
-    attention_impl: str = "xla"
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        b, h, w, c = x.shape
-        hd = c // self.num_heads
-        qkv = Dense(3 * c, dtype=self.dtype, name="qkv")(x)
-        q, k, v = rearrange(
-            qkv, "b h w (three n d) -> three b (h w) n d", three=3, n=self.num_heads
-        )
-        zeros = nn.initializers.zeros
-        rel_pos_h = self.param("rel_pos_h", zeros, (2 * self.input_size[0] - 1, hd), jnp.float32)
-        rel_pos_w = self.param("rel_pos_w", zeros, (2 * self.input_size[1] - 1, hd), jnp.float32)
-        # "auto" resolves to the XLA implementation on a CPU; on a GPU it leaves cuDNN whole.
-        xla = self.attention_impl == "xla" or (
-            self.attention_impl == "auto" and jax.default_backend() == "cpu"
-        )
-        if xla and h * w > CHUNK_ABOVE_TOKENS:
-            out = chunked_rel_pos_attention(q, k, v, rel_pos_h, rel_pos_w, (h, w))
-        else:
-            bias = decomposed_rel_pos_bias(q, rel_pos_h, rel_pos_w, (h, w))
-            out = attention(q, k, v, bias=bias, impl=self.attention_impl)
-        return Dense(c, dtype=self.dtype, name="proj")(out.reshape(b, h, w, c))
+    out = jax.lax.map(group, (grouped(k), grouped(v), chunks(q), chunks(rel_h), chunks(rel_w)))
+    return out.transpose(0, 2, 1, 3, 4).reshape(n, t, hd)  # from (groups, chunks, g, bq, hd)
 
 
 def window_partition(x: jax.Array, window: int) -> tuple[jax.Array, tuple[int, int]]:
@@ -144,6 +149,44 @@ def window_unpartition(x: jax.Array, window: int, pad_hw, hw) -> jax.Array:
     return x[:, :h, :w]
 
 
+class Attention(nn.Module):
+    """Multi-head attention with the decomposed relative-position bias, over the whole map
+    (window_size 0) or in non-overlapping windows. x: (B, H, W, C) -> (B, H, W, C).
+
+    input_size is the grid one attention runs over: (window_size,) * 2 for windowed attention.
+    """
+
+    num_heads: int
+    input_size: tuple[int, int]
+    window_size: int = 0
+    dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, h, w, c = x.shape
+        heads, hd = self.num_heads, c // self.num_heads
+        if self.window_size > 0:
+            x, pad_hw = window_partition(x, self.window_size)
+        qkv = Dense(3 * c, dtype=self.dtype, name="qkv")(x)
+        nb, gh, gw = qkv.shape[:3]
+        zeros = nn.initializers.zeros
+        rel_pos_h = self.param("rel_pos_h", zeros, (2 * self.input_size[0] - 1, hd), jnp.float32)
+        rel_pos_w = self.param("rel_pos_w", zeros, (2 * self.input_size[1] - 1, hd), jnp.float32)
+        if takes_blocked_path(self.attention_impl):
+            q, k, v = rearrange(qkv, "b h w (three n d) -> three (b n) (h w) d", three=3, n=heads)
+            out = blocked_rel_pos_attention(q, k, v, rel_pos_h, rel_pos_w, (gh, gw))
+            out = rearrange(out, "(b n) (h w) d -> b h w (n d)", n=heads, h=gh)
+        else:
+            q, k, v = rearrange(qkv, "b h w (three n d) -> three b (h w) n d", three=3, n=heads)
+            bias = decomposed_rel_pos_bias(q, rel_pos_h, rel_pos_w, (gh, gw))
+            out = attention(q, k, v, bias=bias, impl=self.attention_impl)
+            out = out.reshape(nb, gh, gw, c)
+        if self.window_size > 0:
+            out = window_unpartition(out, self.window_size, pad_hw, (h, w))
+        return Dense(c, dtype=self.dtype, name="proj")(out)
+
+
 class Block(nn.Module):
     """Transformer block with windowed (window_size > 0) or global attention."""
 
@@ -157,15 +200,14 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
-        b, h, w, c = x.shape
+        c = x.shape[-1]
         shortcut = x
         x = layer_norm(1e-6, "norm1")(x).astype(self.dtype)
-        if self.window_size > 0:
-            x, pad_hw = window_partition(x, self.window_size)
         size = (self.window_size,) * 2 if self.window_size > 0 else self.input_size
-        x = Attention(self.num_heads, size, self.dtype, self.attention_impl, name="attn")(x)
-        if self.window_size > 0:
-            x = window_unpartition(x, self.window_size, pad_hw, (h, w))
+        attn = Attention(
+            self.num_heads, size, self.window_size, self.dtype, self.attention_impl, name="attn"
+        )
+        x = attn(x)
         drop = DropPath(self.drop_path)
         x = shortcut + drop(x, deterministic)
         y = layer_norm(1e-6, "norm2")(x).astype(self.dtype)

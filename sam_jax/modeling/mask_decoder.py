@@ -14,7 +14,9 @@ from sam_jax.modeling.transformer import TwoWayTransformer
 class ConvTranspose2x2(nn.Module):
     """ConvTranspose2d(kernel 2, stride 2) as torch: y[2i+a, 2j+b] = x[i, j] @ W[a, b] + bias.
 
-    kernel (2, 2, in, out) = torch weight (in, out, 2, 2) permuted (2, 3, 0, 1). NHWC.
+    kernel (2, 2, in, out) = torch weight (in, out, 2, 2) permuted (2, 3, 0, 1).
+    x (..., in) -> (..., 2, 2, out): the sub-pixels (a, b) of each input pixel keep their own
+    axes (`unshuffle` interleaves them), so each upscaling is one plain matmul and moves no data.
     """
 
     features: int
@@ -22,11 +24,19 @@ class ConvTranspose2x2(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        shape = (2, 2, x.shape[-1], self.features)
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), shape, jnp.float32)
+        c = x.shape[-1]
+        kernel = self.param(
+            "kernel", nn.initializers.lecun_normal(), (2, 2, c, self.features), jnp.float32
+        )
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-        y = jnp.einsum("nhwc,abco->nhawbo", x.astype(self.dtype), kernel.astype(self.dtype))
-        return rearrange(y, "n h a w b o -> n (h a) (w b) o") + bias.astype(self.dtype)
+        w = kernel.transpose(2, 0, 1, 3).reshape(c, 4 * self.features).astype(self.dtype)
+        y = (x.astype(self.dtype) @ w).reshape(*x.shape[:-1], 2, 2, self.features)
+        return y + bias.astype(self.dtype)
+
+
+def unshuffle(x: jax.Array) -> jax.Array:
+    """(B, h, w, 2, 2, 2, 2, K), the sub-pixel axes of two ConvTranspose2x2 -> (B, K, 4h, 4w)."""
+    return rearrange(x, "b h w p q r s k -> b k (h p r) (w q s)")
 
 
 class MaskDecoder(nn.Module):
@@ -104,7 +114,7 @@ class MaskDecoder(nn.Module):
             ],
             axis=1,
         )  # (B, K+1, C/8)
-        masks = jnp.einsum("bkc,bhwc->bkhw", hyper_in, x.astype(self.dtype)).astype(jnp.float32)
+        masks = jnp.einsum("bhwpqrsc,bkc->bhwpqrsk", x.astype(self.dtype), hyper_in)
         iou_pred = MLP(
             self.iou_head_hidden_dim,
             num_mask_tokens,
@@ -112,8 +122,5 @@ class MaskDecoder(nn.Module):
             self.dtype,
             name="iou_prediction_head",
         )(iou_token_out.astype(self.dtype)).astype(jnp.float32)
-        if multimask_output is None:
-            return masks, iou_pred
-        if multimask_output:
-            return masks[:, 1:], iou_pred[:, 1:]
-        return masks[:, :1], iou_pred[:, :1]
+        outputs = {None: slice(None), True: slice(1, None), False: slice(0, 1)}[multimask_output]
+        return unshuffle(masks[..., outputs].astype(jnp.float32)), iou_pred[:, outputs]
