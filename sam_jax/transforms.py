@@ -15,6 +15,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
@@ -170,8 +171,16 @@ def resize_bilinear(
     in_h, in_w = x.shape[-2], x.shape[-1]
     out_h, out_w = int(size[0]), int(size[1])
     n_h, n_w = (out_h, out_w) if crop is None else (int(crop[0]), int(crop[1]))
-    x = _weighted_taps(x, -1, _bilinear_taps(in_w, out_w, n_w))
-    return _weighted_taps(x, -2, _bilinear_taps(in_h, out_h, n_h))
+    x = _resize_axis(x, -1, in_w, out_w, n_w)
+    return _resize_axis(x, -2, in_h, out_h, n_h)
+
+
+def _resize_axis(x: jnp.ndarray, axis: int, in_size: int, out_size: int, keep: int):
+    """One pass of `resize_bilinear` along `axis`, its first `keep` outputs. A resize to the same
+    size is the identity (taps (i, i + 1, 1, 0)), so it is a slice, as torch copies its input."""
+    if in_size == out_size:
+        return jax.lax.slice_in_dim(x, 0, keep, axis=axis % x.ndim)
+    return _weighted_taps(x, axis, _bilinear_taps(in_size, out_size, keep))
 
 
 def postprocess_masks(

@@ -109,6 +109,8 @@ def test_normalize_and_pad_rejects_too_large():
         ((171, 256), (300, 451)),
         ((7, 5), (13, 2)),
         ((10, 10), (10, 10)),
+        ((12, 9), (12, 20)),
+        ((9, 12), (20, 12)),
     ],
 )
 def test_resize_bilinear_matches_torch(in_size, out_size):
@@ -124,6 +126,16 @@ def test_resize_bilinear_matches_torch(in_size, out_size):
     if out_size[0] < in_size[0]:
         aa = np.asarray(jax.image.resize(jnp.asarray(x), expected.shape, "bilinear"))
         assert np.abs(aa - expected).max() > 1e-3
+
+
+def test_resize_bilinear_to_the_same_size_is_the_identity_taps():
+    """A same-size axis is sliced, not interpolated: bitwise what its taps (i, i + 1, 1, 0) give,
+    also under a crop."""
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 12, 20)), jnp.float32)
+    for size, crop in (((12, 20), None), ((12, 20), (7, 11)), ((12, 33), (12, 30))):
+        taps = T._weighted_taps(x, -1, T._bilinear_taps(20, size[1], (crop or size)[1]))
+        taps = T._weighted_taps(taps, -2, T._bilinear_taps(12, size[0], (crop or size)[0]))
+        np.testing.assert_array_equal(T.resize_bilinear(x, size, crop=crop), taps)
 
 
 @pytest.mark.parametrize(
