@@ -177,7 +177,7 @@ def resize_bilinear(
 
 def _resize_axis(x: jnp.ndarray, axis: int, in_size: int, out_size: int, keep: int):
     """One pass of `resize_bilinear` along `axis`, its first `keep` outputs. A resize to the same
-    size is the identity (taps (i, i + 1, 1, 0)), so it is a slice, as torch copies its input."""
+    size has the taps (i, i + 1, 1, 0), the identity, so it is computed as a slice."""
     if in_size == out_size:
         return jax.lax.slice_in_dim(x, 0, keep, axis=axis % x.ndim)
     return _weighted_taps(x, axis, _bilinear_taps(in_size, out_size, keep))
