@@ -109,8 +109,11 @@ def blocked_rel_pos_attention(q, k, v, rel_pos_h, rel_pos_w, size, block_bytes=N
     rel_w = jnp.einsum("nhwc,wkc->nhwk", r_q, r_w, precision=hp).reshape(n, t, w)
     q = q * jnp.asarray(hd**-0.5, q.dtype)
     bq = _largest_divisor(t, block_bytes // (4 * t))  # queries per block
-    g = _largest_divisor(n, block_bytes // (4 * t * bq))  # items per block
-    n_groups, n_chunks = n // g, t // bq
+    if isinstance(n, int):
+        g = _largest_divisor(n, block_bytes // (4 * t * bq))  # items per block
+    else:  # a symbolic batch (shape-polymorphic export): all items in every block
+        g = n
+    n_groups, n_chunks = (n // g if isinstance(n, int) else 1), t // bq
 
     def block(kc, vc, qc, rh, rw):  # (g, T, hd) x2, (g, bq, hd), (g, bq, h), (g, bq, w)
         s = jnp.einsum("gqd,gkd->gqk", qc, kc, preferred_element_type=f32)
