@@ -140,7 +140,12 @@ def test_two_processes_train_like_one_process(two_process_run, tmp_path, cache_d
     _assert_ok(one)
     a, b = _losses(workdir), _losses(single)
     assert list(a) == list(b) == list(range(1, STEPS + 1))
-    np.testing.assert_allclose([a[s] for s in a], [b[s] for s in b], rtol=1e-4)
+    # The first loss (same params, same global batch) agrees closely. The float32 gradient
+    # all-reduce then sums in another order across processes (gloo) than within one, and the
+    # difference grows through training (measured: 4e-7 relative at step 2, 1.1e-4 at step 11).
+    # A wrong batch split or data order differs by percents from step 1.
+    np.testing.assert_allclose(a[1], b[1], rtol=1e-5)
+    np.testing.assert_allclose([a[s] for s in a], [b[s] for s in b], rtol=1e-3)
     assert len(set(np.round(list(b.values()), 5))) > 1  # training moved: not a vacuous match
     # Validation at the end (each process evaluates half of the held-out images): the numbers
     # of one process evaluating all of them.
