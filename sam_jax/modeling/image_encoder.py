@@ -42,15 +42,20 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos: jax.Array) -> jax.Array:
     return rel_pos[rel_pos_index(q_size, k_size)]
 
 
-def _rel_pos_bias(r_q: jax.Array, r_h: jax.Array, r_w: jax.Array) -> jax.Array:
-    """r_q (B, qh, qw, heads, hd) float32 queries; r_h (qh, kh, hd); r_w (qw, kw, hd) ->
-    bias (B, heads, qh*qw, kh*kw) with bias[.., (i, j), (k, l)] = q . R_h[i, k] + q . R_w[j, l]."""
-    b, qh, qw, heads, _ = r_q.shape
-    hp = jax.lax.Precision.HIGHEST
-    rel_h = jnp.einsum("bhwnc,hkc->bnhwk", r_q, r_h, precision=hp)
-    rel_w = jnp.einsum("bhwnc,wkc->bnhwk", r_q, r_w, precision=hp)
-    bias = rel_h[..., :, None] + rel_w[..., None, :]  # (b, n, qh, qw, kh, kw)
-    return bias.reshape(b, heads, qh * qw, r_h.shape[1] * r_w.shape[1])
+def rel_pos_factors(q: jax.Array, rel_pos_h, rel_pos_w) -> tuple[jax.Array, jax.Array]:
+    """The two factors of the decomposed rel-pos bias, float32, for unscaled queries.
+
+    q: (..., h, w, hd) on the query grid; rel_pos_h/w the (L, hd) tables. Returns rel_h
+    (..., h, w, h) and rel_w (..., h, w, w) with rel_h[.., i, j, k] = q[.., i, j] . R_h[i, k] and
+    rel_w[.., i, j, l] = q[.., i, j] . R_w[j, l]; the bias of key (k, l) is their sum.
+    """
+    h, w = q.shape[-3:-1]
+    r_h = get_rel_pos(h, h, rel_pos_h).astype(jnp.float32)
+    r_w = get_rel_pos(w, w, rel_pos_w).astype(jnp.float32)
+    q, hp = q.astype(jnp.float32), jax.lax.Precision.HIGHEST
+    rel_h = jnp.einsum("...hwc,hkc->...hwk", q, r_h, precision=hp)
+    rel_w = jnp.einsum("...hwc,wkc->...hwk", q, r_w, precision=hp)
+    return rel_h, rel_w
 
 
 def decomposed_rel_pos_bias(q: jax.Array, rel_pos_h, rel_pos_w, size: tuple[int, int]):
@@ -59,10 +64,10 @@ def decomposed_rel_pos_bias(q: jax.Array, rel_pos_h, rel_pos_w, size: tuple[int,
     q: (B, h*w, heads, hd). bias[b, n, (qh, qw), (kh, kw)] = q . R_h[qh, kh] + q . R_w[qw, kw].
     """
     h, w = size
-    b, _, heads, hd = q.shape
-    r_h = get_rel_pos(h, h, rel_pos_h).astype(jnp.float32)
-    r_w = get_rel_pos(w, w, rel_pos_w).astype(jnp.float32)
-    return _rel_pos_bias(q.reshape(b, h, w, heads, hd).astype(jnp.float32), r_h, r_w)
+    b, t, heads, hd = q.shape
+    q = q.reshape(b, h, w, heads, hd).transpose(0, 3, 1, 2, 4)  # (B, heads, h, w, hd)
+    rel_h, rel_w = rel_pos_factors(q, rel_pos_h, rel_pos_w)
+    return (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, heads, t, t)
 
 
 # The XLA path computes attention one block of (batch x head) items and queries at a time, with the
@@ -101,19 +106,17 @@ def blocked_rel_pos_attention(q, k, v, rel_pos_h, rel_pos_w, size, block_bytes=N
     n, t, hd = q.shape
     if block_bytes is None:
         block_bytes = LOGITS_BLOCK_BYTES.get(jax.default_backend(), LOGITS_BLOCK_BYTES_DEFAULT)
-    f32, hp = jnp.float32, jax.lax.Precision.HIGHEST
-    r_h = get_rel_pos(h, h, rel_pos_h).astype(f32)
-    r_w = get_rel_pos(w, w, rel_pos_w).astype(f32)
-    r_q = q.reshape(n, h, w, hd).astype(f32)
-    rel_h = jnp.einsum("nhwc,hkc->nhwk", r_q, r_h, precision=hp).reshape(n, t, h)
-    rel_w = jnp.einsum("nhwc,wkc->nhwk", r_q, r_w, precision=hp).reshape(n, t, w)
+    f32 = jnp.float32
+    rel_h, rel_w = rel_pos_factors(q.reshape(n, h, w, hd), rel_pos_h, rel_pos_w)
+    rel_h, rel_w = rel_h.reshape(n, t, h), rel_w.reshape(n, t, w)
     q = q * jnp.asarray(hd**-0.5, q.dtype)
     bq = _largest_divisor(t, block_bytes // (4 * t))  # queries per block
+    n_chunks = t // bq
     if isinstance(n, int):
         g = _largest_divisor(n, block_bytes // (4 * t * bq))  # items per block
+        n_groups = n // g
     else:  # a symbolic batch (shape-polymorphic export): all items in every block
-        g = n
-    n_groups, n_chunks = (n // g if isinstance(n, int) else 1), t // bq
+        g, n_groups = n, 1
 
     def block(kc, vc, qc, rh, rw):  # (g, T, hd) x2, (g, bq, hd), (g, bq, h), (g, bq, w)
         s = jnp.einsum("gqd,gkd->gqk", qc, kc, preferred_element_type=f32)
@@ -167,7 +170,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        b, h, w, c = x.shape
+        h, w, c = x.shape[1:]
         heads, hd = self.num_heads, c // self.num_heads
         if self.window_size > 0:
             x, pad_hw = window_partition(x, self.window_size)
