@@ -278,3 +278,30 @@ def test_blocked_attention_equals_dense(block_bytes, dtype):
     np.testing.assert_allclose(
         np.asarray(blocked, np.float32), np.asarray(dense, np.float32), rtol=tol, atol=tol
     )
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dense_rounds_once_from_a_float32_product(dtype):
+    """Dense in bfloat16 on a CPU takes the bf16 x bf16 -> f32 product (the one XLA runs on AMX
+    or AVX-512 BF16) and rounds once, after the bias: its output is the float32 result of the
+    rounded operands, rounded to bf16. In float32 it is the plain product (same jaxpr as
+    lax.dot_general without a preferred type)."""
+    from sam_jax.modeling.common import Dense
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 5, 96)), jnp.float32)
+    layer = Dense(48, dtype=dtype)
+    params = layer.init(jax.random.key(0), x)
+    params = jax.tree.map(lambda a: a + jnp.asarray(rng.normal(size=a.shape), a.dtype), params)
+    jaxpr = jax.make_jaxpr(lambda p: layer.apply(p, x))(params)
+    dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+    want = jnp.float32 if dtype == jnp.bfloat16 and jax.default_backend() == "cpu" else None
+    assert [e.params["preferred_element_type"] for e in dots] == [want]
+    y = layer.apply(params, x)
+    assert y.dtype == dtype
+    p = params["params"]
+    r = lambda a: np.asarray(jnp.asarray(a, dtype), np.float64)  # noqa: E731
+    exact = r(x) @ r(p["kernel"]) + r(p["bias"])
+    ulp = 2.0**-7 if dtype == jnp.bfloat16 else 2.0**-22
+    # once-rounded: within half a bf16 ulp of the exact value (float32 accumulation adds ~1e-6)
+    assert np.all(np.abs(np.asarray(y, np.float64) - exact) <= 0.5 * ulp * np.abs(exact) + 1e-5)

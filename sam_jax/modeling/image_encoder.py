@@ -99,8 +99,9 @@ def blocked_rel_pos_attention(q, k, v, rel_pos_h, rel_pos_w, size, block_bytes=N
     q, k, v: (N, h*w, hd), one item per (image or window, head) -> (N, h*w, hd). Same function
     as `attention` with the bias `decomposed_rel_pos_bias`: the bias is kept as its two factors,
     rel_h (N, T, h) and rel_w (N, T, w), and broadcast into each block of logits. Logits and
-    softmax are float32; the softmax is normalised after the value product (one pass less over
-    the logits).
+    softmax are float32. The probabilities are rounded to the compute dtype once; that copy is
+    multiplied by the values and summed (in float32) for the normalisation, which comes after the
+    value product (one pass less over the logits).
     """
     h, w = size
     n, t, hd = q.shape
@@ -121,9 +122,9 @@ def blocked_rel_pos_attention(q, k, v, rel_pos_h, rel_pos_w, size, block_bytes=N
     def block(kc, vc, qc, rh, rw):  # (g, T, hd) x2, (g, bq, hd), (g, bq, h), (g, bq, w)
         s = jnp.einsum("gqd,gkd->gqk", qc, kc, preferred_element_type=f32)
         s = (s.reshape(g, bq, h, w) + rh[..., :, None] + rw[..., None, :]).reshape(g, bq, t)
-        p = jnp.exp(s - s.max(-1, keepdims=True))
-        o = jnp.einsum("gqk,gkd->gqd", p.astype(vc.dtype), vc, preferred_element_type=f32)
-        return (o / p.sum(-1, keepdims=True)).astype(q.dtype)
+        p = jnp.exp(s - s.max(-1, keepdims=True)).astype(vc.dtype)
+        o = jnp.einsum("gqk,gkd->gqd", p, vc, preferred_element_type=f32)
+        return (o / p.sum(-1, keepdims=True, dtype=f32)).astype(q.dtype)
 
     def group(args):
         kc, vc, *per_chunk = args
