@@ -233,7 +233,8 @@ def test_to_hf_round_trip_loads_back_unchanged_in_transformers(hf_dir, tmp_path,
     argv = ["--checkpoint", str(tmp_path / "conv"), "--to-hf", str(tmp_path / "b")]
     assert convert_main(argv) == 0, capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "conv"]
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [hf.CONFIG_FILE, hf.SAFETENSORS]
+    files = sorted([hf.CONFIG_FILE, hf.SAFETENSORS, hf.PREPROCESSOR_FILE])
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == files
     ref = _hf_outputs(hf_model)
     for name in ("a", "b"):
         back = SamModel.from_pretrained(tmp_path / name).eval()
@@ -248,6 +249,29 @@ def test_to_hf_round_trip_loads_back_unchanged_in_transformers(hf_dir, tmp_path,
     assert convert_main(["--checkpoint", str(path), "--to-hf", str(tmp_path / "a")]) == 1
     assert "exists already" in capsys.readouterr().err
     assert convert_main(["--checkpoint", str(path), "--to-hf", str(tmp_path / "a"), "--force"]) == 0
+
+
+def test_to_hf_processor_prepares_images_as_sam_jax_does(hf_dir, tmp_path):
+    """--to-hf writes the preprocessor config: transformers' SamProcessor loads from the directory
+    alone and turns images (square, and one resized and padded) into the pixels sam_jax's own
+    preprocessing gives, for the checkpoint's image size."""
+    from transformers import SamProcessor
+
+    from sam_jax import transforms
+
+    _, path = hf_dir
+    assert convert_main(["--checkpoint", str(path), "--to-hf", str(tmp_path / "a")]) == 0
+    processor = SamProcessor.from_pretrained(tmp_path / "a")
+    size = sam_jax.load(tmp_path / "a")[0].config.image_size
+    rng = np.random.default_rng(0)
+    for shape in [(size, size, 3), (size // 2, size * 3 // 4, 3)]:
+        image = rng.integers(0, 256, size=shape, dtype=np.uint8)
+        pixels = processor(images=image, return_tensors="np")["pixel_values"][0]
+        ours, input_size = transforms.preprocess_image(image, size)
+        assert pixels.shape == (3, size, size)
+        assert list(processor(images=image)["reshaped_input_sizes"][0]) == list(input_size)
+        # PIL's bilinear resize rounds to uint8 as the official ResizeLongestSide does
+        np.testing.assert_allclose(pixels.transpose(1, 2, 0), ours, atol=1e-5)
 
 
 def test_official_pth_to_hf_computes_what_segment_anything_computes(tmp_path):

@@ -43,10 +43,11 @@ from sam_jax.checkpoints.mapping import (
     params_to_state_dict,
     state_dict_to_params,
 )
-from sam_jax.config import SamConfig
+from sam_jax.config import PIXEL_MEAN, PIXEL_STD, SamConfig
 from sam_jax.errors import CheckpointError, one_line
 
 CONFIG_FILE = "config.json"
+PREPROCESSOR_FILE = "preprocessor_config.json"  # what SamProcessor.from_pretrained reads
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 PE_KEY = "shared_image_embedding.positional_embedding"
@@ -212,6 +213,30 @@ def config_from_hf(doc: Mapping[str, Any], where: str = CONFIG_FILE) -> SamConfi
         )
     except (ValueError, TypeError, KeyError) as e:
         raise CheckpointError(f"bad SAM config in {where}: {one_line(e)}") from None
+
+
+def processor_to_hf(config: SamConfig) -> dict[str, Any]:
+    """The transformers `preprocessor_config.json` (a dict) of `config`: SamImageProcessor's
+    resize-longest-side, normalisation and padding for its image size, our pixel mean and std
+    (in 0-1 units there), masks at a quarter of the image size."""
+    s, m = config.image_size, config.image_size // 4
+    return {
+        "do_convert_rgb": True,
+        "do_normalize": True,
+        "do_pad": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "image_mean": [v / 255 for v in PIXEL_MEAN],
+        "image_processor_type": "SamImageProcessor",
+        "image_std": [v / 255 for v in PIXEL_STD],
+        "mask_pad_size": {"height": m, "width": m},
+        "mask_size": {"longest_edge": m},
+        "pad_size": {"height": s, "width": s},
+        "processor_class": "SamProcessor",
+        "resample": 2,  # PIL bilinear, as the official ResizeLongestSide
+        "rescale_factor": 1 / 255,
+        "size": {"longest_edge": s},
+    }
 
 
 def config_to_hf(config: SamConfig) -> dict[str, Any]:
@@ -434,8 +459,9 @@ def load_hf(path: str | os.PathLike) -> tuple[SamConfig, dict[str, Any]]:
 def save_hf(
     path: str | os.PathLike, config: SamConfig, params: Mapping[str, Any], overwrite: bool = False
 ) -> None:
-    """Writes a transformers `SamModel` directory: `config.json` and `model.safetensors`
-    (float32, the tied positional-embedding copy left out, as `save_pretrained` does).
+    """Writes a transformers `SamModel` directory: `config.json`, `model.safetensors` (float32, the
+    tied positional-embedding copy left out, as `save_pretrained` does) and the
+    `preprocessor_config.json` that `SamProcessor.from_pretrained` needs.
 
     Locally the directory appears whole (`paths.atomic_output`); on an object store the weights
     are written first and `config.json` last, so a directory without it is no checkpoint yet.
@@ -443,6 +469,7 @@ def save_hf(
     from safetensors.numpy import save, save_file
 
     text = json.dumps(config_to_hf(config), indent=2, sort_keys=True) + "\n"
+    processor = json.dumps(processor_to_hf(config), indent=2, sort_keys=True) + "\n"
     names = hf_keys(config)
     tensors = {names[k]: v for k, v in params_to_state_dict(params, config).items()}
     metadata = {"format": "pt"}  # what transformers expects of a PyTorch safetensors file
@@ -450,6 +477,7 @@ def save_hf(
         with paths.atomic_output(path, overwrite) as tmp:
             tmp.mkdir()
             save_file(tensors, str(tmp / SAFETENSORS), metadata=metadata)
+            (tmp / PREPROCESSOR_FILE).write_text(processor, encoding="utf-8")
             (tmp / CONFIG_FILE).write_text(text, encoding="utf-8")
         return
     path = paths.resolve(path)
@@ -457,4 +485,5 @@ def save_hf(
     if paths.exists(path):
         paths.rmtree(path)
     paths.write_bytes(paths.join(path, SAFETENSORS), save(tensors, metadata=metadata))
+    paths.write_text(paths.join(path, PREPROCESSOR_FILE), processor)
     paths.write_text(paths.join(path, CONFIG_FILE), text)
