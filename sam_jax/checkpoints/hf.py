@@ -218,8 +218,8 @@ def config_from_hf(doc: Mapping[str, Any], where: str = CONFIG_FILE) -> SamConfi
 def processor_to_hf(config: SamConfig) -> dict[str, Any]:
     """The transformers `preprocessor_config.json` (a dict) of `config`: SamImageProcessor's
     resize-longest-side, normalisation and padding for its image size, our pixel mean and std
-    (in 0-1 units there), masks at a quarter of the image size."""
-    s, m = config.image_size, config.image_size // 4
+    (in 0-1 units there), masks at the low-resolution mask size."""
+    s, m = config.image_size, config.low_res_size
     return {
         "do_convert_rgb": True,
         "do_normalize": True,
