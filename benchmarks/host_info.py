@@ -21,6 +21,25 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_id() -> str:
+    """Vendor, family, model and stepping (/proc/cpuinfo): names the microarchitecture where a
+    hypervisor shortens the model name (a family 25, model 1 "AMD EPYC" is a Zen 3 Milan)."""
+    keys = {"vendor_id": "", "cpu family": "family ", "model": "model ", "stepping": "stepping "}
+    found = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in keys and key not in found:
+                    found[key] = keys[key] + value.strip()
+                if not line.strip():
+                    break
+    except OSError:
+        pass
+    return ", ".join(found[k] for k in keys if k in found) or platform.machine()
+
+
 # The CPU features that decide matmul speed (SIMD widths, bf16 / int8 dot products, AMX tiles).
 _SIMD = ("sse4_2", "fma", "f16c", "avx", "amx", "neon", "asimd", "sve")
 
@@ -47,10 +66,11 @@ def usable_cores() -> int:
 
 
 def describe(load_avg_at_start: tuple[float, float, float] | None = None, **extra) -> dict:
-    """{cpu_model, cpu_flags, cores, usable_cores, date, load_avg_at_start, python, numpy, **extra};
-    pass the load average taken before the timed work (default: now)."""
+    """{cpu_model, cpu_id, cpu_flags, cores, usable_cores, date, load_avg_at_start, python, numpy,
+    **extra}; pass the load average taken before the timed work (default: now)."""
     return {
         "cpu_model": cpu_model(),
+        "cpu_id": cpu_id(),
         "cpu_flags": cpu_flags(),
         "cores": os.cpu_count(),
         "usable_cores": usable_cores(),

@@ -24,6 +24,9 @@ default backend), fresh for every case and dtype (--isolate case) or one per dty
 (--isolate peer: faster, for smoke tests; caches such as torch.compile's carry over). Per case:
 one warm-up call each, one after the other, then --reps timed calls interleaved round-robin across
 the implementations (the first one rotates); best, median and their ratios to the fastest.
+A case too large for every peer to hold its memory at once (--solo; by default those whose
+estimate, `memory_estimate` x peers, exceeds 60% of the host's memory, or of the GPU's) runs one
+peer at a time instead, each alone in a fresh worker (rows marked "solo"; --isolate case only).
 Memory per case: the subprocess's peak RSS (VmHWM, reset at the start of the case: ru_maxrss
 would include the parent's pages) and on a GPU the device peak (torch max_memory_allocated; jax
 peak_bytes_in_use, which never resets: cumulative under --isolate peer); `*_per_image` is (peak -
@@ -92,6 +95,40 @@ def parse_case(name: str) -> tuple[str, int]:
     if (kind, n[:1]) in (("encoder", "b"), ("decoder", "p")) and n[1:].isdigit() and int(n[1:]):
         return kind, int(n[1:])
     raise ValueError(f"unknown case {name!r}: encoder_b<N>, decoder_p<N>, amg or {sorted(GROUPS)}")
+
+
+def memory_estimate(case: str, config: dict, original_size) -> int:
+    """Bytes the largest peer may hold at once in `case`, from the tensors the official model
+    materialises: the encoder's global-attention logits and their rel-pos bias (float32, B x heads
+    x T x T each); the decoder's float32 masks at the S x S and the original size (P x 3 each)."""
+    kind, n = parse_case(case)
+    s = config["image_size"]
+    if kind == "encoder":
+        t = (s // config["patch_size"]) ** 2
+        return 2 * n * config["encoder_num_heads"] * t * t * 4
+    if kind == "decoder":
+        return n * 3 * (s * s + original_size[0] * original_size[1]) * 4
+    return 0
+
+
+def _memory_budget() -> int:
+    """Bytes the peers share: the GPU's memory where torch sees one, else the host's."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def solo_cases(text: str, cases, config, original_size, n_peers: int) -> list[str]:
+    """--solo: "auto" (cases whose memory_estimate x n_peers exceeds 60% of the budget), "none",
+    or case names / groups."""
+    if text == "none" or n_peers < 2:
+        return []
+    if text != "auto":
+        return [c for c in _cases(text) if c in cases]
+    budget = 0.6 * _memory_budget()
+    return [c for c in cases if memory_estimate(c, config, original_size) * n_peers > budget]
 
 
 # ============================================================================ worker side
@@ -714,6 +751,16 @@ def _summarise(row: dict) -> dict:
     return row
 
 
+def _time_alone(args, peer: str, spec_path: str, case: str, dtype: str) -> list[dict]:
+    """`_time_case` for one peer in a fresh worker with no other alive (a --solo case)."""
+    pool = _Pool(args, [peer], dtype, spec_path, case)
+    try:
+        rows = _time_case(args, pool, case, dtype)
+    finally:
+        pool.close()
+    return [{**r, "solo": True} for r in rows]
+
+
 def _add_ratios(rows: list[dict]) -> None:
     """ratio (median) and ratio_best: each ok row's time over the fastest of its case and dtype."""
     groups: dict[tuple, list[dict]] = {}
@@ -792,12 +839,15 @@ def _run(args, peers, spec, spec_path, doc) -> None:
                 pool = _Pool(args, peers, dtype, spec_path, "all")
             for case in args.cases:
                 t = time.perf_counter()
-                if not shared:
-                    pool = _Pool(args, peers, dtype, spec_path, case)
-                try:
+                if shared:
                     rows = _time_case(args, pool, case, dtype)
-                finally:
-                    if not shared:
+                elif case in doc["solo"]:
+                    rows = [r for p in peers for r in _time_alone(args, p, spec_path, case, dtype)]
+                else:
+                    pool = _Pool(args, peers, dtype, spec_path, case)
+                    try:
+                        rows = _time_case(args, pool, case, dtype)
+                    finally:
                         pool.close()
                         pool = None
                 wall[f"{case}/{dtype}"] = time.perf_counter() - t
@@ -926,7 +976,8 @@ def _cell(r: dict | None, what: str) -> str:
     if r.get("status") != "ok":
         return r.get("status", "error")
     if what == "time":
-        return f"{1e3 * r['median_s']:.1f} ms ({r['ratio']:.2f}x)"
+        solo = ", alone" if r.get("solo") else ""
+        return f"{1e3 * r['median_s']:.1f} ms ({r['ratio']:.2f}x{solo})"
     dev = r.get("device_peak_mib")
     return f"{r['peak_rss_mib']:.0f}" + ("" if dev is None else f" / {dev:.0f}")
 
@@ -996,6 +1047,12 @@ def main(argv=None):
         help="fresh subprocesses per case (clean peaks) or per peer and dtype (faster; peaks "
         "reset per case by clear_refs, jax device peaks cumulative)",
     )
+    ap.add_argument(
+        "--solo",
+        default="auto",
+        help="cases run one peer at a time (--isolate case): auto (by memory_estimate), none, "
+        "or case names / groups",
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
@@ -1042,6 +1099,9 @@ def main(argv=None):
         "points_per_side": args.points_per_side,
         "precision": args.precision,
         "isolate": args.isolate,
+        "solo": []
+        if args.isolate == "peer"
+        else solo_cases(args.solo, args.cases, spec["config"], spec["original_size"], len(peers)),
         "reps": args.reps,
         "dtypes": args.dtypes,
         "cases": args.cases,

@@ -17,7 +17,9 @@ Shapes and layouts (S = config.image_size, g = S / patch_size, D = prompt_embed_
 
 `encode_images`, `decode_prompts` and `postprocess_masks` are jitted (one cache per model and
 static arguments; flax modules are hashable) and may be called inside a user's `jax.jit` or under
-`jax.vmap`. The pre-processing and prompt-packing helpers are numpy (host side).
+`jax.vmap`. The pre-processing and prompt-packing helpers are numpy (host side). Many prompts
+go through the decoder and the post-processing `prompt_chunk()` at a time (64 on a CPU), so
+memory stays bounded whatever their number.
 
 The public functions check their arguments (shapes, sizes) and then call unchecked internals
 (`_pack_image_prompts`, `_decode_prompts`, `_postprocess_masks_padded`, `_encode`), which
@@ -126,18 +128,65 @@ def _encode_tiles(model, params, image: np.ndarray, grid: tiling.TileGrid):
 # --------------------------------------------------------------------------- prompts
 
 
-@functools.partial(jax.jit, static_argnames=("model", "multimask_output"))
-def _decode(model, params, emb, points, labels, mask_input, has_mask, multimask_output):
-    return model.apply(
-        {"params": params},
-        emb,
-        points,
-        labels,
-        mask_input,
-        has_mask,
-        multimask_output,
-        method=model.decode,
-    )
+# Prompts (and their masks) go through the mask decoder and the post-processing this many at a
+# time, under `lax.map`: every prompt carries its own copy of the (g, g, D) image embedding and a
+# (4g, 4g, D / 8) upscaled map, and its masks at the original size. On a CPU a chunk of 64 (the
+# official automatic mask generator's points_per_batch) bounds memory, so that 1024 prompts at
+# 768 x 1024 fit in a few GB; elsewhere larger chunks keep an accelerator busy.
+PROMPT_CHUNK = {"cpu": 64}
+PROMPT_CHUNK_DEFAULT = 1024
+
+
+def prompt_chunk() -> int:
+    """Prompts per pass of the mask decoder and post-processing on the default backend."""
+    return PROMPT_CHUNK.get(jax.default_backend(), PROMPT_CHUNK_DEFAULT)
+
+
+def map_prompt_chunks(fn, args: Sequence, axis: int, chunk: int):
+    """fn(*args) computed `chunk` prompts at a time along `axis` of every array in args (None
+    passes through) under `lax.map`, with the outputs (a pytree, prompts along the same axis)
+    put back together. The prompt count is padded to a multiple of chunk with copies of prompt
+    0, whose outputs are dropped. With at most `chunk` prompts: fn(*args) itself."""
+    p = next(a.shape[axis] for a in args if a is not None)
+    if p <= chunk:
+        return fn(*args)
+    n = -(-p // chunk)
+
+    def split(a):  # (..., P, ...) -> (n, ..., chunk, ...)
+        if a is None:
+            return None
+        if n * chunk != p:
+            first = jax.lax.slice_in_dim(a, 0, 1, axis=axis)
+            reps = [1] * a.ndim
+            reps[axis] = n * chunk - p
+            a = jnp.concatenate([a, jnp.tile(first, reps)], axis=axis)
+        a = a.reshape(*a.shape[:axis], n, chunk, *a.shape[axis + 1 :])
+        return jnp.moveaxis(a, axis, 0)
+
+    def join(o):  # (n, ..., chunk, ...) -> (..., P, ...)
+        o = jnp.moveaxis(o, 0, axis)
+        o = o.reshape(*o.shape[:axis], n * chunk, *o.shape[axis + 2 :])
+        return jax.lax.slice_in_dim(o, 0, p, axis=axis)
+
+    out = jax.lax.map(lambda xs: fn(*xs), tuple(split(a) for a in args))
+    return jax.tree.map(join, out)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "multimask_output", "chunk"))
+def _decode(model, params, emb, points, labels, mask_input, has_mask, multimask_output, chunk):
+    def decode(points, labels, mask_input, has_mask):
+        return model.apply(
+            {"params": params},
+            emb,
+            points,
+            labels,
+            mask_input,
+            has_mask,
+            multimask_output,
+            method=model.decode,
+        )
+
+    return map_prompt_chunks(decode, (points, labels, mask_input, has_mask), 1, chunk)
 
 
 def decode_prompts(
@@ -208,6 +257,7 @@ def _decode_prompts(
         mask_input,
         has_mask,
         None if multimask_output is None else bool(multimask_output),
+        prompt_chunk(),
     )
 
 
@@ -304,11 +354,23 @@ def stack_prompts(
 
 
 @functools.partial(
-    jax.jit, static_argnames=("input_size", "original_size", "image_size", "mask_threshold")
+    jax.jit,
+    static_argnames=("input_size", "original_size", "image_size", "mask_threshold", "chunk"),
 )
-def _postprocess(low_res, input_size, original_size, image_size, mask_threshold):
-    logits = transforms.postprocess_masks(low_res, input_size, original_size, image_size)
-    return logits if mask_threshold is None else logits > mask_threshold
+def _postprocess(low_res, input_size, original_size, image_size, mask_threshold, chunk):
+    def run(x):
+        logits = transforms.postprocess_masks(x, input_size, original_size, image_size)
+        return logits if mask_threshold is None else logits > mask_threshold
+
+    return _map_mask_chunks(run, low_res, chunk)
+
+
+def _map_mask_chunks(fn, low_res, chunk):
+    """fn over (L, m, m) chunks of the (..., m, m) low-res masks, 3 masks for each of `chunk`
+    prompts at a time, reshaped back to (..., H, W)."""
+    lead = low_res.shape[:-2]
+    out = map_prompt_chunks(fn, (low_res.reshape(-1, *low_res.shape[-2:]),), 0, 3 * chunk)
+    return out.reshape(*lead, *out.shape[1:])
 
 
 def _postprocess_sizes(low_res_masks, input_size, original_size, image_size):
@@ -341,13 +403,18 @@ def postprocess_masks(
         low_res_masks, input_size, original_size, image_size
     )
     thr = None if mask_threshold is None else float(mask_threshold)
-    return _postprocess(low_res_masks, input_size, original_size, int(image_size), thr)
+    return _postprocess(
+        low_res_masks, input_size, original_size, int(image_size), thr, prompt_chunk()
+    )
 
 
-@functools.partial(jax.jit, static_argnames=("image_size", "resized", "mask_threshold"))
-def _postprocess_padded(low_res, taps, image_size, resized, mask_threshold):
-    logits = transforms.postprocess_masks_with_taps(low_res, taps, image_size, resized)
-    return logits if mask_threshold is None else logits > mask_threshold
+@functools.partial(jax.jit, static_argnames=("image_size", "resized", "mask_threshold", "chunk"))
+def _postprocess_padded(low_res, taps, image_size, resized, mask_threshold, chunk):
+    def run(x):
+        logits = transforms.postprocess_masks_with_taps(x, taps, image_size, resized)
+        return logits if mask_threshold is None else logits > mask_threshold
+
+    return _map_mask_chunks(run, low_res, chunk)
 
 
 def postprocess_masks_padded(
@@ -381,7 +448,7 @@ def _postprocess_masks_padded(
     padded, resized = transforms.padded_mask_sizes(input_size, original_size, image_size, multiple)
     taps = transforms.resize_taps(input_size, original_size, padded)
     thr = None if mask_threshold is None else float(mask_threshold)
-    return _postprocess_padded(low_res_masks, taps, int(image_size), resized, thr)
+    return _postprocess_padded(low_res_masks, taps, int(image_size), resized, thr, prompt_chunk())
 
 
 def _cache_sizes() -> dict[str, Any]:

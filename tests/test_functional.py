@@ -207,6 +207,35 @@ def test_postprocess_masks_padded_equals_postprocess_masks_and_shares_compiles()
         F.postprocess_masks_padded(low_res, (300, 10), (10, 10), S)
 
 
+def test_prompts_decoded_and_postprocessed_in_chunks(setup, monkeypatch):
+    """With a chunk of 2 prompts, 5 prompts (padded to 6, 3 chunks under lax.map) decode and
+    post-process to the results of one pass over all of them."""
+    model, params, emb = setup["model"], setup["params"], setup["emb"][:1]
+    rng = np.random.default_rng(1)
+    points = jnp.asarray(rng.uniform(0, S, size=(1, 5, 2, 2)), jnp.float32)
+    labels = jnp.asarray([[[1, 0]] * 5], jnp.int32)
+    masks = jnp.asarray(rng.normal(size=(1, 5, 64, 64)), jnp.float32)
+    has_mask = jnp.asarray([[True, False, True, True, False]])
+    args = (tuple(setup["input_sizes"][0]), tuple(setup["original_sizes"][0]), S)
+    whole = F.decode_prompts(model, params, emb, points, labels, masks, has_mask)
+    whole_masks = F.postprocess_masks(whole[0][0], *args, 0.0)
+    whole_padded = F.postprocess_masks_padded(whole[0][0], *args)
+    calls = []
+    map_ = jax.lax.map
+    monkeypatch.setattr(jax.lax, "map", lambda f, xs: calls.append(1) or map_(f, xs))
+    monkeypatch.setitem(F.PROMPT_CHUNK, jax.default_backend(), 2)
+    assert F.prompt_chunk() == 2
+    low, iou = F.decode_prompts(model, params, emb, points, labels, masks, has_mask)
+    assert low.shape == (1, 5, 3, 64, 64) and iou.shape == (1, 5, 3)
+    np.testing.assert_allclose(np.asarray(low), np.asarray(whole[0]), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(iou), np.asarray(whole[1]), rtol=0, atol=1e-6)
+    got = F.postprocess_masks(whole[0][0], *args, 0.0)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(whole_masks))
+    got = F.postprocess_masks_padded(whole[0][0], *args)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(whole_padded), rtol=0, atol=1e-6)
+    assert len(calls) == 3  # one lax.map per function: the chunked paths ran
+
+
 PACK_ERRORS = [
     (dict(point_coords=np.zeros((1, 2, 2))), "point_labels must be given"),
     (dict(point_labels=np.ones((1, 2))), "without point_coords"),

@@ -46,3 +46,54 @@ def test_peers_benchmark_tiny(tmp_path):
     assert rows["encoder_b2", "sam_jax"]["batch"] == 2
     assert "peak_rss_per_image_mib" in rows["encoder_b2", "official"]
     assert doc["machine"]["cpu_flags"] is not None and doc["versions"]["keras_hub"]
+    assert doc["machine"]["cpu_id"]
+
+
+def _peers_module():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import peers
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return peers
+
+
+def test_solo_cases_by_memory_estimate(monkeypatch):
+    """On a 24 GiB host four vit_b peers can hold one image's encoder and 64 prompts at once, but
+    not 8 images (official: 12.9 GB of logits and bias) nor 1024 prompts (22.5 GB of masks)."""
+    from sam_jax.config import get_config
+
+    peers = _peers_module()
+    config = get_config("vit_b").to_dict()
+    cases = ["encoder_b1", "encoder_b8", "decoder_p1", "decoder_p64", "decoder_p1024", "amg"]
+    monkeypatch.setattr(peers, "_memory_budget", lambda: 24 << 30)
+    assert peers.memory_estimate("encoder_b8", config, (768, 1024)) == 2 * 8 * 12 * 4096**2 * 4
+    assert (
+        peers.memory_estimate("decoder_p2", config, (768, 1024))
+        == 2 * 3 * (1024**2 + 768 * 1024) * 4
+    )
+    solo = peers.solo_cases("auto", cases, config, (768, 1024), 4)
+    assert solo == ["encoder_b8", "decoder_p1024"]
+    assert peers.solo_cases("auto", cases, config, (768, 1024), 1) == []
+    assert peers.solo_cases("none", cases, config, (768, 1024), 4) == []
+    assert peers.solo_cases("decoder,amg", cases, config, (768, 1024), 4) == cases[2:]
+
+
+@pytest.mark.slow
+def test_solo_case_runs_each_peer_alone(tmp_path):
+    out = tmp_path / "peers.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "peers.py"), "--model", "tiny"]
+    cmd += ["--original-size", "96x128", "--cases", "encoder_b1,decoder_p4", "--solo", "decoder_p4"]
+    cmd += ["--reps", "2", "--dtypes", "float32", "--peers", "sam_jax,official"]
+    cmd += ["--output", str(out), "--workdir", str(tmp_path / "work")]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["check"]["passed"] and doc["solo"] == ["decoder_p4"]
+    rows = {(r["case"], r["peer"]): r for r in doc["results"]}
+    for peer in ("sam_jax", "official"):
+        assert rows["decoder_p4", peer]["solo"] and "solo" not in rows["encoder_b1", peer]
+        assert rows["decoder_p4", peer]["status"] == "ok"
+        assert len(rows["decoder_p4", peer]["times_s"]) == 2
+    assert "| decoder_p4 | float32 |" in proc.stdout and "alone" in proc.stdout
