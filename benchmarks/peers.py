@@ -751,14 +751,13 @@ def _summarise(row: dict) -> dict:
     return row
 
 
-def _time_alone(args, peer: str, spec_path: str, case: str, dtype: str) -> list[dict]:
-    """`_time_case` for one peer in a fresh worker with no other alive (a --solo case)."""
-    pool = _Pool(args, [peer], dtype, spec_path, case)
+def _time_fresh(args, peers: list[str], spec_path: str, case: str, dtype: str) -> list[dict]:
+    """`_time_case` in a fresh pool of workers for `peers`, closed afterwards."""
+    pool = _Pool(args, peers, dtype, spec_path, case)
     try:
-        rows = _time_case(args, pool, case, dtype)
+        return _time_case(args, pool, case, dtype)
     finally:
         pool.close()
-    return [{**r, "solo": True} for r in rows]
 
 
 def _add_ratios(rows: list[dict]) -> None:
@@ -841,15 +840,14 @@ def _run(args, peers, spec, spec_path, doc) -> None:
                 t = time.perf_counter()
                 if shared:
                     rows = _time_case(args, pool, case, dtype)
-                elif case in doc["solo"]:
-                    rows = [r for p in peers for r in _time_alone(args, p, spec_path, case, dtype)]
+                elif case in doc["solo"]:  # one peer at a time, no other worker alive
+                    rows = [
+                        {**r, "solo": True}
+                        for p in peers
+                        for r in _time_fresh(args, [p], spec_path, case, dtype)
+                    ]
                 else:
-                    pool = _Pool(args, peers, dtype, spec_path, case)
-                    try:
-                        rows = _time_case(args, pool, case, dtype)
-                    finally:
-                        pool.close()
-                        pool = None
+                    rows = _time_fresh(args, peers, spec_path, case, dtype)
                 wall[f"{case}/{dtype}"] = time.perf_counter() - t
                 doc["results"] += rows
                 print(f"{case} {dtype} ({wall[f'{case}/{dtype}']:.0f} s):", flush=True)

@@ -358,18 +358,23 @@ def stack_prompts(
     static_argnames=("input_size", "original_size", "image_size", "mask_threshold", "chunk"),
 )
 def _postprocess(low_res, input_size, original_size, image_size, mask_threshold, chunk):
+    def upscale(x):
+        return transforms.postprocess_masks(x, input_size, original_size, image_size)
+
+    return _map_mask_chunks(upscale, low_res, mask_threshold, chunk)
+
+
+def _map_mask_chunks(upscale, low_res, mask_threshold, chunk):
+    """upscale ((L, m, m) -> (L, H, W) logits) over chunks of the (..., m, m) low-res masks, 3
+    masks for each of `chunk` prompts at a time, thresholded (when mask_threshold is not None)
+    and reshaped back to (..., H, W)."""
+
     def run(x):
-        logits = transforms.postprocess_masks(x, input_size, original_size, image_size)
+        logits = upscale(x)
         return logits if mask_threshold is None else logits > mask_threshold
 
-    return _map_mask_chunks(run, low_res, chunk)
-
-
-def _map_mask_chunks(fn, low_res, chunk):
-    """fn over (L, m, m) chunks of the (..., m, m) low-res masks, 3 masks for each of `chunk`
-    prompts at a time, reshaped back to (..., H, W)."""
     lead = low_res.shape[:-2]
-    out = map_prompt_chunks(fn, (low_res.reshape(-1, *low_res.shape[-2:]),), 0, 3 * chunk)
+    out = map_prompt_chunks(run, (low_res.reshape(-1, *low_res.shape[-2:]),), 0, 3 * chunk)
     return out.reshape(*lead, *out.shape[1:])
 
 
@@ -410,11 +415,10 @@ def postprocess_masks(
 
 @functools.partial(jax.jit, static_argnames=("image_size", "resized", "mask_threshold", "chunk"))
 def _postprocess_padded(low_res, taps, image_size, resized, mask_threshold, chunk):
-    def run(x):
-        logits = transforms.postprocess_masks_with_taps(x, taps, image_size, resized)
-        return logits if mask_threshold is None else logits > mask_threshold
+    def upscale(x):
+        return transforms.postprocess_masks_with_taps(x, taps, image_size, resized)
 
-    return _map_mask_chunks(run, low_res, chunk)
+    return _map_mask_chunks(upscale, low_res, mask_threshold, chunk)
 
 
 def postprocess_masks_padded(
