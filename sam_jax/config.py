@@ -1,7 +1,13 @@
-"""Architecture configs for SAM: the three released sizes and any custom size.
+"""Architecture configs for SAM: the released sizes and any custom size.
 
 A `SamConfig` holds only the architecture (what the weights mean). Runtime choices such as the
 compute dtype or the attention kernel are arguments of `sam_jax.modeling.build_sam`.
+
+The image encoder is a seam: `encoder_type` names it ("vit": SAM's ViTDet encoder, fields
+`encoder_*`, `window_size`, `mlp_ratio`; "tiny_vit": MobileSAM's TinyViT, fields `tiny_vit_*`).
+Every encoder maps the normalised (B, S, S, 3) image to the (B, g, g, prompt_embed_dim)
+embedding, so the prompt encoder, the mask decoder and everything above them are shared; the
+fields of the other encoder are ignored (and kept at their defaults).
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ class SamConfig:
     Attributes mirror the constructor arguments of the official `build_sam` functions.
     """
 
-    # Image encoder (ViTDet-style ViT).
+    # Which image encoder (see ENCODER_TYPES); the fields below it describe that encoder.
+    encoder_type: str = "vit"
     image_size: int = 1024
     patch_size: int = 16
     encoder_embed_dim: int = 768
@@ -31,6 +38,14 @@ class SamConfig:
     encoder_global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
     window_size: int = 14
     mlp_ratio: float = 4.0
+    # TinyViT (MobileSAM's encoder, encoder_type="tiny_vit"): four stages, the first of MBConv
+    # blocks, the others of windowed-attention blocks; 4x patch embedding, 2x merges.
+    tiny_vit_embed_dims: tuple[int, ...] = (64, 128, 160, 320)
+    tiny_vit_depths: tuple[int, ...] = (2, 2, 6, 2)
+    tiny_vit_num_heads: tuple[int, ...] = (2, 4, 5, 10)
+    tiny_vit_window_sizes: tuple[int, ...] = (7, 7, 14, 7)
+    tiny_vit_mbconv_expand_ratio: float = 4.0
+    tiny_vit_local_conv_size: int = 3
     # Prompt encoder and mask decoder.
     prompt_embed_dim: int = 256
     mask_in_chans: int = 16
@@ -47,9 +62,15 @@ class SamConfig:
     pe_scale: float = 1.0
 
     def __post_init__(self):
-        indexes = tuple(int(i) for i in self.encoder_global_attn_indexes)
-        object.__setattr__(self, "encoder_global_attn_indexes", indexes)
+        for name in _TUPLE_FIELDS:
+            object.__setattr__(self, name, tuple(int(i) for i in getattr(self, name)))
         problems = []
+        if self.encoder_type not in ENCODER_TYPES:
+            problems.append(
+                f"encoder_type {self.encoder_type!r} is not one of {sorted(ENCODER_TYPES)}"
+            )
+        elif self.encoder_type == "tiny_vit":
+            problems += _tiny_vit_problems(self)
         if self.image_size <= 0 or self.patch_size <= 0 or self.image_size % self.patch_size:
             problems.append(
                 f"image_size {self.image_size} must be a positive multiple of "
@@ -89,7 +110,8 @@ class SamConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["encoder_global_attn_indexes"] = list(self.encoder_global_attn_indexes)
+        for name in _TUPLE_FIELDS:
+            d[name] = list(d[name])
         return d
 
     def to_json(self) -> str:
@@ -102,6 +124,43 @@ class SamConfig:
         if unknown:
             raise ValueError(f"unknown SamConfig fields: {unknown}")
         return cls(**dict(d))
+
+
+# Which fields hold tuples (JSON gives lists back).
+_TUPLE_FIELDS = (
+    "encoder_global_attn_indexes",
+    "tiny_vit_embed_dims",
+    "tiny_vit_depths",
+    "tiny_vit_num_heads",
+    "tiny_vit_window_sizes",
+)
+# The image encoders a SamConfig can name, and what each is.
+ENCODER_TYPES = {
+    "vit": "SAM's ViTDet image encoder (vit_b, vit_l, vit_h)",
+    "tiny_vit": "MobileSAM's TinyViT image encoder (vit_t)",
+}
+
+
+def _tiny_vit_problems(c: SamConfig) -> list[str]:
+    problems = []
+    lengths = {
+        len(c.tiny_vit_embed_dims),
+        len(c.tiny_vit_depths),
+        len(c.tiny_vit_num_heads),
+        len(c.tiny_vit_window_sizes),
+    }
+    if lengths != {4}:
+        problems.append("tiny_vit_embed_dims, _depths, _num_heads and _window_sizes need 4 stages")
+        return problems
+    for dim, heads in zip(c.tiny_vit_embed_dims[1:], c.tiny_vit_num_heads[1:], strict=True):
+        if heads <= 0 or dim % heads:
+            problems.append(f"tiny_vit stage dim {dim} is not divisible by {heads} heads")
+    # 4x patch embedding, then 2x merges after stages 0 and 1 (the last merge keeps the size).
+    if c.patch_size != 16:
+        problems.append(
+            f"a tiny_vit encoder has patch_size 16 (4x embedding, 2 merges), got {c.patch_size}"
+        )
+    return problems
 
 
 VIT_B = SamConfig()
@@ -118,11 +177,16 @@ VIT_H = SamConfig(
     encoder_global_attn_indexes=(7, 15, 23, 31),
 )
 
-MODEL_TYPES = {"vit_b": VIT_B, "vit_l": VIT_L, "vit_h": VIT_H, "default": VIT_H}
+# MobileSAM (Zhang et al. 2023): TinyViT-5M's encoder with SAM's neck, SAM's prompt encoder and
+# mask decoder (the official `build_sam_vit_t`).
+VIT_T = SamConfig(encoder_type="tiny_vit")
+
+MODEL_TYPES = {"vit_b": VIT_B, "vit_l": VIT_L, "vit_h": VIT_H, "vit_t": VIT_T, "default": VIT_H}
 
 
 def get_config(name: str, **overrides: Any) -> SamConfig:
-    """Returns the config of a released size ("vit_b", "vit_l", "vit_h"), with overrides."""
+    """Returns the config of a released model ("vit_b", "vit_l", "vit_h", "vit_t"), with
+    overrides."""
     if name not in MODEL_TYPES:
         raise ValueError(f"unknown model type {name!r}; expected one of {sorted(MODEL_TYPES)}")
     return MODEL_TYPES[name].replace(**overrides)

@@ -138,10 +138,9 @@ def encoder_block_window(config: SamConfig, i: int) -> int:
     return 0 if i in config.encoder_global_attn_indexes else config.window_size
 
 
-def _module_table(c: SamConfig):
-    """Yields (torch_key, torch_shape, flax_leaf_name or None, layout), official order."""
+def _vit_encoder_table(c: SamConfig):
+    """SAM's ViTDet image encoder (encoder_type "vit")."""
     e, g, d = c.encoder_embed_dim, c.embedding_size, c.prompt_embed_dim
-    # Image encoder.
     p = "image_encoder"
     yield from _param(f"{p}.pos_embed", (1, g, g, e))
     yield from _conv(f"{p}.patch_embed.proj", 3, e, c.patch_size)
@@ -160,6 +159,16 @@ def _module_table(c: SamConfig):
     yield from _norm(f"{p}.neck.1", d)
     yield from _conv(f"{p}.neck.2", d, d, 3, bias=False)
     yield from _norm(f"{p}.neck.3", d)
+
+
+# The torch tensors of each image encoder (SamConfig.encoder_type), in official order.
+ENCODER_TABLES = {"vit": _vit_encoder_table}
+
+
+def _module_table(c: SamConfig):
+    """Yields (torch_key, torch_shape, flax_leaf_name or None, layout), official order."""
+    d = c.prompt_embed_dim
+    yield from ENCODER_TABLES[c.encoder_type](c)
     # Prompt encoder.
     p, m = "prompt_encoder", c.mask_in_chans
     yield from _param(f"{p}.pe_layer.positional_encoding_gaussian_matrix", (2, d // 2))

@@ -19,6 +19,30 @@ from sam_jax.modeling.prompt_encoder import NOT_A_POINT_LABEL, PAD_LABEL, Prompt
 BUFFER_PARAMS = (("prompt_encoder", "pe_layer", "positional_encoding_gaussian_matrix"),)
 
 
+def build_image_encoder(
+    c: SamConfig, dtype: Any, attention_impl: str, remat_policy: str | None
+) -> nn.Module:
+    """The image encoder `c.encoder_type` names: normalised images (B, S, S, 3) -> embeddings
+    (B, g, g, prompt_embed_dim). The one place that knows the encoder kinds (the seam)."""
+    if c.encoder_type == "vit":
+        return ImageEncoderViT(
+            img_size=c.image_size,
+            patch_size=c.patch_size,
+            embed_dim=c.encoder_embed_dim,
+            depth=c.encoder_depth,
+            num_heads=c.encoder_num_heads,
+            mlp_ratio=c.mlp_ratio,
+            out_chans=c.prompt_embed_dim,
+            window_size=c.window_size,
+            global_attn_indexes=c.encoder_global_attn_indexes,
+            drop_path_rate=c.drop_path_rate,
+            dtype=dtype,
+            attention_impl=attention_impl,
+            remat_policy=remat_policy,
+        )
+    raise ValueError(f"no image encoder for encoder_type {c.encoder_type!r}")
+
+
 class Sam(nn.Module):
     """SAM. Use `encode` once per image and `decode` for any number of prompts.
 
@@ -35,20 +59,8 @@ class Sam(nn.Module):
     def setup(self):
         c = self.config
         g = c.embedding_size
-        self.image_encoder = ImageEncoderViT(
-            img_size=c.image_size,
-            patch_size=c.patch_size,
-            embed_dim=c.encoder_embed_dim,
-            depth=c.encoder_depth,
-            num_heads=c.encoder_num_heads,
-            mlp_ratio=c.mlp_ratio,
-            out_chans=c.prompt_embed_dim,
-            window_size=c.window_size,
-            global_attn_indexes=c.encoder_global_attn_indexes,
-            drop_path_rate=c.drop_path_rate,
-            dtype=self.dtype,
-            attention_impl=self.attention_impl,
-            remat_policy=self.remat_policy,
+        self.image_encoder = build_image_encoder(
+            c, self.dtype, self.attention_impl, self.remat_policy
         )
         self.prompt_encoder = PromptEncoder(
             embed_dim=c.prompt_embed_dim,
