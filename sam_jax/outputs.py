@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from sam_jax import paths
+from sam_jax import images, paths
 
 METADATA_HEADER = (
     "id,area,bbox_x0,bbox_y0,bbox_w,bbox_h,point_input_x,point_input_y,predicted_iou,"
@@ -90,7 +90,6 @@ def write_prediction(
 ) -> dict:
     """Writes the masks, overlay.png and scores.json under output_dir; returns scores.json's
     content ({"masks": [{"file", "predicted_iou", "area"}, ...], "best": index, ...})."""
-    from sam_jax import images
 
     paths.makedirs(output_dir)
     records = []

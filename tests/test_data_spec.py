@@ -5,7 +5,7 @@ import json
 import pytest
 
 from sam_jax.data import iterate_examples, make_train_iterator, parse_dataset_spec
-from sam_jax.data.spec import _split_paths
+from sam_jax.data.spec import split_paths
 from tests.fixtures_data import write_coco_dataset, write_sa1b_dataset
 
 
@@ -29,8 +29,8 @@ def test_good_specs(tmp_path):
 
 
 def test_url_paths_keep_their_scheme():
-    assert _split_paths("gs://b/ann.json:gs://b/images") == ["gs://b/ann.json", "gs://b/images"]
-    assert _split_paths("/a/ann.json:/a/images") == ["/a/ann.json", "/a/images"]
+    assert split_paths("gs://b/ann.json:gs://b/images") == ["gs://b/ann.json", "gs://b/images"]
+    assert split_paths("/a/ann.json:/a/images") == ["/a/ann.json", "/a/images"]
 
 
 def _not_coco(tmp_path):

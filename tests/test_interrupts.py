@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_an_interrupt_in_a_finalizer_is_raised_once_it_is_over():
     """Python drops an exception raised in a __del__ (or a gc callback) with a traceback: the
     handler does not raise there, it retries a moment later (SIGALRM)."""
-    previous = common._sigterm_as_interrupt()
+    restore = common._sigterm_as_interrupt()
     seen = []
 
     class Finalized:
@@ -41,10 +41,7 @@ def test_an_interrupt_in_a_finalizer_is_raised_once_it_is_over():
             time.sleep(1.0)  # the retry interrupts this sleep
         assert seen == ["returned"]
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        for s, handler in previous[0].items():
-            signal.signal(s, handler)
-        sys.unraisablehook = previous[1]
+        restore()
 
 
 def test_deferred_interrupts_hold_a_signal_until_the_block_is_over():

@@ -129,13 +129,17 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
     return int(value)
 
 
-def _check_float(name: str, value: Any, low: float, high: float, high_open: bool = False) -> float:
+def _check_float(
+    name: str, value: Any, low: float, high: float, high_open: bool = False, nan_ok: bool = False
+) -> float:
     if isinstance(value, (bool, str, bytes)):  # float("0.5") and float(True) are not numbers here
         raise ValueError(f"{name} must be a number, got {value!r}")
     try:
         v = float(value)
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if nan_ok and math.isnan(v):
+        return v
     if not (low <= v < high if high_open else low <= v <= high):
         raise ValueError(f"{name} must be in [{low}, {high}{')' if high_open else ']'}, got {v}")
     return v
@@ -147,7 +151,7 @@ _warned_thresholds: set[tuple[str, float]] = set()
 def _check_threshold(name: str, value: Any) -> float:
     """A score threshold: any finite number (official), with a warning, once per value, when it
     is above 1 and so keeps no mask."""
-    v = _check_float(name, value, -math.inf, math.inf)
+    v = _check_float(name, value, -math.inf, math.inf, nan_ok=True)
     if not math.isfinite(v):
         raise ValueError(f"{name} must be a finite number, got {v}")
     if v > 1.0 and (name, v) not in _warned_thresholds:

@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 
 from sam_jax import paths
-from sam_jax.images import list_images
+from sam_jax.amg.generator import SamAutomaticMaskGenerator
+from sam_jax.images import decode_image, list_images
 from sam_jax.outputs import output_stems
 
 # The paper's fully automatic settings (SAM paper appendix B; the official option names).
@@ -131,9 +132,6 @@ def annotate_dataset(
     to use (default: all); on_image(path, masks): called after each image is written (progress).
     """
     import jax
-
-    from sam_jax.amg.generator import SamAutomaticMaskGenerator
-    from sam_jax.images import decode_image
 
     if not 0 < max_area_fraction <= 1:
         raise ValueError(f"max_area_fraction must be in (0, 1], got {max_area_fraction}")

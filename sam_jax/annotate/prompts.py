@@ -15,7 +15,9 @@ from typing import Any
 import numpy as np
 
 from sam_jax import paths
+from sam_jax.amg.masks import batched_mask_to_box, box_xyxy_to_xywh, coco_encode_rle, mask_to_rle
 from sam_jax.annotate.auto import image_id
+from sam_jax.data.rle import rle_to_mask
 from sam_jax.errors import RequestError, one_line
 from sam_jax.images import list_images
 from sam_jax.outputs import output_stems
@@ -134,7 +136,6 @@ def parse_prompts(body: dict, width: int, height: int):
 
 def mask_rle(mask: np.ndarray) -> dict[str, Any]:
     """Compressed COCO RLE ({size, counts: str}) of a bool (H, W) mask."""
-    from sam_jax.amg.masks import coco_encode_rle, mask_to_rle
 
     return coco_encode_rle(mask_to_rle(np.asarray(mask, bool)[None])[0])
 
@@ -142,7 +143,6 @@ def mask_rle(mask: np.ndarray) -> dict[str, Any]:
 def mask_bbox(mask: np.ndarray) -> list[int]:
     """XYWH box of a bool mask as the automatic generator writes it (inclusive max, so a
     one-pixel mask has w = h = 0); [0, 0, 0, 0] when empty."""
-    from sam_jax.amg.masks import batched_mask_to_box, box_xyxy_to_xywh
 
     return box_xyxy_to_xywh(batched_mask_to_box(np.asarray(mask, bool)[None])[0]).tolist()
 
@@ -162,8 +162,6 @@ def encoder_fingerprint(model, params) -> str:
 
 
 def mask_from_rle(rle: dict, hw: tuple[int, int]) -> np.ndarray:
-    from sam_jax.data.rle import rle_to_mask
-
     mask = rle_to_mask(rle)
     if mask.shape != tuple(hw):
         raise ValueError(f"mask of size {list(mask.shape)}, image {list(hw)}")

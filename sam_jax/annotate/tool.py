@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from sam_jax import paths
+from sam_jax.amg.masks import calculate_stability_score
 from sam_jax.annotate.auto import jpeg_bytes, sa1b_record
 from sam_jax.annotate.prompts import (
     CATEGORIES_FILE,
@@ -38,6 +39,10 @@ from sam_jax.annotate.prompts import (
     parse_prompts,
 )
 from sam_jax.errors import one_line
+from sam_jax.images import decode_image
+from sam_jax.predictor import SamPredictor
+from sam_jax.prompts import default_multimask
+from sam_jax.sam_model import unbind
 
 # ---------------------------------------------------------------------------------- the tool
 
@@ -69,9 +74,6 @@ class Annotator:
         cached_embeddings: int = 8,
         warmup: bool = True,
     ):
-        from sam_jax.predictor import SamPredictor
-        from sam_jax.sam_model import unbind
-
         model, params = unbind(model, params, "Annotator")
         self.entries = list_entries(images_dir)
         if not self.entries:
@@ -171,8 +173,6 @@ class Annotator:
                 raw = paths.read_bytes(entry.path)
                 image = self._images[entry.name][0] if entry.name in self._images else None
                 if image is None and not entry.name.lower().endswith((".jpg", ".jpeg")):
-                    from sam_jax.images import decode_image
-
                     image = decode_image(raw)
                 paths.write_bytes(jpg, jpeg_bytes(raw, entry.path, image))
         text = json.dumps(self._sa1b(entry, state))
@@ -281,7 +281,6 @@ class Annotator:
 
     def _image(self, entry: ImageEntry, check_file: bool = True) -> np.ndarray:
         """The decoded image (cached; re-read when the file changed), or RequestError 422."""
-        from sam_jax.images import decode_image
 
         cached = self._images.get(entry.name)
         signature = None
@@ -394,8 +393,6 @@ class Annotator:
         """The tool's mask of a prompt on the current image (module doc): (bool mask (H, W),
         predicted IoU, multimask_output, stability score or None). With logits, the stability
         score (SA-1B's, offset 1.0) comes from a second decoder run returning logits."""
-        from sam_jax.amg.masks import calculate_stability_score
-        from sam_jax.prompts import default_multimask
 
         coords = np.array([p[:2] for p in points], np.float64) if points else None
         labels = np.array([p[2] for p in points], np.int32) if points else None

@@ -41,12 +41,13 @@ import numpy as np
 
 from sam_jax import paths
 from sam_jax.checkpoints.mapping import (
-    _mlp_ratio,
     describe_mismatch,
     expected_leaves,
+    mlp_ratio_for,
     params_to_state_dict,
     state_dict_to_params,
 )
+from sam_jax.checkpoints.pth import read_state_dict
 from sam_jax.config import PIXEL_MEAN, PIXEL_STD, SamConfig
 from sam_jax.errors import CheckpointError, one_line
 
@@ -208,7 +209,7 @@ def config_from_hf(doc: Mapping[str, Any], where: str = CONFIG_FILE) -> SamConfi
             encoder_num_heads=int(v["num_attention_heads"]),
             encoder_global_attn_indexes=tuple(v["global_attn_indexes"]),
             window_size=int(v["window_size"]),
-            mlp_ratio=_mlp_ratio(mlp_dim, e),
+            mlp_ratio=mlp_ratio_for(mlp_dim, e),
             prompt_embed_dim=d,
             mask_in_chans=int(p["mask_input_channels"]),
             decoder_depth=int(m["num_hidden_layers"]),
@@ -347,8 +348,6 @@ def _read_file(path: str) -> dict[str, np.ndarray]:
     if not paths.isfile(path):
         raise CheckpointError(f"{path} is missing (listed in the weight index)")
     if not path.endswith(".safetensors"):
-        from sam_jax.checkpoints.pth import read_state_dict
-
         try:
             return read_state_dict(path)
         except ValueError as e:

@@ -325,7 +325,7 @@ def _indices(keys: Iterable[str], prefix: str) -> list[int]:
     return sorted({int(m.group(1)) for k in keys if (m := pattern.match(k))})
 
 
-def _mlp_ratio(hidden: int, dim: int) -> float:
+def mlp_ratio_for(hidden: int, dim: int) -> float:
     """A float r with int(dim * r) == hidden (as the official Block computes the MLP width)."""
     r = hidden / dim
     while int(dim * r) < hidden:
@@ -405,7 +405,7 @@ def infer_config(sd: Mapping[str, Any], decoder_num_heads: int | None = None) ->
         encoder_num_heads=e // head_dim,
         encoder_global_attn_indexes=global_indexes,
         window_size=window_size,
-        mlp_ratio=_mlp_ratio(mlp_hidden, e),
+        mlp_ratio=mlp_ratio_for(mlp_hidden, e),
         prompt_embed_dim=d,
         mask_in_chans=mask_in_chans,
         decoder_depth=layers[-1] + 1 if layers else 0,

@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from sam_jax import paths
+from sam_jax import distributed, paths
 from sam_jax.checkpoints import manifest
 from sam_jax.errors import CheckpointError, one_line
 
@@ -148,8 +148,6 @@ class Checkpointer:
             doc, problems = {}, [one_line(e, 300)]  # process must still reach all_gather
         found = [(doc is not None, problems)]
         if count > 1:  # every process raises the same error, or none does
-            from sam_jax import distributed
-
             found = distributed.all_gather(found[0])
         problems = [p for _, ps in found for p in ps]
         if problems:

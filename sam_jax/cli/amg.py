@@ -17,9 +17,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sam_jax import checkpoints
+from sam_jax import checkpoints, paths
+from sam_jax.amg.generator import SamAutomaticMaskGenerator
 from sam_jax.cli import common
 from sam_jax.cli.predict import add_tiling_flags
+from sam_jax.config import MODEL_TYPES
+from sam_jax.images import list_images, load_image
+from sam_jax.outputs import output_stems
+from sam_jax.outputs import write_masks as write
 
 PROG = "sam-jax-amg"
 AMG_FLAGS = {  # flag -> (type, help)
@@ -38,8 +43,6 @@ AMG_FLAGS = {  # flag -> (type, help)
 
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
-    from sam_jax.config import MODEL_TYPES
-
     parser = common.ArgumentParser(
         prog=prog,
         description=(
@@ -84,7 +87,6 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 
 def parse_args(argv=None, prog: str = PROG) -> argparse.Namespace:
     """The flags; the generator settings are checked here, before any model is loaded."""
-    from sam_jax.amg.generator import SamAutomaticMaskGenerator
 
     args = build_parser(prog).parse_args(argv)
     args.amg_kwargs = {k: getattr(args, k) for k in AMG_FLAGS if getattr(args, k) is not None}
@@ -99,12 +101,6 @@ def parse_args(argv=None, prog: str = PROG) -> argparse.Namespace:
 
 @common.leaves_no_empty_folders("output")
 def run(args: argparse.Namespace) -> int:
-    from sam_jax import paths
-    from sam_jax.amg.generator import SamAutomaticMaskGenerator
-    from sam_jax.images import list_images, load_image
-    from sam_jax.outputs import output_stems
-    from sam_jax.outputs import write_masks as write
-
     common.check_paths({"--input": args.input, "--checkpoint": args.checkpoint}, args.output)
     targets = list_images(args.input)
     if not targets:

@@ -25,17 +25,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sam_jax import checkpoints
+from sam_jax import checkpoints, distributed, paths
+from sam_jax.amg.generator import SamAutomaticMaskGenerator
+from sam_jax.annotate import prompts, serve, tool
+from sam_jax.annotate.auto import MAX_AREA_FRACTION, PAPER_SETTINGS, annotate_dataset
 from sam_jax.cli import common
 from sam_jax.cli.amg import AMG_FLAGS
+from sam_jax.config import MODEL_TYPES
+from sam_jax.images import list_images
 
 PROG = "sam-jax-annotate"
 
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
-    from sam_jax.annotate.auto import MAX_AREA_FRACTION, PAPER_SETTINGS
-    from sam_jax.config import MODEL_TYPES
-
     parser = common.ArgumentParser(
         prog=prog,
         description=__doc__.split("\n\n", 2)[2].strip(),
@@ -87,8 +89,6 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 
 
 def add_serve_parser(commands, parser: argparse.ArgumentParser) -> None:
-    from sam_jax.config import MODEL_TYPES
-
     serve = commands.add_parser(
         "serve",
         help="a local web tool to annotate images by clicks (assisted-manual stage)",
@@ -160,7 +160,6 @@ def _port(text: str) -> int:
 
 def parse_args(argv=None, prog: str = PROG) -> argparse.Namespace:
     """The flags; the generator settings are checked here, before any model is loaded."""
-    from sam_jax.amg.generator import SamAutomaticMaskGenerator
 
     args = build_parser(prog).parse_args(argv)
     if args.stage == "serve":
@@ -184,10 +183,6 @@ def run_auto(args: argparse.Namespace) -> int:
     common.check_paths({"--input": args.input, "--checkpoint": args.checkpoint}, args.output)
     common.join_job(args)
     import jax
-
-    from sam_jax import distributed
-    from sam_jax.annotate.auto import annotate_dataset
-    from sam_jax.images import list_images
 
     main_process = distributed.is_main_process()
     say = print if main_process else (lambda *a, **k: None)
@@ -249,8 +244,6 @@ def run_serve(args: argparse.Namespace) -> int:
         "--detections": args.detections,
     }
     common.check_paths(inputs, args.output)
-    from sam_jax import paths
-    from sam_jax.annotate import prompts, serve, tool
 
     if args.prefill is not None and not paths.isdir(args.prefill):
         raise NotADirectoryError(f"--prefill {args.prefill} is not a folder")

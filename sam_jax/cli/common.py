@@ -25,8 +25,10 @@ import threading
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 
-from sam_jax import paths
+from sam_jax import distributed, paths
+from sam_jax.checkpoints import is_checkpoint_name
 from sam_jax.errors import UsageError, one_line
+from sam_jax.sam_model import resolve_device
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 # What a failed piece of work raises (DistributedError and NonFiniteLossError are RuntimeErrors,
@@ -72,7 +74,7 @@ def run_command(
     SIGTERM is handled as Ctrl-C (status 130), so the clean-up of half-written output runs
     (training replaces this handler with its own: save a checkpoint and exit 0).
     """
-    previous = _sigterm_as_interrupt()
+    restore = _sigterm_as_interrupt()
     try:
         code = body()
     except UsageError as e:
@@ -93,11 +95,8 @@ def run_command(
         print_error(prog, e)
         return EXIT_FAILED
     finally:
-        if previous is not None:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            for s, handler in previous[0].items():
-                signal.signal(s, handler)
-            sys.unraisablehook = previous[1]
+        if restore is not None:
+            restore()
     return EXIT_OK if code is None else int(code)
 
 
@@ -133,16 +132,25 @@ def _sigterm_as_interrupt():
     if threading.current_thread() is not threading.main_thread():
         return None
     previous_hook = sys.unraisablehook
+    active = [True]  # until the command ends (a hook installed after ours may keep it in place)
 
     def retry_dropped_interrupts(unraisable) -> None:
-        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+        if active[0] and isinstance(unraisable.exc_value, KeyboardInterrupt):
             signal.setitimer(signal.ITIMER_REAL, _INTERRUPT_RETRY_S)
         else:
             previous_hook(unraisable)
 
+    def restore() -> None:
+        active[0] = False
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        if sys.unraisablehook is retry_dropped_interrupts:  # else another hook chains to ours
+            sys.unraisablehook = previous_hook
+
     sys.unraisablehook = retry_dropped_interrupts
     handlers = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGTERM, signal.SIGALRM)}
-    return handlers, previous_hook
+    return restore
 
 
 def leaves_no_empty_folders(*attrs: str):
@@ -252,7 +260,6 @@ def join_job(args: argparse.Namespace) -> int:
     """Checks the launch flags (UsageError) and joins the job's processes (DistributedError, a
     RuntimeError, when they cannot join); returns the number of processes."""
     check_launch(args)
-    from sam_jax import distributed
 
     return distributed.initialize(
         args.coordinator_address, args.num_processes, args.process_id, args.initialization_timeout
@@ -280,8 +287,6 @@ def device_context(device: str | None):
         return nullcontext()
     import jax
 
-    from sam_jax.sam_model import resolve_device
-
     return jax.default_device(resolve_device(device))
 
 
@@ -289,7 +294,6 @@ def _fetched(flag: str, path: str) -> bool:
     """A --checkpoint that names a registry model or a Hub id (sam_jax.load fetches it)."""
     if flag != "--checkpoint":
         return False
-    from sam_jax.checkpoints import is_checkpoint_name
 
     return is_checkpoint_name(path)
 
@@ -297,7 +301,6 @@ def _fetched(flag: str, path: str) -> bool:
 def check_paths(inputs: dict[str, str], output: str | None = None, replaces: bool = False):
     """Before any work: every input ({flag: path}) exists (FileNotFoundError), and `output` is
     not an existing file (PathError) and neither is, holds nor sits inside an input (exit 2)."""
-    from sam_jax import paths
 
     for flag, path in inputs.items():
         if path and not paths.exists(path) and not _fetched(flag, path):

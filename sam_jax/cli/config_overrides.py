@@ -23,6 +23,7 @@ import os
 import re
 from typing import Any
 
+import sam_jax
 from sam_jax.cli.common import UsageError
 
 _OVERRIDE = re.compile(r"^--(no)?config\.([^=]+?)(?:=(.*))?$", re.DOTALL)
@@ -78,7 +79,6 @@ def shipped_config_dir() -> str | None:
         spec = None
     if spec is not None and spec.submodule_search_locations:
         return list(spec.submodule_search_locations)[0]
-    import sam_jax
 
     source = os.path.dirname(os.path.dirname(os.path.abspath(sam_jax.__file__)))
     folder = os.path.join(source, "configs")

@@ -20,14 +20,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from sam_jax import checkpoints, paths
 from sam_jax.cli import common
+from sam_jax.config import MODEL_TYPES
 
 PROG = "sam-jax-convert"
 
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
-    from sam_jax.config import MODEL_TYPES
-
     parser = common.ArgumentParser(
         prog=prog,
         description=__doc__.split("\n\n", 1)[1].strip(),
@@ -93,7 +93,6 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = PROG) -> argparse.
 
 def convert(args: argparse.Namespace) -> str:
     """Runs one conversion; returns a one-line summary. Raises on bad input."""
-    from sam_jax import checkpoints, paths
 
     src, out = args.checkpoint, args.to_hf or args.output
     local = paths.exists(src)

@@ -23,14 +23,16 @@ import os
 import sys
 from collections.abc import Sequence
 
+from sam_jax import checkpoints, export, paths
 from sam_jax.cli import common
+from sam_jax.export import onnx as onnx_export
+from sam_jax.export import signature, stablehlo
+from sam_jax.export.signature import FORMATS, PARTS
 
 PROG = "sam-jax-export"
 
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
-    from sam_jax.export.signature import FORMATS, PARTS
-
     parser = common.ArgumentParser(
         prog=prog,
         description=__doc__.split("\n\n", 1)[1].strip(),
@@ -100,9 +102,6 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None, prog: str = PROG) -> argparse.Namespace:
-    from sam_jax.export import onnx as onnx_export
-    from sam_jax.export import signature, stablehlo
-
     args = build_parser(prog).parse_args(argv)
     try:
         signature.check_options(
@@ -140,8 +139,6 @@ def _flags(message: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sam_jax import checkpoints, export, paths
-
     common.check_paths({"--checkpoint": args.checkpoint})
     if paths.isdir(args.output):
         raise IsADirectoryError(f"--output {args.output} is a folder; give the path of a file")
@@ -171,8 +168,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _size(path: str) -> str:
-    from sam_jax import paths
-
     if paths.is_remote(path):
         return "remote"
     n = os.path.getsize(path)

@@ -20,6 +20,11 @@ import sys
 
 from sam_jax import checkpoints
 from sam_jax.cli import common
+from sam_jax.config import MODEL_TYPES
+from sam_jax.images import load_image
+from sam_jax.outputs import write_prediction
+from sam_jax.predictor import segment
+from sam_jax.tiling import check_tiling
 
 PROG = "sam-jax-predict"
 
@@ -72,8 +77,6 @@ def add_tiling_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
-    from sam_jax.config import MODEL_TYPES
-
     parser = common.ArgumentParser(
         prog=prog,
         description="Segments one image from point/box prompts.\n\n"
@@ -109,7 +112,6 @@ def parse_args(argv=None, prog: str = PROG) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.point and args.box is None:
         parser.error("give at least one --point or a --box")
-    from sam_jax.tiling import check_tiling
 
     check_tiling(args.tile_shape, args.halo)  # ConfigError, a usage error
     return args
@@ -117,10 +119,6 @@ def parse_args(argv=None, prog: str = PROG) -> argparse.Namespace:
 
 @common.leaves_no_empty_folders("output")
 def run(args: argparse.Namespace) -> int:
-    from sam_jax.images import load_image
-    from sam_jax.outputs import write_prediction
-    from sam_jax.predictor import segment
-
     common.check_paths({"--image": args.image, "--checkpoint": args.checkpoint}, args.output)
     image = load_image(args.image)
     if image is None:

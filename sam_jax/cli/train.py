@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from sam_jax import distributed
 from sam_jax.cli import common, config_overrides
 
 PROG = "sam-jax-train"
@@ -84,7 +85,6 @@ def _quiet_absl() -> None:
 def run(args: argparse.Namespace, config) -> int:
     _quiet_absl()
     common.join_job(args)
-    from sam_jax import distributed
     from sam_jax.training.train_loop import train_and_evaluate
 
     result = train_and_evaluate(config, args.workdir)

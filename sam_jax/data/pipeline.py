@@ -27,6 +27,7 @@ from PIL import Image
 from sam_jax.data.records import Record, count
 from sam_jax.data.sources import check_process, is_stream, open_source
 from sam_jax.data.spec import DatasetSpec, parse_dataset_spec
+from sam_jax.data.tfds_source import tfds_example_to_record
 from sam_jax.transforms import get_preprocess_shape
 
 logger = logging.getLogger(__name__)
@@ -401,8 +402,6 @@ def make_train_iterator(
         large_scale_jitter=large_scale_jitter,
     )
     if is_stream(source):
-        from sam_jax.data.tfds_source import tfds_example_to_record
-
         max_run = 4 * batch_size + 64
         skip = int(start_batch) * batch_size  # a stream can only be advanced by reading it
         if skip:

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from sam_jax.data.coco import CocoSource
 from sam_jax.data.records import DenseMasks, Record, count
+from sam_jax.data.sa1b import SA1BSource
 from sam_jax.data.spec import FRACTION_OPTIONS, DatasetSpec, parse_dataset_spec
 from sam_jax.data.synthetic import SyntheticConfig, SyntheticDataset
+from sam_jax.data.tfds_source import open_tfds, tfds_example_to_record
 
 
 class SyntheticSource:
@@ -78,14 +81,9 @@ def open_source(
     if spec.kind == "synthetic":
         return SyntheticSource(split, synthetic_config(spec, split))
     if spec.kind == "sa1b":
-        from sam_jax.data.sa1b import SA1BSource
-
         return SA1BSource(spec.path, index_dir, process_index, process_count, barrier)
     if spec.kind == "coco":
-        from sam_jax.data.coco import CocoSource
-
         return CocoSource(spec.path, spec.images_dir, spec.option("include_crowd", "0") == "1")
-    from sam_jax.data.tfds_source import open_tfds
 
     return open_tfds(spec.name, split, spec.option("data_dir"))
 
@@ -106,8 +104,6 @@ def iter_records(
     source once: the indices process_index::process_count of a random-access source's (shuffled)
     order, or an even share of a stream."""
     if is_stream(source):
-        from sam_jax.data.tfds_source import tfds_example_to_record
-
         examples = source.iter_examples(
             shuffle_seed=seed if shuffle else None, shard=(process_index, process_count)
         )

@@ -18,6 +18,8 @@ import dataclasses
 import re
 
 from sam_jax import paths
+from sam_jax.data.coco import load_coco_index
+from sam_jax.data.synthetic import SPLITS
 
 KINDS = ("synthetic", "sa1b", "coco", "tfds")
 # synthetic options that are fractions in [0, 1] (SyntheticConfig checks their ranges)
@@ -58,7 +60,7 @@ class DatasetSpec:
         return dict(self.options).get(key, default)
 
 
-def _split_paths(rest: str) -> list[str]:
+def split_paths(rest: str) -> list[str]:
     """Splits 'a:b' on ':' except where a ':' starts a URL scheme separator ('gs://')."""
     return re.split(r":(?!//)", rest)
 
@@ -108,8 +110,6 @@ def parse_dataset_spec(spec: str | DatasetSpec, check_paths: bool = True) -> Dat
         )
     options = _parse_options(kind, query, text)
     if kind == "synthetic":
-        from sam_jax.data.synthetic import SPLITS
-
         if rest and rest not in SPLITS:
             raise ValueError(f"dataset spec {text!r}: synthetic split must be one of {SPLITS}")
         out = DatasetSpec(kind, split=rest or None, options=options, text=text)
@@ -129,7 +129,7 @@ def parse_dataset_spec(spec: str | DatasetSpec, check_paths: bool = True) -> Dat
             raise FileNotFoundError(f"dataset spec {text!r}: path {rest!r} does not exist")
         return DatasetSpec(kind, path=rest, options=options, text=text)
     if kind == "coco":
-        parts = _split_paths(rest)
+        parts = split_paths(rest)
         if len(parts) != 2 or not all(parts):
             raise ValueError(f"dataset spec {text!r}: expected coco:ANN_JSON:IMAGES_DIR")
         ann, images = parts
@@ -146,7 +146,6 @@ def parse_dataset_spec(spec: str | DatasetSpec, check_paths: bool = True) -> Dat
             raise FileNotFoundError(
                 f"dataset spec {text!r}: images folder {images!r} does not exist"
             )
-        from sam_jax.data.coco import load_coco_index
 
         load_coco_index(ann)  # raises ValueError if not a COCO instances file
         return out

@@ -21,6 +21,7 @@ import numpy as np
 
 from sam_jax import paths
 from sam_jax.evaluation.metrics import coco_mask_ap, encode_rle
+from sam_jax.evaluation.protocol import predict_masks
 
 
 def _read_json(path: str, what: str):
@@ -122,7 +123,6 @@ def evaluate_detections(
       {"mask_ap": {"AP", "AP50", ...}, "num_images", "num_detections", "skipped_images",
       "timing": {...}}.
     """
-    from sam_jax.evaluation.protocol import _predict
 
     coco = load_coco_gt(annotation_file)
     by_image = load_detections(detections, coco)
@@ -132,7 +132,7 @@ def evaluate_detections(
     if progress:
         from tqdm import tqdm
 
-        iterator = tqdm(image_ids, desc="detections", unit="img")
+        iterator = tqdm(image_ids, desc="detections", unit="img", disable=None)  # terminals only
     start = time.perf_counter()
     for image_id in iterator:
         dets = by_image.get(int(image_id), [])
@@ -148,7 +148,7 @@ def evaluate_detections(
         xywh = np.array([d["bbox"] for d in dets], dtype=np.float32)
         boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
         for s in range(0, len(dets), batch_size):
-            masks, _, _ = _predict(
+            masks, _, _ = predict_masks(
                 predictor, boxes=boxes[s : s + batch_size], multimask_output=False
             )
             for d, m in zip(dets[s : s + batch_size], masks[:, 0], strict=True):

@@ -80,7 +80,7 @@ def select_masks(
     return {k: np.asarray(v, dtype=np.int64) for k, v in selected.items()}
 
 
-def _predict(predictor, **kwargs):
+def predict_masks(predictor, **kwargs):
     """predict_batch with numpy outputs: masks bool (B, C, H, W), iou (B, C), low_res."""
     masks, iou, low_res = predictor.predict_batch(**kwargs)
     return np.asarray(masks).astype(bool, copy=False), np.asarray(iou), np.asarray(low_res)
@@ -131,7 +131,7 @@ def run_point_rounds(
         low_res = None
         for t in range(num_rounds):
             multi = multimask == "always" or (multimask == "first" and t == 0)
-            masks, iou_pred, low = _predict(
+            masks, iou_pred, low = predict_masks(
                 predictor,
                 point_coords=clicks[:, : t + 1].astype(np.float32),
                 point_labels=labels[:, : t + 1].astype(np.int32),
@@ -172,7 +172,7 @@ def run_box_prompts(predictor, gt_masks: np.ndarray, batch_size: int = 32) -> np
     for start in range(0, len(gt_masks), batch_size):
         gts = gt_masks[start : start + batch_size]
         boxes = np.stack([mask_to_box(g) for g in gts])
-        masks, _, _ = _predict(predictor, boxes=boxes, multimask_output=False)
+        masks, _, _ = predict_masks(predictor, boxes=boxes, multimask_output=False)
         ious.append(mask_iou(masks[:, 0], gts))
     return np.concatenate(ious) if ious else np.zeros(0)
 
@@ -259,7 +259,7 @@ def evaluate_points(
         total = len(selected) if selected is not None else None
         if total is None and hasattr(examples, "__len__"):
             total = len(examples)
-        examples = tqdm(examples, desc="eval", unit="img", total=total)
+        examples = tqdm(examples, desc="eval", unit="img", total=total, disable=None)
     start = time.perf_counter()
     first_image_seconds = None
     for ex in examples:

@@ -28,6 +28,9 @@ import contextlib
 import os
 from collections.abc import Callable, Sequence
 
+from sam_jax import paths
+from sam_jax.export import onnx as onnx_export
+from sam_jax.export import stablehlo
 from sam_jax.export.signature import (
     FORMATS,
     ONNX_DATA_SUFFIX,
@@ -86,8 +89,6 @@ def build(
         gelu_approximate,
     )
     if format == "onnx":
-        from sam_jax.export import onnx as onnx_export
-
         if platforms is not None:
             raise ValueError("platforms apply to the stablehlo format")
         if weights_as_arguments:
@@ -104,7 +105,6 @@ def build(
             gelu_approximate,
             opset,
         )
-    from sam_jax.export import stablehlo
 
     if opset is not None:
         raise ValueError("opset applies to the onnx format")
@@ -172,7 +172,6 @@ def save_loaded(
 ) -> list[str]:
     """`save` of the (model, params) that `load()` returns, called once the output has been
     tried (a command reads the checkpoint only when its output can be written)."""
-    from sam_jax import paths
 
     path = os.fspath(path)
     check_options(
@@ -239,10 +238,7 @@ def _wants_external(format: str, part: str, params, external_data: bool | None) 
     if external_data is not None:
         return bool(external_data)
     if format == "onnx":
-        from sam_jax.export import onnx as onnx_export
-
         return _nbytes(_part_params(params, part)) > onnx_export.EXTERNAL_DATA_ABOVE
-    from sam_jax.export import stablehlo
 
     return _nbytes(_part_params(params, part)) > stablehlo.EXTERNAL_WEIGHTS_ABOVE
 
@@ -253,7 +249,6 @@ def _serialize(artifact) -> bytes:
             return artifact.SerializeToString()
         except ValueError as e:  # protobuf refuses messages over 2 GiB
             raise ValueError(f"cannot serialize the ONNX model ({e}); use external data") from None
-    from sam_jax.export import stablehlo
 
     return stablehlo.serialize(artifact)
 
@@ -261,8 +256,6 @@ def _serialize(artifact) -> bytes:
 def _save_external(proto, path: str, tmp, overwrite: bool, placed: list[str]) -> None:
     """The weights to `<path>.data` (appended to `placed` once in place), then the graph to
     `tmp`, which the caller renames to `path`."""
-    from sam_jax import paths
-    from sam_jax.export import onnx as onnx_export
 
     data = data_path(path)
     with paths.atomic_output(data, overwrite) as tmp_data, open(tmp_data, "wb") as f:
@@ -275,9 +268,6 @@ def _save_weights(model, params, part: str, path: str, overwrite: bool, placed: 
     """The StableHLO export's weights to `<path>.safetensors` (appended to `placed` once in
     place), in the order of its arguments."""
     import json
-
-    from sam_jax import paths
-    from sam_jax.export import stablehlo
 
     weights = stablehlo.weights_path(path)
     metadata = {

@@ -37,8 +37,10 @@ from typing import Any
 
 import numpy as np
 
+from sam_jax import __version__
 from sam_jax.config import SamConfig
 from sam_jax.export.signature import MASK_THRESHOLD, STABILITY_SCORE_OFFSET
+from sam_jax.modeling.image_encoder import get_rel_pos
 
 DEFAULT_OPSET = 17  # Meta's export script's default; LayerNormalization needs >= 17
 MAX_OPSET = 21
@@ -235,8 +237,6 @@ class GraphBuilder:
 
 
 def _version() -> str:
-    from sam_jax import __version__
-
     return __version__
 
 
@@ -512,7 +512,6 @@ def _window_unpartition(b: GraphBuilder, x: str, pad_hw, hw, c: int, w: int) -> 
 
 def _encoder_attention(b: GraphBuilder, x: str, p, heads: int, size: tuple[int, int], c: int):
     """Official `image_encoder.Attention` with the decomposed rel-pos bias: x (B, h, w, C)."""
-    from sam_jax.modeling.image_encoder import get_rel_pos
 
     h, w = size
     hd = c // heads
