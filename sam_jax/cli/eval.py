@@ -23,12 +23,14 @@ import sys
 from sam_jax import distributed, paths
 from sam_jax.cli import common
 from sam_jax.evaluation.checkpoint import (
+    DTYPES,
     TASKS,
     EvalSettings,
     evaluate_checkpoint,
     parse_specs,
     quiet_data_logs,
 )
+from sam_jax.evaluation.protocol import FIRST_POINT_MODES, MULTIMASK_MODES
 from sam_jax.evaluation.report import markdown_table, write_reports
 
 PROG = "sam-jax-eval"
@@ -83,7 +85,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--first-point",
-        choices=("center", "random"),
+        choices=FIRST_POINT_MODES,
         default="center",
         help="first click: farthest from the boundary (default) or random interior",
     )
@@ -94,7 +96,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--multimask",
-        choices=("first", "always", "never"),
+        choices=MULTIMASK_MODES,
         default="first",
         help="3 outputs for the first click only (default), every click, or never",
     )
@@ -110,7 +112,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--dtype",
-        choices=("float32", "bfloat16"),
+        choices=DTYPES,
         default="float32",
         help="compute dtype of the model",
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from sam_jax.data.coco import CocoSource
+from sam_jax.data.nuclei import NucleiDataset
 from sam_jax.data.records import DenseMasks, Record, count
 from sam_jax.data.sa1b import SA1BSource
 from sam_jax.data.spec import FRACTION_OPTIONS, DatasetSpec, parse_dataset_spec
@@ -23,6 +24,21 @@ class SyntheticSource:
 
     def __init__(self, split: str, config: SyntheticConfig):
         self.dataset = SyntheticDataset(split, config)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def load(self, i: int, stats: dict | None = None) -> Record:
+        ex = self.dataset[i]
+        count(stats, "decoded_images")
+        return Record(ex["image_id"], ex["image"], DenseMasks(ex["masks"]))
+
+
+class NucleiSource:
+    """Random-access tiles of scikit-image's IHC slide with their nuclei (`data.nuclei`)."""
+
+    def __init__(self, split: str):
+        self.dataset = NucleiDataset("test" if split == "val" else split)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -80,6 +96,8 @@ def open_source(
     split = spec.split or split
     if spec.kind == "synthetic":
         return SyntheticSource(split, synthetic_config(spec, split))
+    if spec.kind == "nuclei":
+        return NucleiSource(split)
     if spec.kind == "sa1b":
         return SA1BSource(spec.path, index_dir, process_index, process_count, barrier)
     if spec.kind == "coco":

@@ -1,6 +1,7 @@
 """Dataset spec strings, shared by training configs and eval.py.
 
     synthetic[:SPLIT]                 the built-in synthetic dataset (splits train / val / test)
+    nuclei[:SPLIT]                    nuclei of scikit-image's IHC slide (train / test tiles)
     sa1b:PATH                         a folder (or one .tar) of SA-1B tars or jpg+json pairs
     coco:ANN_JSON:IMAGES_DIR          COCO instance annotations and their images folder
     tfds:NAME[:SPLIT]                 a prepared tensorflow-datasets dataset (e.g. segment_anything)
@@ -19,9 +20,10 @@ import re
 
 from sam_jax import paths
 from sam_jax.data.coco import load_coco_index
+from sam_jax.data.nuclei import SPLITS as NUCLEI_SPLITS
 from sam_jax.data.synthetic import SPLITS
 
-KINDS = ("synthetic", "sa1b", "coco", "tfds")
+KINDS = ("synthetic", "nuclei", "sa1b", "coco", "tfds")
 # synthetic options that are fractions in [0, 1] (SyntheticConfig checks their ranges)
 FRACTION_OPTIONS = ("part_prob", "texture_strength", "min_area", "max_area", "min_visible")
 _OPTIONS = {
@@ -37,6 +39,7 @@ _OPTIONS = {
         "max_area",
         "min_visible",
     ),
+    "nuclei": (),
     "sa1b": (),
     "coco": ("include_crowd",),
     "tfds": ("data_dir",),
@@ -122,6 +125,10 @@ def parse_dataset_spec(spec: str | DatasetSpec, check_paths: bool = True) -> Dat
         if size is not None and not re.fullmatch(r"\d+(x\d+)?", size):
             raise ValueError(f"dataset spec {text!r}: image_size must be N or HxW, got {size!r}")
         return out
+    if kind == "nuclei":
+        if rest and rest not in NUCLEI_SPLITS:
+            raise ValueError(f"dataset spec {text!r}: nuclei split must be one of {NUCLEI_SPLITS}")
+        return DatasetSpec(kind, split=rest or None, options=options, text=text)
     if kind == "sa1b":
         if not rest:
             raise ValueError(f"dataset spec {text!r}: expected sa1b:PATH")

@@ -25,10 +25,16 @@ from sam_jax.checkpoints import load
 from sam_jax.data import DatasetSpec, iterate_examples, parse_dataset_spec
 from sam_jax.errors import NoMasksError, UsageError, one_line
 from sam_jax.evaluation.detections import evaluate_detections
-from sam_jax.evaluation.protocol import DEFAULT_NUM_POINTS, evaluate_points
+from sam_jax.evaluation.protocol import (
+    DEFAULT_NUM_POINTS,
+    FIRST_POINT_MODES,
+    MULTIMASK_MODES,
+    evaluate_points,
+)
 from sam_jax.predictor import SamPredictor
 
 TASKS = ("points", "boxes", "instances")
+DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,12 +67,13 @@ class EvalSettings:
         problems = []
         if self.task not in TASKS:
             problems.append(f"task must be one of {TASKS}, got {self.task!r}")
-        if self.first_point not in ("center", "random"):
-            problems.append(f"first_point must be 'center' or 'random', got {self.first_point!r}")
-        if self.multimask not in ("first", "always", "never"):
-            problems.append(f"multimask must be first, always or never, got {self.multimask!r}")
-        if self.dtype not in ("float32", "bfloat16"):
-            problems.append(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        for field, allowed in (
+            ("first_point", FIRST_POINT_MODES),
+            ("multimask", MULTIMASK_MODES),
+            ("dtype", DTYPES),
+        ):
+            if getattr(self, field) not in allowed:
+                problems.append(f"{field} must be one of {allowed}, got {getattr(self, field)!r}")
         if any(int(n) < 1 for n in self.num_points):
             problems.append(f"num_points must be >= 1, got {list(self.num_points)}")
         if self.task == "instances" and self.detections is None:
