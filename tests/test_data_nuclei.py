@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 from skimage import color
 
-from sam_jax.data import iterate_examples, parse_dataset_spec
-from sam_jax.data import nuclei
+from sam_jax.data import iterate_examples, nuclei, parse_dataset_spec
 
 
 def test_splits_partition_the_grid_and_hold_both_tissues():

@@ -12,11 +12,10 @@ import os
 import struct
 from pathlib import Path
 
+import ipykernel  # noqa: F401 - the kernel the notebooks run in (the test extra)
+import nbclient
+import nbformat
 import pytest
-
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
-pytest.importorskip("ipykernel")
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 NAMES = [
