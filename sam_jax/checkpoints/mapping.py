@@ -427,12 +427,15 @@ def _indices(keys: Iterable[str], prefix: str) -> list[int]:
     return sorted({int(m.group(1)) for k in keys if (m := pattern.match(k))})
 
 
-def _mlp_ratio(hidden: int, dim: int) -> float:
+def mlp_ratio_for(hidden: int, dim: int) -> float:
     """A float r with int(dim * r) == hidden (as the official Block computes the MLP width)."""
     r = hidden / dim
     while int(dim * r) < hidden:
         r = math.nextafter(r, math.inf)
     return r
+
+
+_mlp_ratio = mlp_ratio_for  # the name hf.py imports
 
 
 # A key only MobileSAM's TinyViT encoder has (its first convolution).
@@ -479,7 +482,7 @@ def _infer_vit_encoder(sd: Mapping[str, Any]) -> dict[str, Any]:
         encoder_num_heads=e // head_dim,
         encoder_global_attn_indexes=global_indexes,
         window_size=window_size,
-        mlp_ratio=_mlp_ratio(mlp_hidden, e),
+        mlp_ratio=mlp_ratio_for(mlp_hidden, e),
     )
 
 
@@ -522,8 +525,8 @@ def _infer_tiny_vit_encoder(sd: Mapping[str, Any]) -> dict[str, Any]:
         tiny_vit_depths=tuple(depths),
         tiny_vit_num_heads=tuple(heads),
         tiny_vit_window_sizes=tuple(windows),
-        tiny_vit_mlp_ratio=_mlp_ratio(mlp_hidden, dims[-1]),
-        tiny_vit_mbconv_expand_ratio=_mlp_ratio(expand, dims[0]),
+        tiny_vit_mlp_ratio=mlp_ratio_for(mlp_hidden, dims[-1]),
+        tiny_vit_mbconv_expand_ratio=mlp_ratio_for(expand, dims[0]),
         tiny_vit_local_conv_size=local,
     )
 

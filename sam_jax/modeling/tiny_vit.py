@@ -29,6 +29,7 @@ Faithful details of the official code:
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Sequence
 
@@ -47,21 +48,24 @@ BN_STATISTICS = ("running_mean", "running_var")
 STRIDE_ONE_MERGE_DIMS = (320, 448, 576)
 
 
+@functools.cache
 def attention_bias_index(resolution: tuple[int, int]) -> tuple[np.ndarray, int]:
     """The official index (N, N) of each (query, key) pair of an h x w window into the bias
     table, N = h * w, and the table's length (the number of distinct absolute offsets).
 
-    Offsets (|dy|, |dx|) are numbered in the order the official loop meets them."""
-    points = list(itertools.product(range(resolution[0]), range(resolution[1])))
-    offsets: dict[tuple[int, int], int] = {}
-    idxs = []
-    for p1 in points:
-        for p2 in points:
-            offset = (abs(p1[0] - p2[0]), abs(p1[1] - p2[1]))
-            offsets.setdefault(offset, len(offsets))
-            idxs.append(offsets[offset])
+    Offsets (|dy|, |dx|) are numbered in the order the official loop meets them (queries, then
+    keys, in row-major order). The returned array is read-only (cached)."""
+    h, w = resolution
+    points = np.array(list(itertools.product(range(h), range(w))))
+    offsets = np.abs(points[:, None, :] - points[None, :, :])  # (N, N, 2)
+    codes = (offsets[..., 0] * w + offsets[..., 1]).reshape(-1)
+    uniques, first, inverse = np.unique(codes, return_index=True, return_inverse=True)
+    rank = np.empty(len(uniques), np.int32)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(uniques), dtype=np.int32)
     n = len(points)
-    return np.asarray(idxs, np.int32).reshape(n, n), len(offsets)
+    idx = rank[inverse].reshape(n, n)
+    idx.flags.writeable = False
+    return idx, len(uniques)
 
 
 class FrozenBatchNorm(nn.Module):
