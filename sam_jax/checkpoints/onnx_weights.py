@@ -195,6 +195,9 @@ def _torch_conv_bn(sd: dict, key: str, op: Op) -> None:
 
 def _encoder_state_dict(g: Graph):
     """-> (config fields, encoder state_dict, (grid g, patch size))."""
+    if not any(len(d) == 4 and d[1] == 3 for d in g.inputs.values()):
+        shapes = ", ".join(f"{k} {tuple(v)}" for k, v in g.inputs.items())
+        raise GraphMismatch(f"not a SAM image encoder: no (B, 3, S, S) image input ({shapes})")
     convs = [o for o in g.convs() if o.kind == "conv"]
     if not convs:
         raise GraphMismatch("not a SAM image encoder: no convolution")
