@@ -6,6 +6,11 @@ pads them: 32 -> 35, 16 -> 28, 16 -> 21), 128 px (16 -> 21; 8 -> 14: one padded 
 8 -> 14) and the official 1024 px once, where the official code runs unmodified.
 """
 
+import functools
+import http.server
+import subprocess
+import threading
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +20,7 @@ import skimage.data
 import torch
 from mobile_sam import SamPredictor as OfficialPredictor
 
-from sam_jax.checkpoints import load_pth, save_pth
+from sam_jax.checkpoints import load_pth, registry, save_pth
 from sam_jax.checkpoints.mapping import (
     expected_param_shapes,
     flatten_params,
@@ -25,6 +30,7 @@ from sam_jax.checkpoints.mapping import (
     unused_tensors,
 )
 from sam_jax.config import get_config
+from sam_jax.errors import CheckpointError
 from sam_jax.modeling import build_sam
 from sam_jax.modeling.tiny_vit import BN_EPS, Conv2dBN, attention_bias_index
 from sam_jax.predictor import SamPredictor
@@ -274,3 +280,72 @@ def test_predict_matches_official(predictors, photo):
             differ = got_masks != (logits > 0)
             margin = TOL * np.abs(logits).max()
             assert np.all(np.abs(logits[differ]) <= margin), what
+
+
+# ------------------------------------------------------------------------ registry
+
+
+@pytest.fixture
+def mobile_server(pair, tmp_path, monkeypatch):
+    """A MobileSAM .pt (the official model's state_dict) served over HTTP on 127.0.0.1, and a
+    registry entry for it verified, as the real mobile_sam.pt is, by its git blob SHA-1."""
+    official, _, _ = pair
+    served = tmp_path / "served"
+    served.mkdir()
+    torch.save(official.state_dict(), served / "mobile_sam_test.pt")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *args: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
+    blob = subprocess.run(
+        ["git", "hash-object", str(served / "mobile_sam_test.pt")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    model = registry.Model(
+        "mobile_sam_test",
+        "mobile_sam_test.pt",
+        None,
+        "vit_t",
+        url=f"http://127.0.0.1:{httpd.server_port}/mobile_sam_test.pt",
+        git_blob_sha1=blob,
+    )
+    monkeypatch.setitem(registry.MODELS, model.name, model)
+    monkeypatch.setenv(registry.CACHE_ENV, str(tmp_path / "cache"))
+    yield model, served
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_registry_knows_mobile_sam():
+    model = registry.lookup("vit_t")
+    assert model is registry.lookup("mobile_sam")
+    assert model.url == (
+        "https://github.com/ChaoningZhang/MobileSAM/raw/master/weights/mobile_sam.pt"
+    )
+    assert model.model_type == "vit_t" and model.sha256 is None
+    assert model.git_blob_sha1 == "7ef2d090979fd9853adf17b7a99c8b94a1c5a6a7"
+
+
+def test_registry_downloads_and_converts_mobile_sam(pair, mobile_server, tmp_path):
+    """Download (checked by git blob SHA-1, computed here by git itself), conversion to vit_t,
+    then a cache hit; a damaged cached file is refused."""
+    _, _, params = pair
+    model, served = mobile_server
+    config, loaded = registry.load_registered(model.name)
+    assert config == get_config("vit_t")
+    for path, v in flatten_params(loaded).items():
+        np.testing.assert_array_equal(v, flatten_params(params)[path], err_msg="/".join(path))
+    cached = tmp_path / "cache" / model.filename
+    assert registry.git_blob_sha1(cached) == model.git_blob_sha1
+    data = bytearray(cached.read_bytes())
+    data[len(data) // 2] ^= 1
+    cached.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="git blob SHA-1 mismatch"):
+        registry.download(model)
+    (served / model.filename).write_bytes(bytes(data))  # a corrupt download keeps nothing
+    cached.unlink()
+    with pytest.raises(CheckpointError, match="is corrupt: git blob SHA-1"):
+        registry.download(model, progress=False)
+    assert not cached.exists()
