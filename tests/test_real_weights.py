@@ -233,7 +233,6 @@ def test_automatic_masks_match_official_mobile_sam(weights):
     official = build_official_mobile_sam(config, perturb=0.0)
     sd = params_to_state_dict(params, config)
     state = {k: torch.from_numpy(np.array(v)) for k, v in sd.items()}
-    state |= {k: official.state_dict()[k] for k in ("pixel_mean", "pixel_std")}  # not weights
     official.load_state_dict(state, strict=True)
     official.eval()  # rebuilds the attention bias caches from the loaded tables
     image = PHOTOS["chelsea"]
