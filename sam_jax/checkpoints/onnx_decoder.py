@@ -187,17 +187,16 @@ def decoder_state_dict(g: Graph) -> tuple[dict[str, Any], dict[str, np.ndarray],
             users = g.consumers.get(name, [])
             if any(u.op_type in ("Concat", "Expand") for u in users):
                 tokens.append((min(g.node_pos(u) for u in users), name, value[0]))
-    tokens.sort(key=lambda t: (t[0], t[2].shape[0]))
+    tokens.sort(key=lambda t: t[0])
+    if len(tokens) == 2:  # iou token and mask tokens apart: in the order they are concatenated
+        concats = {id(u): u for _, name, _ in tokens for u in g.consumers[name]}
+        both = [u for u in concats.values() if all(name in u.input for _, name, _ in tokens)]
+        if len(both) == 1:
+            tokens.sort(key=lambda t: list(both[0].input).index(t[1]))
     if len(tokens) == 1 and tokens[0][2].shape[0] >= 2:
         iou_token, mask_tokens = tokens[0][2][:1], tokens[0][2][1:]
-    elif (
-        len(tokens) == 2
-        and {t[2].shape[0] for t in tokens} != {1}
-        and tokens[0][2].shape[0] + tokens[1][2].shape[0] >= 3
-    ):
-        one = [t for t in tokens if t[2].shape[0] == 1]
-        rest = [t for t in tokens if t is not one[0]]
-        iou_token, mask_tokens = one[0][2], rest[0][2]
+    elif len(tokens) == 2 and tokens[0][2].shape[0] == 1:
+        iou_token, mask_tokens = tokens[0][2], tokens[1][2]
     else:
         raise GraphMismatch("not a SAM decoder: no output tokens (iou token + mask tokens)")
     sd[f"{MD}.iou_token.weight"], sd[f"{MD}.mask_tokens.weight"] = iou_token, mask_tokens

@@ -99,15 +99,21 @@ def read_onnx_files(
     enc_fields, enc_sd, enc_grid = _read(encoder_path, _encoder_state_dict)
     dec_fields, dec_sd, dec_info = _read(decoder_path, decoder_state_dict)
     d, g = dec_fields["prompt_embed_dim"], dec_info["grid"]
-    if enc_sd[f"{ENC}.neck.0.weight"].shape[0] != d or (g is not None and enc_grid[0] != g):
+    enc_d, (enc_g, patch) = enc_sd[f"{ENC}.neck.0.weight"].shape[0], enc_grid
+    if enc_d != d or (g is not None and enc_g is not None and enc_g != g):
         raise CheckpointError(
             f"{os.fspath(encoder_path)} and {os.fspath(decoder_path)} do not belong together: the "
-            f"encoder gives {enc_sd[f'{ENC}.neck.0.weight'].shape[0]} x {enc_grid[0]} x "
-            f"{enc_grid[0]} embeddings, the decoder takes {d} x {g} x {g}"
+            f"encoder gives {enc_d} x {enc_g} x {enc_g} embeddings, the decoder takes "
+            f"{d} x {g} x {g}"
         )
     fields = {**enc_fields, **dec_fields}
-    if "image_size" not in fields or not isinstance(fields["image_size"], int):
-        fields["image_size"] = enc_grid[1] * (g or enc_grid[0])
+    if "image_size" not in fields:  # an encoder exported with a dynamic image size
+        if g is None:
+            raise CheckpointError(
+                f"{os.fspath(encoder_path)} + {os.fspath(decoder_path)}: neither file fixes "
+                "the image size (dynamic encoder input and embedding grid)"
+            )
+        fields["image_size"] = patch * g
     config = SamConfig(**fields)
     sd = {**enc_sd, **dec_sd}
     try:
