@@ -107,7 +107,8 @@ def bench_decoder(args, model_type, official, params, results):
 
     from sam_jax import functional as F
     from sam_jax.config import get_config
-    from sam_jax.modeling import build_sam, pack_prompts
+    from sam_jax.modeling import build_sam
+    from sam_jax.prompts import pack_prompts
 
     config = get_config(model_type)
     model = build_sam(config, attention_impl=args.attn)

@@ -423,7 +423,7 @@ class SamJaxPeer(_JaxPeer):
 
     def decoder(self, emb, points):
         from sam_jax import functional as F
-        from sam_jax.modeling import pack_prompts
+        from sam_jax.prompts import pack_prompts
 
         emb = self.jax.device_put(emb)
         xy, lab = pack_prompts(points, np.ones(points.shape[:2], np.int32))

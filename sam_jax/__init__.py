@@ -8,6 +8,7 @@ Public API (imported lazily, so `import sam_jax` stays light):
   SamPredictor(model, params)                the official predictor API
   SamAutomaticMaskGenerator(model, params)   "segment everything"
   sam_jax.functional                         pure, jit-able encode / decode functions
+  sam_jax.prompts                            a prompt's checks, frames, packing and buckets
 
 Coming from segment-anything (the official names; see sam_jax/sam_model.py):
   sam_model_registry["vit_b"](checkpoint)    -> SamModel (module + params): sam(batched_input, ...)
@@ -23,12 +24,12 @@ _EXPORTS = {
     "get_config": "sam_jax.config",
     "tiny_config": "sam_jax.config",
     "build_sam": "sam_jax.modeling",
-    "pack_prompts": "sam_jax.modeling",
+    "pack_prompts": "sam_jax.prompts",
     "PAD_LABEL": "sam_jax.modeling",
     "load": "sam_jax.checkpoints",
     "SamPredictor": "sam_jax.predictor",
-    "ResizeLongestSide": "sam_jax.predictor",
-    "ResizedCoords": "sam_jax.predictor",
+    "ResizeLongestSide": "sam_jax.prompts",
+    "ResizedCoords": "sam_jax.prompts",
     "SamModel": "sam_jax.sam_model",
     "sam_model_registry": "sam_jax.sam_model",
     "build_sam_vit_h": "sam_jax.sam_model",
@@ -37,12 +38,12 @@ _EXPORTS = {
     "SamAutomaticMaskGenerator": "sam_jax.amg",
 }
 
-__all__ = [*_EXPORTS, "functional", "transforms"]
+__all__ = [*_EXPORTS, "functional", "prompts", "transforms"]
 
 
 def __getattr__(name):
     if name in _EXPORTS:
         return getattr(import_module(_EXPORTS[name]), name)
-    if name in ("functional", "transforms", "modeling", "config"):
+    if name in ("functional", "transforms", "modeling", "config", "prompts"):
         return import_module(f"sam_jax.{name}")
     raise AttributeError(f"module 'sam_jax' has no attribute {name!r}")

@@ -57,6 +57,10 @@ class SamConfig:
     num_multimask_outputs: int = 3
     iou_head_depth: int = 3
     iou_head_hidden_dim: int = 256
+    # LayerNorm epsilons where other SAM implementations differ from the official values kept
+    # here (transformers reads them from its config.json: 1e-6 for its decoder blocks).
+    prompt_layer_norm_eps: float = 1e-6  # the mask prompt's downscaling LayerNorm2d
+    decoder_layer_norm_eps: float = 1e-5  # the two-way transformer blocks' norm1..norm4
     # Training-only (no effect at inference): drop path, and the std of the prompt encoder's random
     # Fourier matrix at random init (a fixed buffer; 1.0 as official, checkpoints carry its value).
     drop_path_rate: float = 0.0

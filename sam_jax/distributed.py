@@ -21,15 +21,11 @@ import threading
 
 import jax
 
-from sam_jax.errors import one_line
+from sam_jax.errors import DistributedError, one_line
 
 logger = logging.getLogger(__name__)
 
 ENV_ADDRESS, ENV_COUNT, ENV_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
-
-
-class DistributedError(RuntimeError):
-    """The job has several processes but they could not be joined (or disagree)."""
 
 
 def detect_cluster() -> tuple[str, int] | None:

@@ -34,6 +34,38 @@ class CheckpointError(ValueError):
     (non-finite values); the message is one line naming the checkpoint and the file or array."""
 
 
+class PathError(OSError):
+    """A path cannot be used; the message is one line naming the path and the reason."""
+
+
+class NoMasksError(ValueError):
+    """An evaluation found no mask to evaluate (no readable image with a non-empty mask)."""
+
+
+class RequestError(Exception):
+    """A request the annotation tool refuses: HTTP `status` (4xx) and a one-line message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = int(status)
+
+
+class StaleIndexError(ValueError):
+    """A cache file of another tar version (the tar changed since it was indexed)."""
+
+
+class DistributedError(RuntimeError):
+    """The job has several processes but they could not be joined (or disagree)."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (or the update) became NaN or infinite."""
+
+
+class WorkdirMismatchError(ValueError):
+    """The workdir holds a checkpoint of another experiment (model or train state)."""
+
+
 def check_bool(name: str, value: object) -> bool:
     """`value` if it is a bool (or numpy bool); TypeError otherwise (the string "False" is true
     by truthiness, so flags are never read that way)."""

@@ -17,20 +17,20 @@ Shapes and layouts (S = config.image_size, g = S / patch_size, D = prompt_embed_
 
 `encode_images`, `decode_prompts` and `postprocess_masks` are jitted (one cache per model and
 static arguments; flax modules are hashable) and may be called inside a user's `jax.jit` or under
-`jax.vmap`. The pre-processing and prompt-packing helpers are numpy (host side). Many prompts
-go through the decoder and the post-processing `prompt_chunk()` at a time (64 on a CPU), so
-memory stays bounded whatever their number.
+`jax.vmap`. The pre-processing helpers are numpy (host side); prompts are checked and packed in
+`sam_jax.prompts` (`pack_image_prompts`, `stack_prompts` and `bucket_size` are re-exported here).
+Many prompts go through the decoder and the post-processing `prompt_chunk()` at a time (64 on a
+CPU), so memory stays bounded whatever their number.
 
-The public functions check their arguments (shapes, sizes) and then call unchecked internals
-(`_pack_image_prompts`, `_decode_prompts`, `_postprocess_masks_padded`, `_encode`), which
-`SamPredictor` calls directly after validating its own inputs, so that one call is checked once.
+`decode_image_prompts` is the one decode path of checked prompts on one image (buckets, the
+absent-mask default, post-processing, numpy outputs): `SamPredictor`, `SamModel.__call__` and,
+through the predictor, the evaluation protocols and the annotation tool call it.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -38,15 +38,23 @@ import numpy as np
 
 from sam_jax import tiling, transforms
 from sam_jax.errors import ConfigError, check_bool
-from sam_jax.modeling import PAD_LABEL
-from sam_jax.modeling.sam import check_prompts, pack_prompt_tokens
-from sam_jax.transforms import MASK_SIZE_MULTIPLE, bucket_size
+from sam_jax.prompts import (
+    ImagePrompts,
+    bucket_size,
+    bucketed_tokens,
+    pack_image_prompts,
+    pad_rows,
+    stack_prompts,
+)
+from sam_jax.transforms import MASK_SIZE_MULTIPLE
 
 __all__ = [
     "bucket_size",
+    "decode_image_prompts",
     "decode_prompts",
     "encode_image_tiled",
     "encode_images",
+    "encode_tiles",
     "pack_image_prompts",
     "postprocess_masks",
     "postprocess_masks_padded",
@@ -110,15 +118,15 @@ def encode_image_tiled(
     if spec is None:
         raise ConfigError("encode_image_tiled needs tile_shape and halo")
     image = transforms.check_image(transforms.to_host(image))
-    return _encode_tiles(model, params, image, tiling.TileGrid.build(image.shape[:2], *spec))
+    return encode_tiles(model, params, image, tiling.TileGrid.build(image.shape[:2], *spec))
 
 
-def _encode_tiles(model, params, image: np.ndarray, grid: tiling.TileGrid):
-    """`encode_image_tiled` of a checked image on a built grid."""
+def encode_tiles(model, params, image: np.ndarray, grid: tiling.TileGrid):
+    """`encode_image_tiled` of an image that passed `transforms.check_image`, on a built grid."""
     features, input_sizes = [], []
     for t in range(grid.num_tiles):
         x, input_size = transforms.preprocess_image(grid.crop(image, t), model.config.image_size)
-        features.append(_encode(model, params, x[None]))
+        features.append(encode_images(model, params, jnp.asarray(x[None])))
         input_sizes.append(input_size)
         if t:  # at most two tiles in flight
             features[t - 1].block_until_ready()
@@ -261,93 +269,66 @@ def _decode_prompts(
     )
 
 
-def pack_image_prompts(
+@functools.lru_cache(maxsize=32)
+def _absent_masks(num: int, m: int) -> jax.Array:
+    """Zero mask prompts (1, num, m, m) flagged absent, made once per size on the device."""
+    return jnp.zeros((1, num, m, m), jnp.float32)
+
+
+def decode_image_prompts(
+    model,
+    params,
+    image_embedding: jax.Array,
+    prompts: ImagePrompts,
     original_size: Sequence[int],
-    image_size: int,
-    point_coords: np.ndarray | None = None,
-    point_labels: np.ndarray | None = None,
-    boxes: np.ndarray | None = None,
-    pad_to: int | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Prompt tokens of P prompts on one image, from original-image coordinates.
-
-    point_coords (P, N, 2) xy and point_labels (P, N) and/or boxes (P, 4) XYXY, in pixels of the
-    original (H, W) image. Coordinates are mapped to the input frame as the official
-    `ResizeLongestSide`, then packed in the official token order (`sam_jax.modeling.pack_prompts`).
-    With neither points nor boxes, returns P = 1 prompt made only of PAD_LABEL slots (the official
-    "no sparse prompt", e.g. a mask-only prompt). Returns points (P, T, 2) float32, labels (P, T).
-    """
-    check_prompts(point_coords, point_labels, boxes, pad_to)
-    return _pack_image_prompts(original_size, image_size, point_coords, point_labels, boxes, pad_to)
-
-
-def _pack_image_prompts(original_size, image_size, point_coords, point_labels, boxes, pad_to):
-    """`pack_image_prompts` without checks. Contract: point_coords (P, N, 2) with point_labels
-    (P, N), and/or boxes (P, 4), agreeing on P; point_labels only with point_coords; pad_to None or
-    at least the number of tokens."""
-    if point_coords is not None:
-        point_coords = transforms.apply_coords(point_coords, original_size, image_size)
-    if boxes is not None:
-        boxes = transforms.apply_boxes(boxes, original_size, image_size)
-    return _pack_input_prompts(point_coords, point_labels, boxes, pad_to)
-
-
-def _pack_input_prompts(point_coords, point_labels, boxes, pad_to):
-    """`_pack_image_prompts` of prompts already in the input frame (the official `predict_torch`
-    and `Sam.forward` inputs): the same packing, no coordinate mapping."""
-    if point_coords is None and boxes is None:
-        n = 1 if pad_to is None else pad_to
-        return np.zeros((1, n, 2), np.float32), np.full((1, n), PAD_LABEL, np.int32)
-    return pack_prompt_tokens(point_coords, point_labels, boxes, pad_to=pad_to)
-
-
-def stack_prompts(
-    per_image: Sequence[Any],
-    num_prompts: int | None = None,
-    num_tokens: int | None = None,
+    input_size: Sequence[int],
+    multimask_output: bool = True,
+    return_logits: bool = False,
+    min_bucket: int = 1,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Stacks the prompts of B images into one padded batch.
+    """Masks for P checked prompts on one image: the one decode path of an image's prompts.
 
-    per_image[i] is (points (P_i, T_i, 2), labels (P_i, T_i)) as from `pack_image_prompts`, or a
-    list of such pairs (prompts of different kinds on one image; they are concatenated along P).
-    Tokens are padded with PAD_LABEL to N = max T (or num_tokens); prompts to P = max P_i (or
-    num_prompts) with copies of the image's first prompt, so that padded rows are valid inputs.
-    Returns points (B, P, N, 2) float32, labels (B, P, N) int32 and valid (B, P) bool (False on
-    padded prompts, whose outputs are to be ignored).
+    image_embedding (1, g, g, D) of an image of original (H, W) `original_size` resized to
+    (h, w) `input_size`; prompts from `sam_jax.prompts.ImagePrompts` (original-image pixels or,
+    with prompts.input_frame, the input frame). Token counts are padded to power-of-two buckets
+    and P to bucket_size(P, min_bucket) (padded rows are dropped), and prompts without a mask
+    get the official no-mask embedding, so prompts of many kinds and counts share a few compiled
+    decoders. Returns numpy masks (P, C, H, W) (bool, or float32 logits with return_logits),
+    iou (P, C) and low-res logits (P, C, m, m); C = 3 with multimask_output, else 1.
     """
-    if len(per_image) == 0:
-        raise ValueError("stack_prompts needs at least one image")
-    groups = []
-    for i, item in enumerate(per_image):
-        chunks = [item] if isinstance(item, tuple) else list(item)
-        if not chunks:
-            raise ValueError(f"image {i} has no prompts")
-        checked = []
-        for pts, lab in chunks:
-            pts, lab = np.asarray(pts, np.float32), np.asarray(lab, np.int32)
-            if lab.ndim != 2 or pts.shape != (*lab.shape, 2):
-                raise ValueError(f"image {i}: points {pts.shape} and labels {lab.shape} disagree")
-            checked.append((pts, lab))
-        groups.append(checked)
-    all_chunks = [c for g in groups for c in g]
-    n = max(lab.shape[1] for _, lab in all_chunks) if num_tokens is None else num_tokens
-    sizes = [sum(lab.shape[0] for _, lab in g) for g in groups]
-    p = max(sizes) if num_prompts is None else num_prompts
-    b = len(groups)
-    points = np.zeros((b, p, n, 2), np.float32)
-    labels = np.full((b, p, n), PAD_LABEL, np.int32)
-    valid = np.zeros((b, p), bool)
-    for i, g in enumerate(groups):
-        if sizes[i] == 0 or sizes[i] > p or max(lab.shape[1] for _, lab in g) > n:
-            raise ValueError(f"image {i}: its prompts do not fit in ({p} prompts, {n} tokens)")
-        row = 0
-        for pts, lab in g:
-            pi, ti = lab.shape
-            points[i, row : row + pi, :ti], labels[i, row : row + pi, :ti] = pts, lab
-            row += pi
-        points[i, row:], labels[i, row:] = points[i, :1], labels[i, :1]
-        valid[i, :row] = True
-    return points, labels, valid
+    multimask_output = check_bool("multimask_output", multimask_output)
+    return_logits = check_bool("return_logits", return_logits)
+    image_size, m = model.config.image_size, model.config.low_res_size
+    points, labels, size = bucketed_tokens(prompts, original_size, image_size, min_bucket)
+    # Always pass a mask prompt (zeros flagged absent when there is none: the official
+    # no_mask_embed), so that prompts with and without masks share one compiled decoder.
+    if prompts.mask_input is None:
+        mask_in, has_mask = _absent_masks(size, m), np.zeros((1, size), bool)
+    else:
+        mask_in = pad_rows(prompts.mask_input, size)[None]
+        has_mask = np.ones((1, size), bool)
+    low_res, iou = _decode_prompts(
+        model,
+        params,
+        image_embedding,
+        points[None],
+        labels[None],
+        mask_in,
+        has_mask,
+        multimask_output,
+    )
+    # Padded post-processing: images of similar sizes share one compiled version.
+    out = _postprocess_masks_padded(
+        low_res[0],
+        input_size,
+        original_size,
+        image_size,
+        None if return_logits else 0.0,
+        MASK_SIZE_MULTIPLE,
+    )
+    h, w, num = int(original_size[0]), int(original_size[1]), prompts.num
+    masks = np.ascontiguousarray(np.asarray(out)[:num, ..., :h, :w])
+    return masks, np.asarray(iou[0][:num]), np.asarray(low_res[0][:num])
 
 
 # --------------------------------------------------------------------------- masks
@@ -455,7 +436,7 @@ def _postprocess_masks_padded(
     return _postprocess_padded(low_res_masks, taps, int(image_size), resized, thr, prompt_chunk())
 
 
-def _cache_sizes() -> dict[str, Any]:
+def compiled_versions() -> dict[str, int]:
     """Number of compiled versions of each jitted function (for tests and diagnostics)."""
     return {
         "encode": _encode._cache_size(),

@@ -1,19 +1,39 @@
-"""Image files in and pictures out: reading an image as the official scripts do, and drawing
-masks and prompts over it (the predict command's overlay, training's prediction panels)."""
+"""Image files in and pictures out: finding the images of a folder, reading an image as the
+official scripts do, and drawing masks and prompts over it (the predict command's overlay,
+training's prediction panels)."""
 
 from __future__ import annotations
 
 import io
+import posixpath
 
 import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from sam_jax import paths
 
 MASK_COLOR = (30, 144, 255)
+# What counts as an image file in a folder (every command that reads a folder of images).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def list_images(path: str) -> list[str]:
+    """[path] for a file; the image files (by extension, not hidden) directly in a folder, local
+    or on a bucket, sorted. FileNotFoundError when `path` is neither."""
+    if paths.isfile(path):
+        return [path]
+    if not paths.isdir(path):
+        raise FileNotFoundError(f"{path} is neither an image file nor a folder")
+    names = sorted(
+        n
+        for n in paths.listdir(path)
+        if not n.startswith(".") and posixpath.splitext(n)[1].lower() in IMAGE_EXTENSIONS
+    )
+    return [paths.join(path, n) for n in names]
 
 
 def decode_image(data: bytes) -> np.ndarray:
     """Encoded image bytes (jpg, png, ...) -> uint8 (H, W, 3) RGB. Raises on broken data."""
-    from PIL import Image
-
     with Image.open(io.BytesIO(data)) as im:
         im.load()
         rgb = im.convert("RGB")
@@ -32,8 +52,6 @@ def load_image(path: str) -> np.ndarray | None:
     if cv2 is not None:
         image = cv2.imread(path)  # BGR; None when unreadable
         return None if image is None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
     try:
         with Image.open(path) as im:
             return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import posixpath
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,27 +21,15 @@ METADATA_HEADER = (
 )
 
 
-def list_images(input_path: str) -> list[str]:
-    """[input_path] for a file; the files of a folder (not hidden, not sub-folders), sorted."""
-    if not os.path.isdir(input_path):
-        return [input_path]
-    names = sorted(f for f in os.listdir(input_path) if not f.startswith("."))
+def output_stems(image_paths: list[str]) -> list[str]:
+    """The output name of each image: its stem, or stem_ext for every image whose stem another
+    image shares (a.jpg and a.png in one folder give a_jpg and a_png)."""
+    stems = [posixpath.splitext(paths.basename(p))[0] for p in image_paths]
+    shared = {s for s in stems if stems.count(s) > 1}
     return [
-        os.path.join(input_path, f) for f in names if os.path.isfile(os.path.join(input_path, f))
+        paths.basename(p).replace(".", "_") if s in shared else s
+        for p, s in zip(image_paths, stems, strict=True)
     ]
-
-
-def output_names(image_paths: list[str]) -> list[str]:
-    """The output name of each image: its name without extension, or with the extension when
-    two images share a stem (a.jpg and a.png in one folder)."""
-    names, used = [], set()
-    for path in image_paths:
-        base = os.path.splitext(os.path.basename(path))[0]
-        if base in used:
-            base = os.path.basename(path).replace(".", "_")
-        used.add(base)
-        names.append(base)
-    return names
 
 
 def png_bytes(image: np.ndarray) -> bytes:

@@ -27,19 +27,17 @@ import io
 import os
 import posixpath
 import shutil
+import signal
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from sam_jax.errors import OutputOverlapsInputError, one_line
+from sam_jax.errors import OutputOverlapsInputError, PathError, one_line
 
 os.environ.setdefault("EPATH_USE_TF", "false")
-
-
-class PathError(OSError):
-    """A path cannot be used; the message is one line naming the path and the reason."""
 
 
 def is_remote(path: str) -> bool:
@@ -86,7 +84,7 @@ def epath(path: str):
     return _epath.Path(resolve(path))
 
 
-def _fs(path: str):
+def filesystem(path: str):
     """The fsspec filesystem of a URL (gcsfs for gs://)."""
     _configure()
     import fsspec
@@ -115,21 +113,21 @@ def parent(path: str) -> str:
 
 
 def exists(path: str) -> bool:
-    return _fs(path).exists(resolve(path)) if is_remote(path) else os.path.exists(path)
+    return filesystem(path).exists(resolve(path)) if is_remote(path) else os.path.exists(path)
 
 
 def isdir(path: str) -> bool:
-    return _fs(path).isdir(resolve(path)) if is_remote(path) else os.path.isdir(path)
+    return filesystem(path).isdir(resolve(path)) if is_remote(path) else os.path.isdir(path)
 
 
 def isfile(path: str) -> bool:
-    return _fs(path).isfile(resolve(path)) if is_remote(path) else os.path.isfile(path)
+    return filesystem(path).isfile(resolve(path)) if is_remote(path) else os.path.isfile(path)
 
 
 def makedirs(path: str) -> None:
     """Creates a folder and its parents (a no-op on object stores, which have no folders)."""
     if is_remote(path):
-        _fs(path).makedirs(resolve(path), exist_ok=True)
+        filesystem(path).makedirs(resolve(path), exist_ok=True)
     else:
         os.makedirs(path, exist_ok=True)
 
@@ -137,7 +135,7 @@ def makedirs(path: str) -> None:
 def _ls(path: str) -> list[tuple[str, bool]]:
     """(name, is_dir) of the entries of a remote folder; FileNotFoundError if there is none."""
     url = resolve(path)
-    fs = _fs(url)
+    fs = filesystem(url)
     own = fs._strip_protocol(url).rstrip("/")
     out = {}
     for info in fs.ls(url, detail=True):
@@ -219,7 +217,7 @@ def open(path: str, mode: str = "rb"):  # noqa: A001 - the path layer's open
     if "a" in mode or "+" in mode:
         raise ValueError(f"cannot open {url} in mode {mode!r}: object stores do not append")
     binary_mode = mode.replace("t", "").replace("b", "") + "b"
-    raw = _fs(url).open(url, binary_mode)
+    raw = filesystem(url).open(url, binary_mode)
     f = raw if "b" in mode else io.TextIOWrapper(raw, encoding="utf-8")
     return f if binary_mode == "rb" else _RemoteWriteFile(f, raw)
 
@@ -229,7 +227,7 @@ def read_bytes(path: str, offset: int = 0, size: int | None = None) -> bytes:
     if is_remote(path):
         url = resolve(path)
         end = None if size is None else offset + size
-        return _fs(url).cat_file(url, start=offset or None, end=end)
+        return filesystem(url).cat_file(url, start=offset or None, end=end)
     with builtins.open(path, "rb") as f:
         if offset:
             f.seek(offset)
@@ -248,7 +246,7 @@ def write_bytes(path: str, data: bytes) -> None:
     """
     if is_remote(path):
         url = resolve(path)
-        _fs(url).pipe_file(url, bytes(data))
+        filesystem(url).pipe_file(url, bytes(data))
         return
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     try:
@@ -267,7 +265,7 @@ def write_text(path: str, text: str) -> None:
 def remove(path: str) -> None:
     if is_remote(path):
         url = resolve(path)
-        _fs(url).rm_file(url)
+        filesystem(url).rm_file(url)
     else:
         os.remove(path)
 
@@ -276,7 +274,7 @@ def rmtree(path: str) -> None:
     """Removes a folder and everything under it (FileNotFoundError if there is nothing)."""
     if is_remote(path):
         url = resolve(path)
-        _fs(url).rm(url, recursive=True)
+        filesystem(url).rm(url, recursive=True)
     else:
         shutil.rmtree(path)
 
@@ -285,7 +283,7 @@ def file_signature(path: str) -> str:
     """A string that changes when the file changes: its size and modification time (remote: its
     size and generation, or etag, or update time)."""
     if is_remote(path):
-        info = _fs(path).info(resolve(path))
+        info = filesystem(path).info(resolve(path))
         version = info.get("generation") or info.get("etag") or info.get("mtime") or ""
         return f"{info.get('size')}-{version}"
     st = os.stat(path)
@@ -377,27 +375,87 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False) -> Iterator[
     for parent in reversed(path.parents):
         if not parent.exists():
             created.append(parent)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    except OSError as e:
-        _remove_created(created)
-        raise OSError(f"cannot write to {path}: {_typed(e, 300)}") from None
+    # The temporary folder is made, renamed and removed with interrupts held until the step is
+    # done, so that Ctrl-C or SIGTERM at any moment leaves either the whole output or nothing.
+    with deferred_interrupts():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        except OSError as e:
+            _remove_created(created)
+            raise OSError(f"cannot write to {path}: {_typed(e, 300)}") from None
     try:
         tmp = tmp_dir / path.name
         yield tmp
-        if path.exists() or path.is_symlink():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(path, old)
-            os.rename(tmp, path)
-            _remove(old)
-        else:
-            os.rename(tmp, path)
+        with deferred_interrupts():
+            if path.exists() or path.is_symlink():
+                old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+                os.rename(path, old)
+                os.rename(tmp, path)
+                _remove(old)
+            else:
+                os.rename(tmp, path)
+            _remove(tmp_dir)
     except BaseException:
-        _remove(tmp_dir)
-        _remove_created(created)
+        with deferred_interrupts():
+            _remove(tmp_dir)
+            _remove_created(created)
         raise
-    _remove(tmp_dir)
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Holds SIGINT and SIGTERM while the block runs (a step that must not stop half-way: a
+    rename, a clean-up, a write that other threads carry out) and delivers them once it is
+    over, to the handlers that were in place. On another thread than the main one (where
+    handlers cannot be set) the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in _HELD}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        if held:
+            signal.raise_signal(held[0])
+
+
+_HELD = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def no_empty_leftovers(*roots: str | os.PathLike | None) -> Iterator[None]:
+    """When the block fails, removes the folders it created at or under each local root that
+    hold no file (a command that fails leaves no empty output folder behind, and never removes
+    a file or a folder that was there before). None roots and remote roots are skipped."""
+    local = [os.path.abspath(os.fspath(r)) for r in roots if r is not None and not is_remote(r)]
+    for i, root in enumerate(local):  # watch from the highest folder that does not exist yet
+        while not os.path.exists(os.path.dirname(root)) and os.path.dirname(root) != root:
+            root = os.path.dirname(root)
+        local[i] = root
+    before = {root: _folders(root) for root in local}
+    try:
+        yield
+    except BaseException:
+        with deferred_interrupts():
+            for root, existed in before.items():
+                for folder in sorted(_folders(root) - existed, key=len, reverse=True):
+                    with contextlib.suppress(OSError):
+                        os.rmdir(folder)  # only empty ones (deepest first)
+        raise
+
+
+def _folders(root: str) -> set[str]:
+    """Every folder at or under `root` (the empty set when there is none)."""
+    if not os.path.isdir(root):
+        return set()
+    found = {root}
+    for parent, dirs, _ in os.walk(root):
+        found.update(os.path.join(parent, d) for d in dirs)
+    return found
 
 
 def _remove(p: Path) -> None:
@@ -581,7 +639,7 @@ def _check_remote_writable(path: str, probe: str) -> None:
         if problem:
             raise PathError(f"cannot write to {path}: {problem}")
     try:
-        fs = _fs(path)
+        fs = filesystem(path)
         if fs.isfile(path):
             raise PathError(f"cannot write to {path}: it is a file, not a folder")
         fs.makedirs(path, exist_ok=True)

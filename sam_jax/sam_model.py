@@ -24,16 +24,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sam_jax import functional as F
+from sam_jax import transforms
+from sam_jax.checkpoints.load import load
 from sam_jax.config import PIXEL_MEAN, PIXEL_STD, SamConfig, get_config
 from sam_jax.errors import one_line
-from sam_jax.modeling.sam import Sam
+from sam_jax.modeling.sam import Sam, build_sam
+from sam_jax.prompts import DEFAULT_MIN_BUCKET, ImagePrompts, check_frame
 
 # `sam_model_registry[...](checkpoint=None)` initialises random weights from this PRNG seed (the
 # official registry builds torch's default random init; ours is reproducible).
 RANDOM_INIT_SEED = 0
 RECORD_KEYS = ("image", "original_size", "point_coords", "point_labels", "boxes", "mask_inputs")
-# SamConfig fields that do not change what the weights compute (training-only settings).
-_TRAINING_ONLY = {"drop_path_rate": 0.0, "pe_scale": 1.0}
 
 
 def device_of(x: jax.Array) -> jax.Device:
@@ -143,15 +145,6 @@ class SamModel:
         official model. Returns one dict per record: 'masks' bool (B, C, H, W) at the original
         size, 'iou_predictions' (B, C), 'low_res_logits' (B, C, m, m); numpy arrays.
         """
-        from sam_jax import functional as F
-        from sam_jax import transforms
-        from sam_jax.predictor import (
-            SamPredictor,
-            _check_frame,
-            check_batched_prompts,
-            check_resized_image,
-        )
-
         if (
             isinstance(batched_input, (Mapping, str, bytes))
             or not isinstance(batched_input, Sequence)
@@ -170,41 +163,38 @@ class SamModel:
             missing = [k for k in RECORD_KEYS[:2] if k not in rec]
             if missing:
                 raise ValueError(f"{name} needs {' and '.join(missing)}")
-            hwc, original, input_size = check_resized_image(
+            hwc, original, input_size = transforms.check_resized_image(
                 rec["image"], s, rec["original_size"], f"{name}['image']"
             )
-            _check_frame(rec.get("point_coords"), f"{name}['point_coords']", s)
-            _check_frame(rec.get("boxes"), f"{name}['boxes']", s)
-            prompts = check_batched_prompts(
+            check_frame(rec.get("point_coords"), f"{name}['point_coords']", s)
+            check_frame(rec.get("boxes"), f"{name}['boxes']", s)
+            prompts = ImagePrompts.batch(
+                m,
                 rec.get("point_coords"),
                 rec.get("point_labels"),
                 rec.get("boxes"),
                 rec.get("mask_inputs"),
-                m,
                 name,
                 input_frame=True,
                 allow_none=True,
             )
-            images.append(transforms._normalize_and_pad(hwc, s))
+            images.append(transforms.normalize_and_pad(hwc, s))
             records.append((original, input_size, prompts))
         # One encoder call for all images (as the official model), then the decoder per image.
-        emb = F._encode(self.model, self.params, jnp.asarray(np.stack(images)))
-        predictor = SamPredictor(self)
+        emb = F.encode_images(self.model, self.params, jnp.asarray(np.stack(images)))
         outputs = []
-        for i, (original, input_size, (coords, labels, boxes, masks, num)) in enumerate(records):
-            predictor._set_embedding(emb[i : i + 1], original, input_size)
-            out = predictor._predict(
-                coords,
-                labels,
-                boxes,
-                masks,
-                num,
-                predictor.min_batch_bucket,
+        for i, (original, input_size, prompts) in enumerate(records):
+            masks, iou, low_res = F.decode_image_prompts(
+                self.model,
+                self.params,
+                emb[i : i + 1],
+                prompts,
+                original,
+                input_size,
                 multimask_output,
                 False,
-                input_frame=True,
+                DEFAULT_MIN_BUCKET,
             )
-            masks, iou, low_res = out
             outputs.append({"masks": masks, "iou_predictions": iou, "low_res_logits": low_res})
         return outputs
 
@@ -212,9 +202,7 @@ class SamModel:
         """The official `Sam.preprocess`: (..., 3, h, w) resized image(s) -> normalised and
         zero-padded float32 (..., 3, S, S), channels first as the official one (our encoder,
         `functional.encode_images`, takes channels last: `transforms.normalize_and_pad`)."""
-        from sam_jax.transforms import to_host
-
-        x = np.asarray(to_host(x), np.float32)
+        x = np.asarray(transforms.to_host(x), np.float32)
         s = self.config.image_size
         if x.ndim < 3 or x.shape[-3] != 3 or not (0 < x.shape[-2] <= s and 0 < x.shape[-1] <= s):
             raise ValueError(f"preprocess takes (..., 3, h, w) with h, w <= {s}, got {x.shape}")
@@ -228,10 +216,7 @@ class SamModel:
     def postprocess_masks(self, masks, input_size, original_size) -> np.ndarray:
         """The official `Sam.postprocess_masks`: low-res logits (..., m, m) -> float32 logits
         (..., H, W) at original_size (upsample, crop to input_size (h, w), resize)."""
-        from sam_jax import functional as F
-        from sam_jax.transforms import to_host
-
-        low_res = jnp.asarray(to_host(masks), jnp.float32)
+        low_res = jnp.asarray(transforms.to_host(masks), jnp.float32)
         out = F.postprocess_masks(
             low_res, tuple(input_size), tuple(original_size), self.config.image_size
         )
@@ -257,47 +242,13 @@ def unbind(model, params, who: str, allow_none: bool = False):
     return model, params
 
 
-def _architecture(config: SamConfig) -> SamConfig:
-    return config.replace(**_TRAINING_ONLY)
-
-
-def _check_model_type(config: SamConfig, model_type: str, path) -> None:
-    arch = _architecture(config)
-    if arch == _architecture(get_config(model_type)):
-        return
-    # Named by shape (a .pth does not say its decoder heads).
-    heads = {"decoder_num_heads": arch.decoder_num_heads}
-    names = [
-        n for n in ("vit_b", "vit_l", "vit_h") if _architecture(get_config(n, **heads)) == arch
-    ]
-    if names:
-        hint = f"{names[0]} model, not {model_type}: use sam_model_registry[{names[0]!r}]"
-    else:
-        hint = f"custom-size model, not {model_type}: use sam_jax.SamModel(*sam_jax.load(path))"
-    raise ValueError(f"checkpoint {path} holds a {hint}")
-
-
 def build_registered(model_type: str, checkpoint: str | os.PathLike | None = None) -> SamModel:
-    """`sam_model_registry[model_type](checkpoint)`: an official `.pth` or a converted directory
-    whose architecture must be `model_type`'s; None builds random weights (seed
-    RANDOM_INIT_SEED)."""
-    from sam_jax import paths
-    from sam_jax.checkpoints import load_converted, load_pth
-    from sam_jax.modeling import build_sam
-
+    """`sam_model_registry[model_type](checkpoint)`: any checkpoint `sam_jax.load` reads, whose
+    architecture must be `model_type`'s; None builds random weights (seed RANDOM_INIT_SEED)."""
     if checkpoint is None:
         model = build_sam(get_config(model_type))
         return SamModel(model, model.init_params(jax.random.key(RANDOM_INIT_SEED)))
-    path = os.fspath(checkpoint)
-    if paths.isfile(path):  # the architecture is read from the shapes (the heads are not in them)
-        heads = get_config(model_type).decoder_num_heads
-        config, params = load_pth(path, decoder_num_heads=heads)
-    elif paths.isdir(path):
-        config, params = load_converted(path)
-    else:
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    _check_model_type(config, model_type, path)
-    return SamModel(build_sam(config), jax.device_put(params))
+    return SamModel(*load(checkpoint, model_type=model_type))
 
 
 def build_sam_vit_h(checkpoint=None) -> SamModel:

@@ -59,6 +59,46 @@ def check_image(image: np.ndarray, name: str = "image") -> np.ndarray:
     return image
 
 
+def as_float_array(x, name: str) -> np.ndarray:
+    """x (numpy, jax, torch or nested lists) as finite float64 numpy (ValueError otherwise)."""
+    try:
+        arr = np.asarray(to_host(x), dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} must be numeric, got {type(x).__name__}") from e
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return arr
+
+
+def check_resized_image(image, image_size: int, original_size, name: str):
+    """A (3, h, w) image already resized by `ResizeLongestSide.apply_image` (numpy, jax or torch;
+    uint8 or float values) and its original (H, W) -> (HWC float array, (H, W), (h, w)).
+
+    (h, w) must be what `apply_image` makes of (H, W), so that a missing resize, a channels-last
+    image or a swapped original_size is an error rather than wrong masks."""
+    x = as_float_array(image, name)
+    if x.ndim != 3 or x.shape[0] != 3:
+        raise ValueError(
+            f"{name} must be (3, H, W) (transform.apply_image, then channels first), "
+            f"got shape {x.shape}"
+        )
+    try:
+        size = tuple(int(v) for v in to_host(original_size))
+    except (TypeError, ValueError):
+        raise ValueError(f"original_size must be (H, W) ints, got {original_size!r}") from None
+    if len(size) != 2 or min(size) <= 0:
+        raise ValueError(f"original_size must be two positive ints (H, W), got {original_size!r}")
+    input_size = (int(x.shape[1]), int(x.shape[2]))
+    expected = get_preprocess_shape(size[0], size[1], image_size)
+    if input_size != expected:
+        raise ValueError(
+            f"{name} of size {input_size} is not an image of original_size {size} resized to "
+            f"long side {image_size} (expected {expected}): resize with ResizeLongestSide"
+            f"({image_size}).apply_image and pass the (H, W) of the image before resizing"
+        )
+    return x.transpose(1, 2, 0), size, input_size
+
+
 def resize_longest_side(image: np.ndarray, long_side: int) -> np.ndarray:
     """Resizes a uint8 (H, W, 3) image so that its longest side is `long_side`.
 
@@ -101,20 +141,19 @@ def apply_boxes(boxes: np.ndarray, original_size: Sequence[int], long_side: int)
 
 
 def normalize_and_pad(image: np.ndarray, image_size: int) -> np.ndarray:
-    """Normalises a resized uint8 (h, w, 3) image and zero-pads it bottom/right to (S, S, 3).
+    """Normalises a resized (h, w, 3) image (uint8, or float values in 0..255) and zero-pads it
+    bottom/right to (S, S, 3).
 
     (x - PIXEL_MEAN) / PIXEL_STD in float32, as the official `Sam.preprocess`. Returns float32.
     """
-    image = check_image(image)
+    image = np.asarray(image)
+    if image.dtype != np.uint8 and not np.issubdtype(image.dtype, np.floating):
+        raise ValueError(f"image must be uint8 or float, got dtype {image.dtype}")
+    if image.ndim != 3 or image.shape[-1] != 3 or 0 in image.shape:
+        raise ValueError(f"image must be a non-empty (h, w, 3) array, got {image.shape}")
     h, w = image.shape[:2]
     if h > image_size or w > image_size:
         raise ValueError(f"image of size {(h, w)} does not fit in the {image_size} model input")
-    return _normalize_and_pad(image, image_size)
-
-
-def _normalize_and_pad(image: np.ndarray, image_size: int) -> np.ndarray:
-    """`normalize_and_pad` of a checked image that fits in the model input."""
-    h, w = image.shape[:2]
     mean = np.asarray(PIXEL_MEAN, np.float32)
     std = np.asarray(PIXEL_STD, np.float32)
     out = np.zeros((image_size, image_size, 3), np.float32)
@@ -127,7 +166,7 @@ def preprocess_image(image: np.ndarray, image_size: int) -> tuple[np.ndarray, tu
     `SamPredictor.set_image` and `functional.preprocess_images`, check it once). Returns float32
     (S, S, 3) and the resized (h, w)."""
     resized = _resize_longest_side(image, image_size)
-    return _normalize_and_pad(resized, image_size), (resized.shape[0], resized.shape[1])
+    return normalize_and_pad(resized, image_size), (resized.shape[0], resized.shape[1])
 
 
 def _bilinear_taps(in_size: int, out_size: int, n_out: int | None = None):
@@ -200,10 +239,10 @@ def postprocess_masks(
     return resize_bilinear(x, original_size)
 
 
-# ----------------------------------------------------------------------------- padding buckets
-# Host-side padding that bounds the number of compiled versions: counts are padded to power-of-two
-# buckets (`bucket_size`, `pad_rows`), mask sizes to multiples of MASK_SIZE_MULTIPLE
-# (`padded_mask_sizes`). Padded rows and pixels never change the results of the real ones.
+# ----------------------------------------------------------------------------- padded sizes
+# Mask sizes are padded to multiples of MASK_SIZE_MULTIPLE (`padded_mask_sizes`) to bound the
+# number of compiled versions (prompt counts are bucketed in `sam_jax.prompts`). Padded pixels
+# never change the results of the real ones.
 
 # Mask post-processing (`SamPredictor`, `functional.postprocess_masks_padded`, the automatic mask
 # generator's crops) runs at output sizes, and over resized input extents, rounded up to this
@@ -214,23 +253,6 @@ MASK_SIZE_MULTIPLE = 64
 def round_up(n: int, multiple: int) -> int:
     """n rounded up to a multiple of `multiple`."""
     return -(-int(n) // multiple) * multiple
-
-
-def bucket_size(n: int, minimum: int = 1) -> int:
-    """Smallest power of two >= max(n, minimum): the padded size used to limit recompilation."""
-    n = max(int(n), int(minimum), 1)
-    return 1 << (n - 1).bit_length()
-
-
-def pad_rows(x: np.ndarray, size: int) -> np.ndarray:
-    """x padded along axis 0 to `size` rows with copies of its first row (valid inputs whose
-    outputs are dropped). Returns x itself when it already has `size` rows."""
-    x = np.asarray(x)
-    if len(x) == size:
-        return x
-    if len(x) == 0 or len(x) > size:
-        raise ValueError(f"cannot pad {len(x)} rows to {size}")
-    return np.concatenate([x, np.repeat(x[:1], size - len(x), axis=0)], axis=0)
 
 
 def padded_mask_sizes(

@@ -230,3 +230,19 @@ def test_results_do_not_depend_on_points_per_batch(models, image):
     assert len(got) == len(ref) > 0
     _match(ref, got)
     assert sorted(r["point_coords"] for r in got) == sorted(r["point_coords"] for r in ref)
+
+
+def test_score_thresholds_take_any_number_as_officially(models, image):
+    """A negative threshold turns the filter off (every mask kept, as the official generator
+    does: it filters only when the threshold is above 0); one above 1 keeps nothing, said once."""
+    official, model, params = models
+    settings = dict(points_per_side=4, points_per_batch=16, box_nms_thresh=0.7)
+    negative = dict(pred_iou_thresh=-1.0, stability_score_thresh=-0.5, **settings)
+    ours = SamAutomaticMaskGenerator(model, params, **negative).generate(image)
+    assert len(ours) > 0
+    _match(OfficialGenerator(official, **negative).generate(image), ours)
+    with pytest.warns(UserWarning, match="pred_iou_thresh=1.25 is above 1") as record:
+        strict = SamAutomaticMaskGenerator(model, params, pred_iou_thresh=1.25, **settings)
+        SamAutomaticMaskGenerator(model, params, pred_iou_thresh=1.25, **settings)
+    assert len(record) == 1
+    assert strict.generate(image) == []

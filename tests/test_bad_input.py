@@ -45,6 +45,26 @@ def _make_inputs(root: Path) -> dict[str, str]:
     Image.fromarray(rng.integers(0, 255, (40, 56, 3), np.uint8)).save(images / "a.png")
     (root / "in" / "notes.txt").write_text("not an image")
     (root / "in" / "empty").mkdir()
+    # A converted checkpoint with a damaged params file, and a COCO set whose images are missing.
+    import shutil
+
+    damaged = root / "in" / "damaged_ckpt"
+    shutil.copytree(root / "in" / "ckpt", damaged)
+    victim = max((p for p in damaged.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)
+    victim.write_bytes(bytes(data))
+    coco = {
+        "images": [{"id": 1, "file_name": "gone.jpg", "height": 40, "width": 56}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 9, 9], "area": 81,
+             "iscrowd": 0, "segmentation": [[1, 1, 10, 1, 10, 10, 1, 10]]}
+        ],
+        "categories": [{"id": 1, "name": "thing"}],
+    }  # fmt: skip
+    import json
+
+    (root / "in" / "coco.json").write_text(json.dumps(coco))
     (root / "out_file").write_text("an existing file, not a folder")
     return {
         "pth": str(pth),
@@ -54,6 +74,8 @@ def _make_inputs(root: Path) -> dict[str, str]:
         "text": str(root / "in" / "notes.txt"),
         "empty": str(root / "in" / "empty"),
         "file": str(root / "out_file"),
+        "damaged": str(damaged),
+        "coco": str(root / "in" / "coco.json"),
         "new": str(root / "new_output"),
         "root": str(root),
     }
@@ -194,7 +216,7 @@ CASES = [
         "amg",
         "--checkpoint {ckpt} --input {empty} --output {new}",
         1,
-        ["holds no files"],
+        ["holds no image files"],
     ),
     (
         "amg-output-inside-input",
@@ -211,9 +233,9 @@ CASES = [
         ["is a file"],
     ),
     (
-        "amg-threshold-out-of-range",
+        "amg-threshold-not-a-number",
         "amg",
-        "--checkpoint {ckpt} --input {images} --output {new} --pred-iou-thresh 1.5",
+        "--checkpoint {ckpt} --input {images} --output {new} --pred-iou-thresh nan",
         2,
         ["pred_iou_thresh"],
     ),
@@ -361,6 +383,42 @@ CASES = [
         2,
         ["is the input"],
     ),
+    # Failures after the output folder was made leave no empty folder behind.
+    (
+        "train-damaged-init-checkpoint",
+        "train",
+        "--config {config} --workdir {new} --config.init.type=sam --config.init.path={damaged}",
+        1,
+        ["damaged_ckpt", "is damaged"],
+    ),
+    (
+        "eval-damaged-checkpoint",
+        "eval",
+        "--checkpoint {damaged} --dataset synthetic:test --output {new}",
+        1,
+        ["damaged_ckpt", "is damaged"],
+    ),
+    (
+        "eval-coco-images-all-missing",
+        "eval",
+        "--checkpoint {ckpt} --dataset coco:{coco}:{empty} --output {new}",
+        1,
+        ["no mask"],
+    ),
+    (
+        "amg-one-file-that-is-not-an-image",
+        "amg",
+        "--checkpoint {ckpt} --input {text} --output {new}",
+        1,
+        ["0 of 1 images"],
+    ),
+    (
+        "annotate-serve-malformed-detections",
+        "annotate",
+        "serve --checkpoint {ckpt} --images {images} --output {new} --detections {text}",
+        1,
+        ["notes.txt"],
+    ),
     (
         "train-mesh-needs-more-devices",
         "train",
@@ -376,6 +434,7 @@ PROGS = {
     "amg": "sam-jax-amg",
     "eval": "sam-jax-eval",
     "train": "sam-jax-train",
+    "annotate": "sam-jax-annotate",
 }
 
 
@@ -584,8 +643,8 @@ def test_predictor_accepts_what_the_official_one_accepts(predictor):
 @pytest.mark.parametrize(
     "kwargs, fragment",
     [
-        (dict(pred_iou_thresh=1.5), "pred_iou_thresh must be in [0.0, 1.0]"),
-        (dict(stability_score_thresh=-0.1), "stability_score_thresh"),
+        (dict(pred_iou_thresh=float("nan")), "pred_iou_thresh must be a finite number"),
+        (dict(stability_score_thresh=float("inf")), "stability_score_thresh"),
         (dict(pred_iou_thresh="0.5"), "must be a number"),
         (dict(points_per_side=True), "points_per_side must be an integer"),
         (dict(box_nms_thresh=2.0), "box_nms_thresh"),

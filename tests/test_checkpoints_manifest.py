@@ -209,11 +209,11 @@ def test_nonfinite_params_are_refused_naming_the_array(tmp_path):
     path = tmp_path / "nan"
     checkpoints.save_converted(path, CONFIG, params)
     with pytest.raises(CheckpointError) as e:
-        checkpoints.load_converted(path)
+        checkpoints.read_checkpoint(path)
     _one_line(e, str(path), "non-finite", NAN_ARRAY, "1 NaN or infinite values of 32")
     with pytest.raises(CheckpointError, match=NAN_ARRAY):
         sam_jax.load(path)
-    _, got = checkpoints.load_converted(path, allow_nonfinite=True)
+    _, got = checkpoints.read_checkpoint(path, allow_nonfinite=True)
     assert np.isnan(got["mask_decoder"]["iou_token"]["embedding"]).sum() == 1
     model, got = sam_jax.load(path, allow_nonfinite=True)
     assert model.config == CONFIG

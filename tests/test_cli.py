@@ -138,7 +138,8 @@ def test_amg_bad_arguments(setup, tmp_path, capsys):
     only_bad.mkdir()
     (only_bad / "x.png").write_bytes(b"\x89PNG broken")
     assert amg.main(base + ["--input", str(only_bad)]) == 1
-    assert "0 of 1 images processed, 1 failed" in capsys.readouterr().out
+    _one_line_error(capsys.readouterr().err, "sam-jax-amg", "0 of 1 images processed, 1 failed")
+    assert not (tmp_path / "o").exists()  # nothing written: no empty output folder
     missing_ckpt = ["--checkpoint", str(tmp_path / "nope"), "--output", str(tmp_path / "o")]
     assert amg.main(missing_ckpt + ["--input", str(setup["images"] / "a.png")]) == 1
     _one_line_error(capsys.readouterr().err, "sam-jax-amg", "nope", "does not exist")

@@ -139,7 +139,7 @@ def test_not_a_checkpoint(tmp_path, capsys):
     rc, _, err = _run(
         ["--to-pytorch", "--checkpoint", tmp_path / "plain", "--output", tmp_path / "c"], capsys
     )
-    _assert_failed(rc, err, "is not a converted sam_jax checkpoint")
+    _assert_failed(rc, err, "is not a checkpoint folder", "config/metadata", "config.json")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.pth", "list.pth", "plain"]
 
 
@@ -254,3 +254,25 @@ def test_console_command_name(tiny, tmp_path, capsys):
     assert rc == 1 and err.startswith("sam-jax-convert: error: ") and "does not exist" in err
     assert convert.main(["--help"]) == 0
     assert "exit status" in capsys.readouterr().out
+
+
+def test_a_nonfinite_pth_is_refused_at_conversion(tiny, tmp_path, capsys):
+    """A NaN in a .pth: the conversion fails in one line and writes nothing (before, it wrote a
+    checkpoint that sam_jax.load then refused); --allow-nonfinite converts it, and load needs
+    the same permission."""
+    _, sd = tiny
+    bad = {k: np.array(v) for k, v in sd.items()}
+    key = "mask_decoder.iou_token.weight"
+    bad[key].flat[3] = np.nan
+    pth = tmp_path / "nan.pth"
+    torch.save({k: torch.from_numpy(v) for k, v in bad.items()}, pth)
+    rc, _, err = _run(["--checkpoint", pth, "--output", tmp_path / "c"], capsys)
+    _assert_failed(rc, err, "non-finite", "--allow-nonfinite")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.pth"]
+    argv = ["--checkpoint", pth, "--output", tmp_path / "c", "--allow-nonfinite"]
+    rc, _, err = _run(argv, capsys)
+    assert rc == 0, err
+    with pytest.raises(checkpoints.CheckpointError, match="non-finite"):
+        checkpoints.read_checkpoint(tmp_path / "c")
+    _, params = checkpoints.read_checkpoint(tmp_path / "c", allow_nonfinite=True)
+    assert np.isnan(params["mask_decoder"]["iou_token"]["embedding"]).sum() == 1

@@ -238,12 +238,12 @@ def test_checkpoint_that_does_not_load(capsys, tmp_path):
     rc, _, err = run_cli(
         capsys, "--checkpoint", bad, "--output", tmp_path / "o", "--dataset", SYNTHETIC
     )
-    assert_one_line_error(rc, err, "could not load checkpoint", "bad.pth")
+    assert_one_line_error(rc, err, "bad.pth", "is not a PyTorch checkpoint")
     (tmp_path / "dir").mkdir()
     rc, _, err = run_cli(
         capsys, "--checkpoint", tmp_path / "dir", "--output", tmp_path / "o", "--dataset", SYNTHETIC
     )
-    assert_one_line_error(rc, err, "could not load checkpoint")
+    assert_one_line_error(rc, err, "is not a checkpoint folder")
 
 
 def test_dataset_without_readable_images_is_an_error(capsys, tmp_path, checkpoint):

@@ -12,7 +12,8 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from sam_jax import functional as F
 from sam_jax.checkpoints.mapping import state_dict_to_params
 from sam_jax.config import tiny_config
-from sam_jax.modeling import PAD_LABEL, build_sam, pack_prompts
+from sam_jax.modeling import PAD_LABEL, build_sam
+from sam_jax.prompts import pack_prompts
 from tests.torch_reference import build_official, rel_err, state_dict_numpy
 
 TOL = 1e-4
@@ -192,7 +193,7 @@ def test_postprocess_masks_padded_equals_postprocess_masks_and_shares_compiles()
     low_res = jnp.asarray(
         rng.normal(size=(2, 3, 4 * CONFIG.embedding_size, 4 * CONFIG.embedding_size))
     )
-    before = F._cache_sizes()["postprocess_padded"]
+    before = F.compiled_versions()["postprocess_padded"]
     # Four image sizes, one padded size (128, 192) and one resized input extent: one compile each.
     for hw in [(97, 150), (100, 160), (110, 170), (128, 192)]:
         input_size = tuple(int(v) for v in ResizeLongestSide(S).get_preprocess_shape(*hw, S))
@@ -202,7 +203,7 @@ def test_postprocess_masks_padded_equals_postprocess_masks_and_shares_compiles()
             assert got.shape == (2, 3, 128, 192) and got.dtype == want.dtype
             np.testing.assert_allclose(got[..., : hw[0], : hw[1]], want, rtol=0, atol=1e-6)
             assert not got[..., hw[0] :, :].any() and not got[..., :, hw[1] :].any()
-    assert F._cache_sizes()["postprocess_padded"] - before == 2  # logits and masks
+    assert F.compiled_versions()["postprocess_padded"] - before == 2  # logits and masks
     with pytest.raises(ValueError, match="fit"):
         F.postprocess_masks_padded(low_res, (300, 10), (10, 10), S)
 

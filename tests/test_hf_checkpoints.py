@@ -4,6 +4,7 @@ transformers loads back unchanged; bad input fails in one typed line."""
 
 from __future__ import annotations
 
+import hashlib
 import http.server
 import json
 import os
@@ -29,7 +30,7 @@ from sam_jax.checkpoints import hf
 from sam_jax.checkpoints.mapping import flatten_params
 from sam_jax.config import SamConfig, tiny_config
 from sam_jax.errors import CheckpointError
-from sam_jax.modeling import pack_prompts
+from sam_jax.prompts import pack_prompts
 from tests.torch_reference import build_official
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,6 +57,7 @@ EXPECTED = SamConfig(
     decoder_mlp_dim=40,
     decoder_num_heads=4,
     iou_head_hidden_dim=24,
+    decoder_layer_norm_eps=1e-6,  # transformers' default, read from config.json
 )
 
 
@@ -83,13 +85,6 @@ def _hf_model(seed: int = 0):
     pe = model.prompt_encoder.shared_embedding.positional_embedding
     assert torch.equal(pe, model.shared_image_embedding.positional_embedding)  # tied
     return model.eval()
-
-
-def _set_decoder_eps(model, eps: float) -> None:
-    """The eps of transformers' two-way blocks' LayerNorms (its config: 1e-6; official: 1e-5)."""
-    for layer in model.mask_decoder.transformer.layers:
-        for i in range(1, 5):
-            getattr(layer, f"layer_norm{i}").eps = eps
 
 
 @pytest.fixture(scope="module")
@@ -165,20 +160,72 @@ def test_load_matches_transformers(hf_dir, loaded):
         masks, iou = _decode(
             model, params, emb[:1], points[None], point_labels[None], mask_in, multimask
         )
-        # As saved (decoder eps 1e-6), and with the official eps: then only float rounding is
-        # left, which shows that every tensor lands where it belongs.
-        for eps, tolerance in ((1e-6, 1e-4), (1e-5, 1e-5)):
-            _set_decoder_eps(hf_model, eps)
-            with torch.no_grad():
-                out = hf_model(
-                    image_embeddings=ref_emb[:1],
-                    multimask_output=multimask,
-                    **{k: torch.from_numpy(v) for k, v in hf_kwargs.items()},
-                )
-            _set_decoder_eps(hf_model, 1e-6)
-            assert masks.shape == tuple(out.pred_masks.shape)
-            assert _rel(masks, out.pred_masks.numpy()) <= tolerance, eps
-            assert _rel(iou, out.iou_scores.numpy()) <= tolerance, eps
+        # Only float rounding is left, which shows that every tensor lands where it belongs.
+        with torch.no_grad():
+            out = hf_model(
+                image_embeddings=ref_emb[:1],
+                multimask_output=multimask,
+                **{k: torch.from_numpy(v) for k, v in hf_kwargs.items()},
+            )
+        assert masks.shape == tuple(out.pred_masks.shape)
+        assert _rel(masks, out.pred_masks.numpy()) <= 1e-5
+        assert _rel(iou, out.iou_scores.numpy()) <= 1e-5
+
+
+def test_layer_norm_epsilons_come_from_config_json(tmp_path):
+    """A model whose decoder activations are small (as after fine-tuning, where a LayerNorm's
+    input variance can be near its eps) computes what transformers computes only with the
+    epsilons of its config.json (decoder 1e-7, prompt encoder 1e-4 here; official 1e-5 and
+    1e-6): sam_jax reads them, and `--to-hf` writes them back."""
+    from transformers import SamConfig as HFConfig
+    from transformers import SamModel
+
+    hf_model = _hf_model(seed=3)
+    config = HFConfig(
+        vision_config=VISION,
+        prompt_encoder_config={**PROMPT, "layer_norm_eps": 1e-4},
+        mask_decoder_config={**DECODER, "layer_norm_eps": 1e-7},
+    )
+    model = SamModel(config).eval()
+    model.load_state_dict(hf_model.state_dict())
+    with torch.no_grad():  # first-block self-attention output (no residual) of variance ~1e-8
+        model.mask_decoder.transformer.layers[0].self_attn.out_proj.weight.mul_(1e-4)
+        model.mask_decoder.transformer.layers[0].self_attn.out_proj.bias.mul_(1e-4)
+        model.prompt_encoder.mask_embed.conv1.weight.mul_(1e-2)
+    model.save_pretrained(tmp_path / "small")
+    loaded_model, params = sam_jax.load(tmp_path / "small")
+    c = loaded_model.config
+    assert (c.decoder_layer_norm_eps, c.prompt_layer_norm_eps) == (1e-7, 1e-4)
+    rng = np.random.default_rng(1)
+    emb = rng.normal(size=(1, 32, 6, 6)).astype(np.float32)
+    coords = np.array([[[20.0, 30.0]]], np.float32)
+    labels = np.ones((1, 1), np.int32)
+    mask = rng.normal(size=(1, 1, 24, 24)).astype(np.float32)
+    with torch.no_grad():
+        out = model(
+            image_embeddings=torch.from_numpy(emb),
+            input_points=torch.from_numpy(coords[None]),
+            input_labels=torch.from_numpy(labels[None]),
+            input_masks=torch.from_numpy(mask),
+        )
+    points, point_labels = pack_prompts(coords, labels)
+    masks, iou = _decode(
+        loaded_model, params, emb.transpose(0, 2, 3, 1), points[None], point_labels[None], mask
+    )
+    assert _rel(masks, out.pred_masks.numpy()) <= 1e-5
+    assert _rel(iou, out.iou_scores.numpy()) <= 1e-5
+    # With the official epsilons the same weights compute something else.
+    official = loaded_model.clone(config=c.replace(decoder_layer_norm_eps=1e-5))
+    off_masks, _ = _decode(
+        official, params, emb.transpose(0, 2, 3, 1), points[None], point_labels[None], mask
+    )
+    assert _rel(off_masks, out.pred_masks.numpy()) > 1e-2
+    # Written back, transformers reads the same epsilons.
+    argv = ["--checkpoint", str(tmp_path / "small"), "--to-hf", str(tmp_path / "back")]
+    assert convert_main(argv) == 0
+    doc = json.loads((tmp_path / "back" / hf.CONFIG_FILE).read_text())
+    assert doc["mask_decoder_config"]["layer_norm_eps"] == 1e-7
+    assert doc["prompt_encoder_config"]["layer_norm_eps"] == 1e-4
 
 
 def test_sharded_bin_and_bfloat16_directories_give_the_same_params(hf_dir, loaded, tmp_path):
@@ -297,8 +344,8 @@ def test_official_pth_to_hf_computes_what_segment_anything_computes(tmp_path):
         hf_emb = back.get_image_embeddings(images.float())
         out = back(image_embeddings=hf_emb, input_points=points[None], input_labels=labels[None])
     assert _rel(hf_emb, emb) <= 1e-5
-    assert _rel(out.pred_masks[0], masks) <= 1e-4  # transformers' decoder norms: eps 1e-6
-    assert _rel(out.iou_scores[0], iou) <= 1e-4
+    assert _rel(out.pred_masks[0], masks) <= 1e-5  # the official decoder eps, written out
+    assert _rel(out.iou_scores[0], iou) <= 1e-5
 
 
 # ------------------------------------------------------------------------- Hub ids
@@ -312,9 +359,11 @@ def _fill_hub_cache(cache: Path, repo_id: str, files: dict[str, Path]) -> None:
     (repo / "refs" / "main").write_text(COMMIT)
     snapshot = repo / "snapshots" / COMMIT
     snapshot.mkdir(parents=True)
-    for i, (name, src) in enumerate(files.items()):
-        shutil.copy(src, repo / "blobs" / f"blob{i}")
-        (snapshot / name).symlink_to(Path("..", "..", "blobs", f"blob{i}"))
+    for name, src in files.items():  # blobs are named by their SHA-256 (git's SHA-1 for config)
+        data = Path(src).read_bytes()
+        blob = hashlib.sha256(data).hexdigest() if name != hf.CONFIG_FILE else "c0" * 20
+        (repo / "blobs" / blob).write_bytes(data)
+        (snapshot / name).symlink_to(Path("..", "..", "blobs", blob))
 
 
 class _NotFoundHub(http.server.BaseHTTPRequestHandler):
@@ -497,3 +546,38 @@ def test_fine_tuning_starts_from_a_transformers_folder(hf_dir, loaded, tmp_path)
     jax.tree.map(
         np.testing.assert_array_equal, exported["image_encoder"], hf_params["image_encoder"]
     )
+
+
+def test_hub_cache_blobs_are_verified_and_a_plain_folder_warns_once(hf_dir, tmp_path, caplog):
+    """4 KiB overwritten in model.safetensors: the Hub cache names the blob by its SHA-256, so
+    the damage is refused; a plain folder has no checksum, which is said once per folder."""
+    _, path = hf_dir
+    files = {name: path / name for name in (hf.CONFIG_FILE, hf.SAFETENSORS)}
+    _fill_hub_cache(tmp_path / "cache", "acme/tiny-sam", files)
+    snapshot = tmp_path / "cache" / "models--acme--tiny-sam" / "snapshots" / COMMIT
+    config, params = checkpoints.read_checkpoint(snapshot)  # intact: verified, no warning
+    assert config == EXPECTED and not caplog.records
+    blob = (snapshot / hf.SAFETENSORS).resolve()
+    data = bytearray(blob.read_bytes())
+    data[-8192:-4096] = bytes(4096)  # inside the last tensor's values: still a valid file
+    blob.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError) as e:
+        checkpoints.read_checkpoint(snapshot)
+    assert "is damaged: its SHA-256" in str(e.value) and "\n" not in str(e.value)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    shutil.copy(snapshot / hf.CONFIG_FILE, plain)
+    shutil.copy(blob, plain / hf.SAFETENSORS)
+    for _ in range(2):
+        checkpoints.read_checkpoint(plain)  # the damage cannot be seen here
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "cannot be verified" in warnings[0] and str(plain) in warnings[0]
+
+
+def test_a_folder_that_is_no_checkpoint_names_what_is_missing(tmp_path):
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / hf.SAFETENSORS).write_bytes(b"")
+    with pytest.raises(CheckpointError) as e:
+        sam_jax.load(tmp_path / "weights")
+    message = str(e.value)
+    assert "config.json" in message and "config/metadata" in message and "\n" not in message

@@ -10,8 +10,9 @@ import torch
 
 from sam_jax.checkpoints.mapping import state_dict_to_params
 from sam_jax.config import tiny_config
-from sam_jax.modeling import PAD_LABEL, build_sam, pack_prompts
+from sam_jax.modeling import PAD_LABEL, build_sam
 from sam_jax.modeling.image_encoder import Block
+from sam_jax.prompts import pack_prompts
 from tests.torch_reference import build_official, rel_err, state_dict_numpy
 
 TOL = 1e-4

@@ -327,7 +327,7 @@ def _events(data: bytes):
     """(step, {tag: value}) of an event file's bytes, parsed by tensorflow (CRCs checked)."""
     import tempfile
 
-    tf = pytest.importorskip("tensorflow")
+    import tensorflow as tf
     from tensorflow.core.util import event_pb2
 
     with tempfile.NamedTemporaryFile(suffix=".tfevents") as f:
@@ -411,3 +411,20 @@ def test_emulator_helper_settings(gcs):
     assert gcs.url("a", "/b/") == "gs://test-bucket/a/b"
     assert os.environ["STORAGE_EMULATOR_HOST"] == gcs.endpoint  # activated for this test
     assert glob.glob(os.path.join(env["CLOUDSDK_CONFIG"], "*")) == []
+
+
+def test_no_empty_leftovers_removes_only_new_empty_folders(tmp_path):
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "old.txt").write_text("x")
+    with pytest.raises(RuntimeError):
+        with paths.no_empty_leftovers(tmp_path / "kept", tmp_path / "new" / "deep" / "out"):
+            (tmp_path / "kept" / "empty" / "checkpoints").mkdir(parents=True)
+            (tmp_path / "kept" / "with_file").mkdir()
+            (tmp_path / "kept" / "with_file" / "f").write_text("y")
+            (tmp_path / "new" / "deep" / "out" / "sub").mkdir(parents=True)
+            raise RuntimeError("the command failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["old.txt", "with_file"]
+    with paths.no_empty_leftovers(tmp_path / "fine"):  # success: nothing removed
+        (tmp_path / "fine").mkdir()
+    assert (tmp_path / "fine").is_dir()

@@ -200,7 +200,7 @@ def test_changing_prompt_sizes_compile_few_times(pair):
     rng = np.random.default_rng(1)
     coords = rng.uniform(0, 300, size=(7, 2))
     labels = rng.integers(0, 2, size=7)
-    before = F._cache_sizes()
+    before = F.compiled_versions()
     for n in range(1, 8):  # 2..8 tokens (with the official padding point): buckets 2, 4, 8
         got = ours.predict(coords[:n], labels[:n], multimask_output=True)
         if n in (3, 7):  # padded with PAD_LABEL slots: still the official result
@@ -212,7 +212,7 @@ def test_changing_prompt_sizes_compile_few_times(pair):
         got = ours.predict_batch(np.tile(coords[None, :6], (p, 1, 1)), np.tile(labels[:6], (p, 1)))
         assert got[0].shape[0] == p and got[1].shape == (p, 3)
         np.testing.assert_array_equal(got[0][-1], got[0][0])
-    after = F._cache_sizes()
+    after = F.compiled_versions()
     assert after["decode"] - before["decode"] <= 4
     assert after["postprocess_padded"] - before["postprocess_padded"] <= 2
     assert after["encode"] == before["encode"]

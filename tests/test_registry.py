@@ -122,9 +122,10 @@ def test_downloads_once_converts_once_then_hits_the_cache(tiny, tiny_pth, server
 def test_checksum_mismatch_keeps_nothing(tiny_pth, server, tmp_path, monkeypatch):
     """The real sam_vit_b entry, served a file that is not Meta's: refused, nothing kept."""
     monkeypatch.setenv(registry.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(registry.BASE_URL_ENV, server.url)
     server.files["/models/sam_vit_b_01ec64.pth"] = tiny_pth[0]
     with pytest.raises(CheckpointError) as e:
-        registry.load_registered("vit_b", base_url=server.url)
+        sam_jax.load("vit_b")
     message = str(e.value)
     assert "corrupt" in message and "SHA-256" in message and "ec2df627" in message
     assert "\n" not in message

@@ -4,7 +4,7 @@ A tiny model with random weights (image_size 128) stands in for SAM where its ow
 compared (one tile = untiled; a tiled prompt = the untiled predictor on its tile's crop). The
 seam merge is tested with a perfect per-tile mask source: the connected components of the tile's
 crop of a synthetic label image (what a perfect model restricted to the tile could see), fed to
-`tiling.generate_tiled`, the function the generator calls with its own per-tile generation.
+`amg.tiles.generate_tiled`, the function the generator calls with its own per-tile generation.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from scipy import ndimage
 from sam_jax import functional as F
 from sam_jax import tiling
 from sam_jax.amg import masks as au
+from sam_jax.amg import tiles
 from sam_jax.amg.generator import SamAutomaticMaskGenerator
 from sam_jax.checkpoints.mapping import state_dict_to_params
 from sam_jax.config import tiny_config
@@ -272,7 +273,7 @@ def _overlaps(masks, labels):
 def test_seam_merge_gives_each_object_once_and_whole(scene):
     grid = tiling.TileGrid.build(scene.shape, SCENE_TILE, SCENE_HALO)
     assert grid.num_tiles == 12
-    data = tiling.generate_tiled(scene, components, grid, nms_thresh=0.7)
+    data = tiles.generate_tiled(scene, components, grid, nms_thresh=0.7)
     masks = data["masks"]
     assert masks.shape == (len(SCENE), 3000, 4000)
     gt_area = np.bincount(scene.ravel(), minlength=len(SCENE) + 1)
@@ -305,7 +306,7 @@ def test_seam_merge_gives_each_object_once_and_whole(scene):
     # control: without the seam merge (a threshold no IoU passes) the objects over seams come
     # back in pieces, one per tile (the identical pieces of objects inside a window are removed
     # by the NMS; the pieces of objects 1, 2 and 5 overlap too little for it)
-    unmerged = tiling.generate_tiled(scene, components, grid, nms_thresh=0.7, iou_thresh=1.1)
+    unmerged = tiles.generate_tiled(scene, components, grid, nms_thresh=0.7, iou_thresh=1.1)
     owners = _overlaps(unmerged["masks"], scene)[:, 1:].argmax(1) + 1
     pieces = np.bincount(owners, minlength=len(SCENE) + 1)[1:]
     assert pieces.tolist() == [2, 4, 1, 1, 3, 1, 1, 1]
@@ -450,19 +451,19 @@ def test_bad_tiling_on_the_command_line(tmp_path):
 
 def test_encoder_input_shape_does_not_depend_on_image_size(model_params, monkeypatch):
     model, params = model_params
-    real, shapes = F._encode, []
+    real, shapes = F.encode_images, []
 
     def recording(model, params, images):
         shapes.append(tuple(images.shape))
         return real(model, params, images)
 
-    monkeypatch.setattr(F, "_encode", recording)
+    monkeypatch.setattr(F, "encode_images", recording)
     small = F.encode_image_tiled(model, params, _image(300, 400, seed=2), TILE, HALO)
-    compiled = real._cache_size()
+    compiled = F.compiled_versions()["encode"]
     assert len(shapes) == small.grid.num_tiles == 4
     predictor = SamPredictor(model, params, tile_shape=TILE, halo=HALO)
     predictor.set_image(_image(1000, 1400, seed=3))  # 5 x 7 tiles
     assert len(shapes) == 4 + 35 and len(predictor.tiles.features) == 35
     assert set(shapes) == {(1, 128, 128, 3)}  # one tile at a time, one input shape
-    assert real._cache_size() == compiled  # no new compilation for the larger image
+    assert F.compiled_versions()["encode"] == compiled  # no new compilation for the larger image
     assert {f.shape for f in predictor.tiles.features} == {(1, 8, 8, 32)}

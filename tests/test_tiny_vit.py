@@ -8,6 +8,7 @@ pads them: 32 -> 35, 16 -> 28, 16 -> 21), 128 px (16 -> 21; 8 -> 14: one padded 
 
 import functools
 import http.server
+import os
 import subprocess
 import threading
 
@@ -21,6 +22,7 @@ import torch
 from mobile_sam import SamPredictor as OfficialPredictor
 
 from sam_jax.checkpoints import load_pth, registry, save_pth
+from sam_jax.checkpoints.load import read_checkpoint
 from sam_jax.checkpoints.mapping import (
     expected_param_shapes,
     flatten_params,
@@ -334,8 +336,9 @@ def test_registry_downloads_and_converts_mobile_sam(pair, mobile_server, tmp_pat
     then a cache hit; a damaged cached file is refused."""
     _, _, params = pair
     model, served = mobile_server
-    config, loaded = registry.load_registered(model.name)
+    config, loaded = read_checkpoint(model.name)
     assert config == get_config("vit_t")
+    assert os.path.isdir(registry.converted_path(model))  # converted once into the cache
     for path, v in flatten_params(loaded).items():
         np.testing.assert_array_equal(v, flatten_params(params)[path], err_msg="/".join(path))
     cached = tmp_path / "cache" / model.filename

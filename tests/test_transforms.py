@@ -180,14 +180,7 @@ def test_check_image_errors(bad, match):
         T.resize_longest_side(bad, 64)
 
 
-def test_padding_buckets():
-    assert [T.bucket_size(n) for n in (0, 1, 2, 3, 5, 8, 9)] == [1, 1, 2, 4, 8, 8, 16]
-    assert T.bucket_size(3, minimum=8) == 8 and T.bucket_size(9, minimum=8) == 16
-    x = np.arange(6).reshape(3, 2)
-    assert T.pad_rows(x, 3) is x
-    np.testing.assert_array_equal(T.pad_rows(x, 5), [[0, 1], [2, 3], [4, 5], [0, 1], [0, 1]])
-    with pytest.raises(ValueError, match="cannot pad"):
-        T.pad_rows(x, 2)
+def test_padded_mask_sizes():
     assert T.round_up(65, 64) == 128 and T.round_up(64, 64) == 64
     # Output size rounded up; resized input extent rounded up but within the model input.
     assert T.padded_mask_sizes((192, 1024), (300, 1600), 1024) == ((320, 1600), (192, 1024))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Any
 
 import jax
@@ -29,6 +30,8 @@ import numpy as np
 from sam_jax import functional as F
 from sam_jax import tiling, transforms
 from sam_jax.amg import masks as au
+from sam_jax.amg import tiles
+from sam_jax.prompts import bucket_size, pad_rows
 from sam_jax.sam_model import unbind
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
@@ -114,7 +117,7 @@ def _kept_masks(model, params, emb, points, channels, taps, resized):
 
 def _chunked(x: np.ndarray, chunk: int, n_chunks: int) -> np.ndarray:
     """Pads axis 0 of x with copies of x[0] to n_chunks * chunk and splits it into chunks."""
-    x = transforms.pad_rows(x, n_chunks * chunk)
+    x = pad_rows(x, n_chunks * chunk)
     return x.reshape(n_chunks, chunk, *x.shape[1:])
 
 
@@ -138,6 +141,24 @@ def _check_float(name: str, value: Any, low: float, high: float, high_open: bool
     return v
 
 
+_warned_thresholds: set[tuple[str, float]] = set()
+
+
+def _check_threshold(name: str, value: Any) -> float:
+    """A score threshold: any finite number (official), with a warning, once per value, when it
+    is above 1 and so keeps no mask."""
+    v = _check_float(name, value, -math.inf, math.inf)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite number, got {v}")
+    if v > 1.0 and (name, v) not in _warned_thresholds:
+        _warned_thresholds.add((name, v))
+        warnings.warn(
+            f"{name}={v} is above 1: the filter keeps no mask (scores are at most 1)",
+            stacklevel=3,
+        )
+    return v
+
+
 class SamAutomaticMaskGenerator:
     """Generates masks for a whole image from a grid of point prompts (official options and
     defaults; see `segment_anything.SamAutomaticMaskGenerator`).
@@ -152,7 +173,7 @@ class SamAutomaticMaskGenerator:
 
     Tiled mode (micro_sam's tiled AMG): with tile_shape and halo ((h, w) pixels), the whole
     generation (crops included) runs on every tile-with-halo of the image (`sam_jax.tiling`), and
-    `tiling.merge_tiles` maps the masks to the image and merges those that cross tile seams (rule
+    `amg.tiles.merge_tiles` maps the masks to the image and merges those that cross tile seams (rule
     in its docstring; crop_nms_thresh is the NMS threshold across tiles). Records are in
     full-image coordinates; a merged mask's crop_box is the box around its tiles' crop boxes. An
     image within one tile gives exactly the untiled records.
@@ -201,10 +222,12 @@ class SamAutomaticMaskGenerator:
         if output_mode not in OUTPUT_MODES:
             raise ValueError(f"unknown output_mode {output_mode!r}; expected one of {OUTPUT_MODES}")
         self.points_per_batch = _check_int("points_per_batch", points_per_batch, 1)
-        # Thresholds of [0, 1] scores (0 turns the filter off, as any value <= 0 does officially).
-        self.pred_iou_thresh = _check_float("pred_iou_thresh", pred_iou_thresh, 0.0, 1.0)
-        self.stability_score_thresh = _check_float(
-            "stability_score_thresh", stability_score_thresh, 0.0, 1.0
+        # Score thresholds take any number, as officially: a value <= 0 turns the filter off (a
+        # negative one keeps every mask, which people use with weak or fresh weights), one above
+        # 1 keeps no mask (said once).
+        self.pred_iou_thresh = _check_threshold("pred_iou_thresh", pred_iou_thresh)
+        self.stability_score_thresh = _check_threshold(
+            "stability_score_thresh", stability_score_thresh
         )
         self.stability_score_offset = _check_float(
             "stability_score_offset", stability_score_offset, 0.0, math.inf
@@ -257,7 +280,7 @@ class SamAutomaticMaskGenerator:
             data = self._generate_masks(image)
         else:
             grid = tiling.TileGrid.build(image.shape[:2], *self.tiling)
-            data = tiling.generate_tiled(image, self._generate_masks, grid, self.crop_nms_thresh)
+            data = tiles.generate_tiled(image, self._generate_masks, grid, self.crop_nms_thresh)
         if self.min_mask_region_area > 0:
             data = self.postprocess_small_regions(
                 data, self.min_mask_region_area, max(self.box_nms_thresh, self.crop_nms_thresh)
@@ -332,7 +355,7 @@ class SamAutomaticMaskGenerator:
         crop_size = (int(cropped.shape[0]), int(cropped.shape[1]))
         # A crop of the image `generate` checked: the unchecked pre-processing and encoder.
         image_in, input_size = transforms.preprocess_image(cropped, model.config.image_size)
-        emb = F._encode(model, params, jnp.asarray(image_in[None]))
+        emb = F.encode_images(model, params, jnp.asarray(image_in[None]))
         padded_size, resized = padded[:2], padded[2:]
         taps = transforms.resize_taps(input_size, crop_size, padded_size)
 
@@ -377,7 +400,7 @@ class SamAutomaticMaskGenerator:
         if k == 0:
             return np.zeros((0, h, w), bool)
         chunk = self.points_per_batch
-        n_chunks = transforms.bucket_size(-(-k // chunk))  # few compiled versions
+        n_chunks = bucket_size(-(-k // chunk))  # few compiled versions
         packed = _kept_masks(
             self.model,
             self.params,

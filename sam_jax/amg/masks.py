@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sam_jax.data.rle import rle_to_mask  # noqa: F401  (the official name; one RLE decoder)
-from sam_jax.transforms import bucket_size, pad_rows
+from sam_jax.prompts import bucket_size, pad_rows
 
 # ----------------------------------------------------------------------------- grids and crops
 

@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 
 from sam_jax import paths
+from sam_jax.images import list_images
+from sam_jax.outputs import output_stems
 
 # The paper's fully automatic settings (SAM paper appendix B; the official option names).
 PAPER_SETTINGS: dict[str, Any] = {
@@ -46,30 +48,7 @@ PAPER_SETTINGS: dict[str, Any] = {
     "min_mask_region_area": 100,
 }
 MAX_AREA_FRACTION = 0.95  # masks covering this much of the image or more are dropped
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 _SA1B_STEM = re.compile(r"sa_(\d+)")
-
-
-def list_images(folder: str) -> list[str]:
-    """The image files (by extension) directly in `folder` (local or a bucket), sorted."""
-    if not paths.isdir(folder):
-        raise FileNotFoundError(f"--input {folder} is not a folder")
-    names = sorted(
-        n
-        for n in paths.listdir(folder)
-        if not n.startswith(".") and posixpath.splitext(n)[1].lower() in IMAGE_EXTENSIONS
-    )
-    return [paths.join(folder, n) for n in names]
-
-
-def output_stems(image_paths: list[str]) -> list[str]:
-    """The output name of each image: its stem, or stem_ext when two images share a stem."""
-    stems = [posixpath.splitext(paths.basename(p))[0] for p in image_paths]
-    shared = {s for s in stems if stems.count(s) > 1}
-    return [
-        paths.basename(p).replace(".", "_") if s in shared else s
-        for p, s in zip(image_paths, stems, strict=True)
-    ]
 
 
 def image_id(stem: str, index: int) -> int:

@@ -15,8 +15,10 @@ from typing import Any
 import numpy as np
 
 from sam_jax import paths
-from sam_jax.annotate.auto import image_id, list_images, output_stems
-from sam_jax.errors import one_line
+from sam_jax.annotate.auto import image_id
+from sam_jax.errors import RequestError, one_line
+from sam_jax.images import list_images
+from sam_jax.outputs import output_stems
 
 MAX_BODY_BYTES = 1 << 20  # a request body (prompts and names only: masks are never uploaded)
 MAX_DRAIN_BYTES = 8 << 20  # what is read past MAX_BODY_BYTES (and dropped) before answering 413
@@ -34,14 +36,6 @@ LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 SA1B_KEYS = ("segmentation", "area", "bbox", "predicted_iou", "stability_score")
 SA1B_KEYS += ("point_coords", "crop_box")
 STATE_VERSION = 1
-
-
-class RequestError(Exception):
-    """A request the tool refuses: HTTP `status` (4xx) and a one-line message."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = int(status)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,7 +171,7 @@ def mask_from_rle(rle: dict, hw: tuple[int, int]) -> np.ndarray:
 
 
 def list_entries(images_dir: str) -> list[ImageEntry]:
-    """The images of the folder (`auto.list_images`) with the output stems and SA-1B ids the
+    """The images of the folder (`images.list_images`) with the output stems and SA-1B ids the
     automatic stage gives them."""
     files = list_images(images_dir)
     stems = output_stems(files)

@@ -47,7 +47,7 @@ class Annotator:
 
     model, params: a `sam_jax.modeling.Sam` and its params (`sam_jax.load`), or a `SamModel`
     (`sam_model_registry[...]`) and None; images_dir: the folder of images
-    (`auto.list_images`); output_dir: where the work is saved (module doc).
+    (`images.list_images`); output_dir: where the work is saved (module doc).
     prefill_dir: an automatic run's output (SA-1B JSON per image, `<stem>.json`) whose masks of
     predicted IoU >= prefill_min_iou open as proposals; detections: `load_detections`'s boxes per
     image name, decoded into proposals when an image is first opened.
@@ -346,7 +346,7 @@ class Annotator:
         if entry.name in self._embeddings:
             features, original, input_size = self._embeddings[entry.name]
             self._embeddings.move_to_end(entry.name)
-            self.predictor._set_embedding(features, original, input_size)
+            self.predictor.set_embedding(features, original, input_size)
             self._current = entry.name
             return
         npy, meta_path = self._embedding_paths(entry)
@@ -364,7 +364,7 @@ class Annotator:
                 array = np.load(io.BytesIO(paths.read_bytes(npy)), allow_pickle=False)
                 features = jnp.asarray(array)
                 input_size = tuple(meta["input_size"])
-                self.predictor._set_embedding(features, image.shape[:2], input_size)
+                self.predictor.set_embedding(features, image.shape[:2], input_size)
                 self.stats["embeddings_read"] += 1
         except (OSError, ValueError, KeyError, TypeError):
             features = None  # a damaged cache entry is made again
@@ -395,7 +395,7 @@ class Annotator:
         predicted IoU, multimask_output, stability score or None). With logits, the stability
         score (SA-1B's, offset 1.0) comes from a second decoder run returning logits."""
         from sam_jax.amg.masks import calculate_stability_score
-        from sam_jax.predictor import default_multimask
+        from sam_jax.prompts import default_multimask
 
         coords = np.array([p[:2] for p in points], np.float64) if points else None
         labels = np.array([p[2] for p in points], np.int32) if points else None

@@ -9,10 +9,9 @@ object store orbax writes straight to the bucket and marks the directory complet
 
 Each checkpoint carries a `manifest.json` (sam_jax.checkpoints.manifest), written last: the size
 and CRC-32C of every file and the CRC-32C of every params array. `load_converted` checks the
-files before orbax reads them and the arrays after, and refuses non-finite params unless asked
-(`allow_nonfinite=True`); every refusal is a `CheckpointError` (a ValueError) of one line naming
-the checkpoint and the file or array. A checkpoint without a manifest (written before manifests
-existed) loads with a warning that it cannot be verified.
+files before orbax reads them and the arrays after; every refusal is a `CheckpointError` (a
+ValueError) of one line naming the checkpoint and the file or array. A checkpoint without a
+manifest (written before manifests existed) loads with a warning that it cannot be verified.
 """
 
 from __future__ import annotations
@@ -24,16 +23,15 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
 from sam_jax import paths
 from sam_jax.checkpoints import manifest
 from sam_jax.checkpoints.mapping import check_params, expected_leaves
-from sam_jax.checkpoints.pth import load_pth
 from sam_jax.config import SamConfig
 from sam_jax.errors import CheckpointError, one_line
+from sam_jax.params import flat_params
 
 PARAMS_ITEM = "params"
 CONFIG_ITEM = "config"
@@ -72,7 +70,7 @@ def save_converted(
     manifest last (the checksum of every file and of every array)."""
     check_params(params, config)
     params = _to_numpy_tree(params)
-    arrays = manifest.array_entries(_flat(params))
+    arrays = manifest.array_entries(flat_params(params))
     ocp, ckptr = _checkpointer()
     args = ocp.args.Composite(
         **{
@@ -81,7 +79,9 @@ def save_converted(
         }
     )
     if not paths.is_remote(path):
-        with paths.atomic_output(path, overwrite) as tmp:
+        with paths.atomic_output(path, overwrite) as tmp, paths.deferred_interrupts():
+            # orbax writes from its own threads: an interrupt waits until they are done (it
+            # would otherwise leave them writing into a folder being removed)
             ckptr.save(tmp, args=args)
             tmp = str(tmp)
             manifest.write(tmp, "converted", manifest.file_entries(tmp), arrays)
@@ -93,10 +93,11 @@ def save_converted(
         raise FileExistsError(f"output {path} exists already (use --force to replace it)")
     try:
         manifest.remove(path)  # an old one would not describe the new files
-        ckptr.save(paths.epath(path), args=args, force=True)
+        with paths.deferred_interrupts():
+            ckptr.save(paths.epath(path), args=args, force=True)
         manifest.write(path, "converted", manifest.file_entries(path), arrays)
     except BaseException:
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception), paths.deferred_interrupts():
             paths.rmtree(path)
         raise
 
@@ -106,11 +107,6 @@ def _to_numpy_tree(tree: Mapping[str, Any]) -> dict[str, Any]:
         str(k): _to_numpy_tree(v) if isinstance(v, Mapping) else np.asarray(v)
         for k, v in tree.items()
     }
-
-
-def _flat(tree: Mapping[str, Any]) -> dict[str, Any]:
-    """{"a/b/kernel": leaf}."""
-    return {"/".join(k): v for k, v in traverse_util.flatten_dict(tree).items()}
 
 
 def _check_layout(path: str) -> None:
@@ -137,14 +133,14 @@ def read_converted_config(path: str | os.PathLike) -> SamConfig:
 
 
 def load_converted(
-    path: str | os.PathLike, verify: bool = True, allow_nonfinite: bool = False
+    path: str | os.PathLike, verify: bool = True
 ) -> tuple[SamConfig, dict[str, Any]]:
     """Converted orbax directory -> (config, params as nested dicts of float32 numpy arrays).
 
     verify: check the files against the manifest before reading them and the restored arrays
-    after (a checkpoint without a manifest loads with a warning). allow_nonfinite: load params
-    holding NaN or infinite values (refused by default). Raises CheckpointError (one line naming
-    the file or array) for a damaged, incomplete or refused checkpoint.
+    after (a checkpoint without a manifest loads with a warning). Raises CheckpointError (one
+    line naming the file or array) for a damaged or incomplete checkpoint. (Non-finite params
+    are refused by `sam_jax.checkpoints.read_checkpoint`, the door every format goes through.)
     """
     path = paths.resolve(path)
     _check_layout(path)
@@ -159,7 +155,7 @@ def load_converted(
                 raise _damaged(path, problems, doc)
     config = read_converted_config(path)
     params = _restore(path, config)
-    flat = _flat(params)
+    flat = flat_params(params)
     if doc is not None and "arrays" in doc:
         differ = manifest.differing_arrays(doc["arrays"], flat)
         if differ:
@@ -168,21 +164,7 @@ def load_converted(
                 f"{manifest.listed(differ)} differ{'' if len(differ) > 1 else 's'} from what was "
                 f"saved (checksums in {manifest.MANIFEST_NAME}); convert or export it again"
             )
-    if not allow_nonfinite:
-        check_finite(flat, path)
     return config, params
-
-
-def check_finite(flat: Mapping[str, Any], where: str) -> None:
-    """Raises CheckpointError naming the arrays of `flat` that hold NaN or infinite values."""
-    bad = manifest.nonfinite_arrays(flat)
-    if bad:
-        name, count, size = bad[0]
-        more = f" (and {len(bad) - 1} more arrays)" if len(bad) > 1 else ""
-        raise CheckpointError(
-            f"{where} has non-finite params: {name} holds {count} NaN or infinite values of "
-            f"{size}{more}; load it with allow_nonfinite=True to accept them"
-        )
 
 
 def _damaged(path: str, problems: list[str], doc: Mapping[str, Any]) -> CheckpointError:
@@ -195,7 +177,7 @@ def _damaged(path: str, problems: list[str], doc: Mapping[str, Any]) -> Checkpoi
         except (ValueError, OSError):  # orbax cannot read them either: the files are named
             pass
         else:
-            differ = manifest.differing_arrays(doc["arrays"], _flat(params))
+            differ = manifest.differing_arrays(doc["arrays"], flat_params(params))
             if differ:
                 arrays = f"; the arrays that differ: {manifest.listed(differ)}"
     return CheckpointError(
@@ -231,75 +213,6 @@ def _restore(path: str, config: SamConfig) -> dict[str, Any]:
     return jax.tree.map(lambda x: np.asarray(x, np.float32), restored[PARAMS_ITEM])
 
 
-def read_checkpoint(
-    path: str | os.PathLike,
-    decoder_num_heads: int | None = None,
-    allow_nonfinite: bool = False,
-    verify: bool = True,
-) -> tuple[SamConfig, dict[str, Any]]:
-    """(config, params as float32 numpy arrays) of any checkpoint, tried in this order:
-
-    - a converted directory (verified against its manifest unless `verify=False`);
-    - a transformers `SamModel` directory (config.json + safetensors or pytorch_model.bin);
-    - an official `.pth` file (architecture inferred from the shapes; decoder heads:
-      `decoder_num_heads`, default 8);
-    - a registry name (`sam_vit_b`, `vit_l`, ...: downloaded once into the cache, checked,
-      converted once; see sam_jax.checkpoints.registry);
-    - a Hugging Face Hub id (`facebook/sam-vit-base`; huggingface_hub's cache and HF_HUB_OFFLINE).
-
-    Params with NaN or infinite values are refused unless `allow_nonfinite` (CheckpointError).
-    """
-    from sam_jax.checkpoints import hf, registry
-
-    name = os.fspath(path)
-    if paths.isdir(name) and not is_converted_dir(name) and hf.is_hf_dir(name):
-        config, params = hf.load_hf(name)
-    elif paths.isdir(name):
-        return load_converted(name, verify=verify, allow_nonfinite=allow_nonfinite)
-    elif paths.isfile(name):
-        config, params = load_pth(name, decoder_num_heads=decoder_num_heads)
-    elif registry.lookup(name) is not None:
-        return registry.load_registered(name, verify=verify, allow_nonfinite=allow_nonfinite)
-    elif hf.is_hub_id(name):
-        config, params = hf.load_hf(name)
-    else:
-        raise FileNotFoundError(f"checkpoint {name} does not exist")
-    if not allow_nonfinite:
-        check_finite(_flat(params), name if hf.is_hub_id(name) else paths.resolve(name))
-    return config, params
-
-
-def is_checkpoint_name(name: str | os.PathLike) -> bool:
-    """Whether `name` is a registry name or a Hub id, not a local path (`read_checkpoint`
-    fetches those itself, so commands must not require them to exist as files)."""
-    from sam_jax.checkpoints import hf, registry
-
-    return not paths.exists(name) and (registry.lookup(name) is not None or hf.is_hub_id(name))
-
-
 def is_converted_dir(path: str) -> bool:
     """Whether `path` holds the items of a converted checkpoint."""
     return paths.isfile(paths.join(path, CONFIG_ITEM, "metadata"))
-
-
-def load(
-    path: str | os.PathLike,
-    dtype: Any = jnp.float32,
-    attention_impl: str = "xla",
-    decoder_num_heads: int | None = None,
-    allow_nonfinite: bool = False,
-    verify: bool = True,
-):
-    """Loads any checkpoint `read_checkpoint` reads (a converted or transformers directory, an
-    official `.pth`, a registry name such as "sam_vit_b", a Hub id) -> (model, params).
-
-    `dtype` is the compute dtype of the model; params are float32 jax arrays. For a `.pth`, the
-    architecture is inferred from the tensor shapes (decoder heads: `decoder_num_heads`, default 8).
-    A converted directory is verified against its manifest (`verify`); params with NaN or
-    infinite values are refused unless `allow_nonfinite` (CheckpointError, naming the array).
-    """
-    from sam_jax.modeling import build_sam
-
-    config, params = read_checkpoint(path, decoder_num_heads, allow_nonfinite, verify)
-    model = build_sam(config, dtype=dtype, attention_impl=attention_impl)
-    return model, jax.device_put(params)

@@ -14,9 +14,11 @@ What transformers does differently, and how it is handled:
   `prompt_encoder.shared_embedding.positional_embedding` is its tied copy (read only when the
   first is absent, never written). Its initial std (hidden_size / 2) matters only at init.
 - The two-way blocks' LayerNorms (`layer_norm1..4`) use `mask_decoder_config.layer_norm_eps`
-  (1e-6 in facebook/sam-vit-*) where the official model uses 1e-5, as sam_jax does: outputs
-  differ by about eps / variance (~1e-6 relative for trained weights). Exports write 1e-6, as
-  transformers' own SAM conversion does.
+  (1e-6 in facebook/sam-vit-*) where the official model uses 1e-5, and the mask prompt's
+  LayerNorm2d `prompt_encoder_config.layer_norm_eps`: both are read into the SamConfig
+  (`decoder_layer_norm_eps`, `prompt_layer_norm_eps`), so a loaded folder computes what
+  transformers computes (the difference is ~1e-2 in the logits of weights away from their
+  init), and exports write ours, so transformers computes what sam_jax does.
 - transformers' pad label -10 is not masked out of the decoder's attention (sam_jax's
   PAD_LABEL is), so padded prompts are not interchangeable; labels 1, 0, -1 and boxes are.
 Anything else transformers could be configured to compute differently (no relative positions,
@@ -27,7 +29,9 @@ huggingface_hub (Hub ids) and safetensors are imported lazily.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -45,6 +49,10 @@ from sam_jax.checkpoints.mapping import (
 )
 from sam_jax.config import PIXEL_MEAN, PIXEL_STD, SamConfig
 from sam_jax.errors import CheckpointError, one_line
+
+logger = logging.getLogger("sam_jax.checkpoints")
+_SHA256_NAME = re.compile(r"[0-9a-f]{64}")
+_warned_unverified: set[str] = set()
 
 CONFIG_FILE = "config.json"
 PREPROCESSOR_FILE = "preprocessor_config.json"  # what SamProcessor.from_pretrained reads
@@ -108,7 +116,7 @@ _REQUIRED = {
         use_abs_pos=True,
         use_rel_pos=True,
     ),
-    "prompt_encoder_config": dict(num_point_embeddings=4, hidden_act="gelu", layer_norm_eps=1e-6),
+    "prompt_encoder_config": dict(num_point_embeddings=4, hidden_act="gelu"),
     "mask_decoder_config": dict(hidden_act="relu"),
 }
 
@@ -210,6 +218,8 @@ def config_from_hf(doc: Mapping[str, Any], where: str = CONFIG_FILE) -> SamConfi
             num_multimask_outputs=int(m["num_multimask_outputs"]),
             iou_head_depth=max(2, int(m["iou_head_depth"])),
             iou_head_hidden_dim=int(m["iou_head_hidden_dim"]),
+            prompt_layer_norm_eps=float(p["layer_norm_eps"]),
+            decoder_layer_norm_eps=float(m["layer_norm_eps"]),
         )
     except (ValueError, TypeError, KeyError) as e:
         raise CheckpointError(f"bad SAM config in {where}: {one_line(e)}") from None
@@ -270,6 +280,7 @@ def config_to_hf(config: SamConfig) -> dict[str, Any]:
         "image_size": c.image_size,
         "patch_size": c.patch_size,
         "mask_input_channels": c.mask_in_chans,
+        "layer_norm_eps": c.prompt_layer_norm_eps,
         "model_type": "sam_prompt_encoder",
     }
     decoder = {
@@ -282,6 +293,7 @@ def config_to_hf(config: SamConfig) -> dict[str, Any]:
         "num_multimask_outputs": c.num_multimask_outputs,
         "iou_head_depth": c.iou_head_depth,
         "iou_head_hidden_dim": c.iou_head_hidden_dim,
+        "layer_norm_eps": c.decoder_layer_norm_eps,
         "model_type": "sam_mask_decoder",
     }
     return {
@@ -353,6 +365,40 @@ def _read_file(path: str) -> dict[str, np.ndarray]:
             return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
     except Exception as e:  # noqa: BLE001 - safetensors raises its own types
         raise CheckpointError(f"cannot read {path}: {one_line(e, 300)}") from None
+
+
+def verify_weight_files(folder: str, files: list[str]) -> None:
+    """Checks the weight files of a folder against the checksums it carries.
+
+    The Hugging Face cache keeps each large file as `blobs/<its SHA-256>` behind a link in the
+    snapshot folder: such a file is hashed and a mismatch (a damaged download or a file changed
+    in the cache) is a CheckpointError. A plain folder carries no checksum: a warning says so,
+    once per folder."""
+    unverified = []
+    for file in files:
+        path = paths.join(folder, file)
+        blob = os.path.basename(os.path.realpath(path)) if not paths.is_remote(path) else ""
+        if not (os.path.islink(path) and _SHA256_NAME.fullmatch(blob)):
+            unverified.append(file)
+            continue
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+        if digest.hexdigest() != blob:
+            raise CheckpointError(
+                f"{path} is damaged: its SHA-256 is {digest.hexdigest()} but the Hugging Face "
+                f"cache stored it as {blob}; delete it from the cache and download it again"
+            )
+    if unverified and folder not in _warned_unverified:
+        _warned_unverified.add(folder)
+        logger.warning(
+            "%s cannot be verified (a plain folder carries no checksums of %s): loading it "
+            "unchecked; a Hub id (the Hugging Face cache names files by their SHA-256) or a "
+            "converted checkpoint (sam-jax-convert) can be verified",
+            folder,
+            ", ".join(unverified),
+        )
 
 
 def hf_to_state_dict(
@@ -430,7 +476,10 @@ def load_hf(path: str | os.PathLike) -> tuple[SamConfig, dict[str, Any]]:
     config_file = paths.join(folder, CONFIG_FILE)
     where = folder if paths.isdir(name) else name
     if not paths.isfile(config_file):
-        raise CheckpointError(f"{where} is not a transformers checkpoint: no {CONFIG_FILE}")
+        raise CheckpointError(
+            f"{where} is not a transformers checkpoint: it has no {CONFIG_FILE} (a SamModel "
+            f"folder holds {CONFIG_FILE} and {SAFETENSORS})"
+        )
     try:
         doc = json.loads(paths.read_text(config_file))
     except ValueError as e:
@@ -442,6 +491,7 @@ def load_hf(path: str | os.PathLike) -> tuple[SamConfig, dict[str, Any]]:
             f"{where} has no weights: expected {SAFETENSORS}, {SAFETENSORS_INDEX} or {BIN} next "
             f"to {CONFIG_FILE}"
         )
+    verify_weight_files(folder, files)
     tensors: dict[str, np.ndarray] = {}
     for file in files:
         tensors.update(_read_file(paths.join(folder, file)))

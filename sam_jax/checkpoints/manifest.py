@@ -143,7 +143,7 @@ def list_files(root: str) -> dict[str, dict[str, Any]]:
     root = paths.resolve(root)
     out: dict[str, dict[str, Any]] = {}
     if paths.is_remote(root):
-        fs = paths._fs(root)
+        fs = paths.filesystem(root)
         prefix = fs._strip_protocol(root).rstrip("/") + "/"
         for name, info in fs.find(root, detail=True).items():
             name = name.rstrip("/")

@@ -22,11 +22,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import http.client
 import os
 import sys
+import urllib.error
+import urllib.request
 import uuid
-from typing import Any
 
+from sam_jax.checkpoints.pth import check_sha256
 from sam_jax.errors import CheckpointError, one_line
 
 DEFAULT_BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
@@ -122,8 +125,6 @@ def git_blob_sha1(path: str | os.PathLike) -> str:
 def check_file(path: str | os.PathLike, model: Model) -> None:
     """Raises ValueError unless the file has `model`'s SHA-256 (or, without one, its git blob
     SHA-1)."""
-    from sam_jax.checkpoints.pth import check_sha256
-
     if model.sha256 is not None:
         check_sha256(path, model.sha256)
         return
@@ -182,10 +183,6 @@ def download(
 ) -> str:
     """The cached `.pth` of `model`, downloaded and verified first if absent (a file already in
     the cache is checked against the SHA-256 too). Returns its path."""
-    import http.client
-    import urllib.error
-    import urllib.request
-
     final = os.path.join(cache_dir(cache), model.filename)
     if os.path.isfile(final):
         try:
@@ -247,32 +244,7 @@ def download(
     return final
 
 
-def load_registered(
-    name: str,
-    cache: str | os.PathLike | None = None,
-    base_url: str | None = None,
-    timeout: float = DEFAULT_TIMEOUT_S,
-    verify: bool = True,
-    allow_nonfinite: bool = False,
-) -> tuple[Any, dict[str, Any]]:
-    """(config, params as float32 numpy) of a registry name: the cached conversion if there is
-    one, else the (downloaded, verified) `.pth`, converted into the cache first."""
-    from sam_jax import paths
-    from sam_jax.checkpoints.converted import check_finite, load_converted, save_converted
-    from sam_jax.checkpoints.mapping import flatten_params
-    from sam_jax.checkpoints.pth import load_pth
-
-    model = lookup(name)
-    if model is None:
-        known = ", ".join(sorted([*MODELS, *ALIASES]))
-        raise CheckpointError(f"unknown model {name!r}; the registry knows {known}")
-    converted = os.path.join(cache_dir(cache), model.stem)
-    if paths.isdir(converted):
-        return load_converted(converted, verify=verify, allow_nonfinite=allow_nonfinite)
-    pth = download(model, cache, base_url, timeout)
-    config, params = load_pth(pth, model_type=model.model_type)
-    if not allow_nonfinite:
-        check_finite({"/".join(k): v for k, v in flatten_params(params).items()}, pth)
-    with contextlib.suppress(FileExistsError):  # another process converted it meanwhile
-        save_converted(converted, config, params)
-    return config, params
+def converted_path(model: Model, cache: str | os.PathLike | None = None) -> str:
+    """Where the converted checkpoint of `model` is kept in the cache (made on first use by
+    `sam_jax.checkpoints.read_checkpoint`)."""
+    return os.path.join(cache_dir(cache), model.stem)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from sam_jax import checkpoints
 from sam_jax.cli import common
 from sam_jax.cli.predict import add_tiling_flags
 
@@ -96,28 +97,27 @@ def parse_args(argv=None, prog: str = PROG) -> argparse.Namespace:
     return args
 
 
+@common.leaves_no_empty_folders("output")
 def run(args: argparse.Namespace) -> int:
     from sam_jax import paths
     from sam_jax.amg.generator import SamAutomaticMaskGenerator
-    from sam_jax.images import load_image
-    from sam_jax.outputs import list_images, output_names
+    from sam_jax.images import list_images, load_image
+    from sam_jax.outputs import output_stems
     from sam_jax.outputs import write_masks as write
 
     common.check_paths({"--input": args.input, "--checkpoint": args.checkpoint}, args.output)
     targets = list_images(args.input)
     if not targets:
-        raise FileNotFoundError(f"--input folder {args.input} holds no files")
+        raise FileNotFoundError(f"--input folder {args.input} holds no image files")
     with common.device_context(args.device):
         print("Loading model...", flush=True)
-        model, params = common.load_model(args.checkpoint, args.model_type)
+        model, params = checkpoints.load(args.checkpoint, model_type=args.model_type)
         generator = SamAutomaticMaskGenerator(
             model, params, output_mode=args.output_mode, **args.amg_kwargs
         )
-    paths.makedirs(args.output)
-
     failures = []
     items, log = common.progress(
-        list(zip(targets, output_names(targets), strict=True)),
+        list(zip(targets, output_stems(targets), strict=True)),
         desc="images",
         unit="img",
         disable=args.no_progress,
@@ -135,9 +135,13 @@ def run(args: argparse.Namespace) -> int:
                 log(f"Could not process '{path}': {common.one_line(e)}, skipping...")
                 failures.append(path)
                 continue
+            paths.makedirs(args.output)  # at the first result: a run of failures writes nothing
             write(masks, args.output, name, args.output_mode)
     done = len(targets) - len(failures)
-    print(f"Done: {done} of {len(targets)} images processed, {len(failures)} failed.")
+    summary = f"{done} of {len(targets)} images processed, {len(failures)} failed"
+    if not done:
+        raise RuntimeError(f"{summary} (the first: {failures[0]})")
+    print(f"Done: {summary}.")
     return common.EXIT_FAILED if failures else common.EXIT_OK
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from sam_jax import checkpoints
 from sam_jax.cli import common
 from sam_jax.cli.amg import AMG_FLAGS
 
@@ -178,13 +179,15 @@ def parse_args(argv=None, prog: str = PROG) -> argparse.Namespace:
     return args
 
 
+@common.leaves_no_empty_folders("output")
 def run_auto(args: argparse.Namespace) -> int:
     common.check_paths({"--input": args.input, "--checkpoint": args.checkpoint}, args.output)
     common.join_job(args)
     import jax
 
     from sam_jax import distributed
-    from sam_jax.annotate.auto import annotate_dataset, list_images
+    from sam_jax.annotate.auto import annotate_dataset
+    from sam_jax.images import list_images
 
     main_process = distributed.is_main_process()
     say = print if main_process else (lambda *a, **k: None)
@@ -192,7 +195,7 @@ def run_auto(args: argparse.Namespace) -> int:
     if not images:
         raise FileNotFoundError(f"--input {args.input} holds no image files")
     say("Loading model...", flush=True)
-    model, params = common.load_model(args.checkpoint, args.model_type)
+    model, params = checkpoints.load(args.checkpoint, model_type=args.model_type)
     masks = [0]
     share = len(images[jax.process_index() :: jax.process_count()])
     bar, log = common.progress(
@@ -237,6 +240,7 @@ def run_auto(args: argparse.Namespace) -> int:
     return common.EXIT_FAILED if failed else common.EXIT_OK
 
 
+@common.leaves_no_empty_folders("output")
 def run_serve(args: argparse.Namespace) -> int:
     inputs = {
         "--images": args.images,
@@ -262,7 +266,7 @@ def run_serve(args: argparse.Namespace) -> int:
                 args.max_detections,
             )
         print("Loading model...", flush=True)
-        model, params = common.load_model(args.checkpoint, args.model_type)
+        model, params = checkpoints.load(args.checkpoint, model_type=args.model_type)
         annotator = tool.Annotator(
             model,
             params,

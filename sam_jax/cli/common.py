@@ -15,6 +15,8 @@ unexpected exception, a bug, still shows its traceback).
 from __future__ import annotations
 
 import argparse
+import functools
+import gc
 import os
 import re
 import signal
@@ -23,6 +25,7 @@ import threading
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 
+from sam_jax import paths
 from sam_jax.errors import UsageError, one_line
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -91,21 +94,70 @@ def run_command(
         return EXIT_FAILED
     finally:
         if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            for s, handler in previous[0].items():
+                signal.signal(s, handler)
+            sys.unraisablehook = previous[1]
     return EXIT_OK if code is None else int(code)
 
 
+# An interrupt that lands where Python drops exceptions is raised again this much later.
+_INTERRUPT_RETRY_S = 0.02
+
+
 def _raise_interrupt(signum, frame):
-    del signum, frame
+    """SIGTERM (and SIGALRM, its retry) -> KeyboardInterrupt, except inside a garbage-collection
+    callback or a __del__, where Python would drop it with a traceback on stderr: there the
+    interrupt is tried again a moment later, once that code is over."""
+    del signum
+    if _in_finalizer(frame):
+        signal.setitimer(signal.ITIMER_REAL, _INTERRUPT_RETRY_S)
+        return
     raise KeyboardInterrupt
 
 
+def _in_finalizer(frame) -> bool:
+    callbacks = {getattr(cb, "__code__", None) for cb in gc.callbacks}
+    while frame is not None:
+        if frame.f_code in callbacks or frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _sigterm_as_interrupt():
-    """Installs the SIGTERM -> KeyboardInterrupt handler; returns the previous one (None when not
+    """Installs the SIGTERM -> KeyboardInterrupt handler (`_raise_interrupt`; SIGALRM is its
+    retry), and an unraisable hook that retries an interrupt Python dropped anyway (one raised
+    inside C code's callbacks, a weakref finalizer, ...). Returns what to restore (None when not
     on the main thread, where handlers cannot be set)."""
     if threading.current_thread() is not threading.main_thread():
         return None
-    return signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous_hook = sys.unraisablehook
+
+    def retry_dropped_interrupts(unraisable) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            signal.setitimer(signal.ITIMER_REAL, _INTERRUPT_RETRY_S)
+        else:
+            previous_hook(unraisable)
+
+    sys.unraisablehook = retry_dropped_interrupts
+    handlers = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGTERM, signal.SIGALRM)}
+    return handlers, previous_hook
+
+
+def leaves_no_empty_folders(*attrs: str):
+    """Decorator of a command's `run(args, ...)`: when it fails, the folders it created at or
+    under the paths `args.<attr>` that hold no file are removed (`paths.no_empty_leftovers`)."""
+
+    def wrap(run):
+        @functools.wraps(run)
+        def wrapped(args, *rest, **kwargs):
+            with paths.no_empty_leftovers(*(getattr(args, a, None) for a in attrs)):
+                return run(args, *rest, **kwargs)
+
+        return wrapped
+
+    return wrap
 
 
 def positive_int(text: str) -> int:
@@ -208,30 +260,18 @@ def join_job(args: argparse.Namespace) -> int:
 
 
 def progress(items: Iterable, desc: str, unit: str, total: int | None = None, disable=False):
-    """(iterator, write): a tqdm bar over `items` and a print that does not break it; without
-    tqdm (an optional dependency), the items themselves and print."""
+    """(iterator, write): a tqdm bar over `items` (on a terminal only: not in logs and pipes)
+    and a print that does not break it; without tqdm (an optional dependency), the items
+    themselves and print."""
     try:
         from tqdm import tqdm
     except ImportError:
         return items, print
-    bar = tqdm(items, desc=desc, unit=unit, total=total, disable=disable, dynamic_ncols=True)
+    bar = tqdm(
+        items, desc=desc, unit=unit, total=total, disable=True if disable else None,
+        dynamic_ncols=True,
+    )  # fmt: skip
     return bar, tqdm.write
-
-
-def load_model(checkpoint: str, model_type: str | None = None):
-    """(model, params) from a .pth or converted directory; model_type checks a .pth's shapes."""
-    from flax import traverse_util
-
-    import sam_jax
-    from sam_jax import checkpoints
-    from sam_jax.modeling import build_sam
-
-    if model_type is not None and os.path.isfile(checkpoint):
-        config, params = checkpoints.load_pth(checkpoint, model_type=model_type)
-        flat = traverse_util.flatten_dict(params, sep="/")
-        checkpoints.check_finite(flat, checkpoint)  # as sam_jax.load does
-        return build_sam(config), params
-    return sam_jax.load(checkpoint)
 
 
 def device_context(device: str | None):

@@ -67,6 +67,11 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     parser.add_argument(
         "--sha256", help="expected SHA-256 of the input file (full digest or a prefix of >= 8)"
     )
+    parser.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="convert params holding NaN or infinite values (refused by default, as at load)",
+    )
     parser.add_argument("--force", action="store_true", help="replace an existing output")
     return parser
 
@@ -104,12 +109,13 @@ def convert(args: argparse.Namespace) -> str:
         raise common.UsageError(_PTH_ONLY)
     common.check_paths({"--checkpoint": src} if local else {}, out, replaces=True)
     paths.check_new_output(out, overwrite=args.force)
-    if pth and not args.to_pytorch:
-        config, params = checkpoints.load_pth(
-            src, args.model_type, args.decoder_num_heads, args.sha256
-        )
-    else:  # anything sam_jax.load reads (a converted directory is verified)
-        config, params = checkpoints.read_checkpoint(src)
+    config, params = checkpoints.read_checkpoint(
+        src,
+        model_type=args.model_type,
+        decoder_num_heads=args.decoder_num_heads,
+        sha256=args.sha256,
+        allow_nonfinite=args.allow_nonfinite,
+    )
     if args.to_hf is not None:
         checkpoints.save_hf(out, config, params, overwrite=args.force)
         return f"wrote {out}: transformers SamModel, {config.to_json()}"

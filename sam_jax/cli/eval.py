@@ -3,7 +3,8 @@
 
     sam-jax-eval --checkpoint CKPT --dataset SPEC [--dataset SPEC ...] --output DIR
 
-CKPT: a converted sam_jax directory or an official .pth. SPEC: `synthetic[:SPLIT]`,
+CKPT: anything sam_jax.load reads (a converted or transformers directory, an official .pth, a
+registry name, a Hub id). SPEC: `synthetic[:SPLIT]`,
 `sa1b:PATH`, `coco:ANN_JSON:IMAGES_DIR`, `tfds:NAME[:SPLIT]` (see sam_jax.data.spec).
 Per dataset: mIoU after 1, 2, 3, 5, 9 points (RITM clicks, most confident mask), oracle mIoU at
 1 point, box mIoU from ground-truth boxes, and with --detections (a COCO results JSON of
@@ -18,9 +19,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
+from sam_jax import distributed, paths
 from sam_jax.cli import common
+from sam_jax.evaluation.checkpoint import (
+    TASKS,
+    EvalSettings,
+    evaluate_checkpoint,
+    parse_specs,
+    quiet_data_logs,
+)
+from sam_jax.evaluation.report import markdown_table, write_reports
 
 PROG = "sam-jax-eval"
 
@@ -31,7 +40,18 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         description=__doc__.split("\n\n", 2)[2].strip(),
         epilog=common.EXIT_CODES_HELP,
     )
-    p.add_argument("--checkpoint", required=True, help="converted directory or official .pth")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a converted or transformers directory, an official .pth, a registry name or a Hub id",
+    )
+    p.add_argument(
+        "--task",
+        choices=TASKS,
+        default="points",
+        help="points: mIoU after N clicks and from ground-truth boxes (default); boxes: from "
+        "ground-truth boxes only; instances: COCO mask AP from --detections' boxes",
+    )
     p.add_argument(
         "--dataset",
         action="append",
@@ -117,145 +137,32 @@ def parse_args(argv=None, prog: str = PROG) -> argparse.Namespace:
     return args
 
 
-def _parse_specs(args):
-    """The parsed dataset specs; a spec the parser rejects is a usage error."""
-    from sam_jax import paths
-    from sam_jax.data import parse_dataset_spec
-
-    specs = []
-    for text in args.dataset:
-        try:
-            specs.append(parse_dataset_spec(text))
-        except ValueError as e:  # malformed (a missing path is FileNotFoundError: exit 1)
-            raise common.UsageError(f"--dataset: {common.one_line(e)}") from None
-    if args.detections:
-        coco = [s for s in specs if s.kind == "coco"]
-        if len(coco) != 1:
-            raise common.UsageError(
-                f"--detections needs exactly one coco: dataset, got {len(coco)}"
-            )
-        if not paths.isfile(args.detections):
-            raise FileNotFoundError(f"detections file {args.detections!r} does not exist")
-    return specs
-
-
-def _dataset_names(specs) -> list[str]:
-    names = []
-    for spec in specs:
-        name, k = spec.text, 2
-        while name in names:
-            name, k = f"{spec.text} #{k}", k + 1
-        names.append(name)
-    return names
-
-
-def _load_predictor(path: str, dtype: str):
-    import jax.numpy as jnp
-
-    from sam_jax import paths
-    from sam_jax.checkpoints import load
-    from sam_jax.predictor import SamPredictor
-
-    if not paths.exists(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    try:
-        model, params = load(path, dtype=getattr(jnp, dtype))
-    except Exception as e:  # any failure to load is a bad checkpoint, reported in one line
-        raise ValueError(f"could not load checkpoint {path!r}: {type(e).__name__}: {e}") from None
-    return SamPredictor(model, params)
-
-
-def _sum_counts(counts: list[dict]) -> dict:
-    total: dict = {}
-    for c in counts:
-        for k, v in c.items():
-            total[k] = total.get(k, 0) + v
-    return total
-
-
-def _evaluate_dataset(predictor, spec, args) -> dict:
-    import jax
-
-    from sam_jax import distributed
-    from sam_jax.data import iterate_examples
-    from sam_jax.evaluation import evaluate_detections, evaluate_points
-    from sam_jax.evaluation.protocol import NoMasksError
-
-    stats: dict = {}
-    main_process = distributed.is_main_process()
-
-    def examples():  # a fresh pass over this process's share; stats of the last pass are kept
-        stats.clear()
-        return iterate_examples(
-            spec,
-            split=args.split,
-            max_images=args.max_images,
-            seed=args.seed,
-            stats=stats,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        )
-
-    try:
-        entry = evaluate_points(
-            predictor,
-            examples,
-            num_points=args.num_points,
-            first_point=args.first_point,
-            feed_mask=args.feed_mask,
-            multimask=args.multimask,
-            gt_boxes=not args.no_boxes,
-            seed=args.seed,
-            max_masks=args.max_masks,
-            batch_size=args.batch_size,
-            progress=not args.no_progress and main_process,
-            all_gather=distributed.all_gather,
-        )
-    except NoMasksError as e:
-        raise NoMasksError(
-            f"{e}; the reader skipped {stats.get('skipped_images', 0)} unreadable images, "
-            f"{stats.get('images_without_masks', 0)} images without masks, "
-            f"{stats.get('empty_masks', 0)} zero-area masks"
-        ) from None
-    stats = _sum_counts(distributed.all_gather(dict(stats)))
-    entry["data_stats"] = stats
-    entry["skipped_images"] = int(stats.get("skipped_images", 0))
-    # Zero-area masks are dropped by the data layer ("empty_masks"), undecodable ones too
-    # ("skipped_masks"); evaluate_points drops any left (in-memory sources).
-    entry["skipped_masks"] = (
-        entry["skipped_empty_masks"]
-        + int(stats.get("empty_masks", 0))
-        + int(stats.get("skipped_masks", 0))
+def settings_of(args: argparse.Namespace) -> EvalSettings:
+    """The evaluation protocol the flags ask for (UsageError for a bad combination)."""
+    return EvalSettings(
+        task=args.task,
+        split=args.split,
+        num_points=tuple(args.num_points),
+        first_point=args.first_point,
+        feed_mask=args.feed_mask,
+        multimask=args.multimask,
+        gt_boxes=not args.no_boxes,
+        max_masks=args.max_masks,
+        max_images=args.max_images,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        detections=args.detections,
     )
-    entry["mask_ap"] = None
-    if args.detections and spec.kind == "coco":
-        det = evaluate_detections(
-            predictor,
-            spec.path,
-            spec.images_dir,
-            args.detections,
-            max_images=args.max_images,
-            batch_size=args.batch_size,
-            progress=not args.no_progress and main_process,
-        )
-        entry["mask_ap"] = det["mask_ap"]
-        entry["detections"] = {
-            k: det[k] for k in ("num_images", "num_detections", "skipped_images", "timing")
-        }
-    return entry
 
 
+@common.leaves_no_empty_folders("output")
 def run(args: argparse.Namespace) -> int:
-    import logging
-
     common.join_job(args)
-    from sam_jax import distributed, paths
-
     main_process = distributed.is_main_process()
-    logging.getLogger("sam_jax.data").setLevel(logging.INFO if args.verbose else logging.ERROR)
-    from sam_jax.evaluation import markdown_table, write_reports
-
-    specs = _parse_specs(args)  # all specs checked before any work
+    quiet_data_logs(args.verbose)
+    settings = settings_of(args)
+    specs = parse_specs(args.dataset, settings)  # all specs checked before any work
     inputs = {"--checkpoint": args.checkpoint, "--detections": args.detections}
     for i, spec in enumerate(specs):
         inputs.update(
@@ -264,42 +171,13 @@ def run(args: argparse.Namespace) -> int:
     common.check_paths(inputs, args.output)
     if main_process:
         paths.check_writable(args.output)
-    predictor = _load_predictor(args.checkpoint, args.dtype)
-    results = {
-        "checkpoint": paths.resolve(args.checkpoint),
-        "seed": args.seed,
-        "split": args.split,
-        "protocol": {
-            "num_points": args.num_points,
-            "first_point": args.first_point,
-            "feed_mask": args.feed_mask,
-            "multimask": args.multimask,
-            "gt_boxes": not args.no_boxes,
-            "max_masks": args.max_masks,
-            "max_images": args.max_images,
-            "dtype": args.dtype,
-            "batch_size": args.batch_size,
-            "detections": paths.resolve(args.detections) if args.detections else None,
-        },
-        "datasets": {},
-    }
-    start = time.perf_counter()
-    for name, spec in zip(_dataset_names(specs), specs, strict=True):
-        try:
-            results["datasets"][name] = entry = _evaluate_dataset(predictor, spec, args)
-        except ValueError as e:
-            raise ValueError(f"dataset {name!r}: {common.one_line(e)}") from None
-        t = entry["timing"]
-        if not main_process:
-            continue
-        print(
-            f"{name}: {entry['num_images']} images, {entry['num_masks']} masks, "
-            f"{t['images_per_s']:.2f} images/s, {t['masks_per_s']:.1f} masks/s "
-            f"(first image incl. compilation {t['first_image_seconds']:.1f} s; skipped "
-            f"{entry['skipped_images']} unreadable images, {entry['skipped_masks']} masks)",
-            file=sys.stderr,
-        )
-    results["seconds"] = time.perf_counter() - start
+    results = evaluate_checkpoint(
+        args.checkpoint,
+        specs,
+        settings,
+        progress=not args.no_progress,
+        log=lambda line: print(line, file=sys.stderr),
+    )
     if main_process:
         written = write_reports(results, args.output)
         print(markdown_table(results), end="")

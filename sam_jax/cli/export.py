@@ -37,7 +37,10 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         epilog=common.EXIT_CODES_HELP,
     )
     parser.add_argument(
-        "--checkpoint", required=True, help="an official .pth file or a converted directory"
+        "--checkpoint",
+        required=True,
+        help="a converted or transformers directory, an official .pth file, a registry name "
+        "(sam_vit_b, ...) or a Hugging Face Hub id",
     )
     parser.add_argument("--format", required=True, choices=FORMATS, help="file format")
     parser.add_argument("--output", required=True, help="the file to write")
@@ -136,23 +139,8 @@ def _flags(message: str) -> str:
     return message
 
 
-def load(checkpoint: str, decoder_num_heads: int | None):
-    """(model, params); any failure to read the checkpoint is a one-line CheckpointError."""
-    from sam_jax import checkpoints
-    from sam_jax.errors import CheckpointError, one_line
-
-    try:
-        return checkpoints.load(checkpoint, decoder_num_heads=decoder_num_heads)
-    except common.FAILURES:  # the library's own one-line errors (CheckpointError, OSError...)
-        raise
-    except Exception as e:  # other torch, pickle, zip and orbax errors of damaged files
-        raise CheckpointError(
-            f"cannot load checkpoint {checkpoint}: {type(e).__name__}: {one_line(e, 300)}"
-        ) from None
-
-
 def run(args: argparse.Namespace) -> int:
-    from sam_jax import export, paths
+    from sam_jax import checkpoints, export, paths
 
     common.check_paths({"--checkpoint": args.checkpoint})
     if paths.isdir(args.output):
@@ -168,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         options.update(platforms=args.platforms)
     written = export.save_loaded(
-        lambda: load(args.checkpoint, args.decoder_num_heads),
+        lambda: checkpoints.load(args.checkpoint, decoder_num_heads=args.decoder_num_heads),
         args.output,
         args.format,
         args.part,

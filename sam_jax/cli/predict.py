@@ -18,6 +18,7 @@ import argparse
 import math
 import sys
 
+from sam_jax import checkpoints
 from sam_jax.cli import common
 
 PROG = "sam-jax-predict"
@@ -114,6 +115,7 @@ def parse_args(argv=None, prog: str = PROG) -> argparse.Namespace:
     return args
 
 
+@common.leaves_no_empty_folders("output")
 def run(args: argparse.Namespace) -> int:
     from sam_jax.images import load_image
     from sam_jax.outputs import write_prediction
@@ -124,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     if image is None:
         raise ValueError(f"could not load {args.image!r} as an image")
     with common.device_context(args.device):
-        model, params = common.load_model(args.checkpoint, args.model_type)
+        model, params = checkpoints.load(args.checkpoint, model_type=args.model_type)
         masks, scores, multimask = segment(
             model,
             params,

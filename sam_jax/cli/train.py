@@ -80,6 +80,7 @@ def _quiet_absl() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+@common.leaves_no_empty_folders("workdir")
 def run(args: argparse.Namespace, config) -> int:
     _quiet_absl()
     common.join_job(args)

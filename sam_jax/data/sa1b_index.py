@@ -30,16 +30,13 @@ import numpy as np
 
 from sam_jax import paths
 from sam_jax.data.records import logger
+from sam_jax.errors import StaleIndexError
 
 INDEX_VERSION = 1
 INDEX_DIRNAME = ".sam_jax_index"
 CACHE_SUFFIX = ".index.npz"
 _INT_FIELDS = ("jpg_offset", "jpg_size", "json_offset", "json_size")
 _MAX_THREADS = 16
-
-
-class StaleIndexError(ValueError):
-    """A cache file of another tar version (the tar changed since it was indexed)."""
 
 
 @dataclasses.dataclass(frozen=True)

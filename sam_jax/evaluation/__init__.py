@@ -1,9 +1,11 @@
-"""Zero-shot evaluation: click rules, metrics, point/box protocols and reports (paper 7.1, D.1).
+"""Zero-shot evaluation: click rules, metrics, point/box protocols and reports (paper 7.1, D.1);
+`evaluate_checkpoint` runs a protocol of `EvalSettings` on datasets (what sam-jax-eval calls).
 
 Needs the training extras (scipy, pycocotools, matplotlib, tqdm), imported lazily; the inference
 path never imports this package.
 """
 
+from sam_jax.evaluation.checkpoint import EvalSettings, evaluate_checkpoint
 from sam_jax.evaluation.clicks import distance_transform, first_click, mask_to_box, next_click
 from sam_jax.evaluation.detections import evaluate_detections, load_coco_gt, load_detections
 from sam_jax.evaluation.metrics import coco_mask_ap, dataset_average, mask_iou, mean_iou
@@ -19,6 +21,8 @@ from sam_jax.evaluation.report import add_average, markdown_table, write_reports
 
 __all__ = [
     "DEFAULT_NUM_POINTS",
+    "EvalSettings",
+    "evaluate_checkpoint",
     "add_average",
     "coco_mask_ap",
     "dataset_average",

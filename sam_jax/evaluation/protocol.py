@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from sam_jax.errors import NoMasksError
 from sam_jax.evaluation.clicks import first_click, mask_to_box, next_click
 from sam_jax.evaluation.metrics import mask_iou, mean_iou
 
@@ -185,10 +186,6 @@ def _reiterate(examples) -> Callable[[], Iterable[dict]]:
             "a fresh iterator, not a one-shot iterator"
         )
     return lambda: examples
-
-
-class NoMasksError(ValueError):
-    """evaluate_points found no mask to evaluate (no readable image with a non-empty mask)."""
 
 
 def evaluate_points(

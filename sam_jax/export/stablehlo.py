@@ -38,7 +38,9 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import export
 
+from sam_jax.amg.masks import calculate_stability_score
 from sam_jax.export.signature import (
     MASK_THRESHOLD,
     SINGLE_MASK_MIN_POINTS,
@@ -82,13 +84,6 @@ def check_platforms(platforms: Sequence[str] | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
-def stability_score(masks: jax.Array) -> jax.Array:
-    """Official `calculate_stability_score(masks, 0.0, 1.0)` over the last two axes."""
-    hi = jnp.sum(masks > MASK_THRESHOLD + STABILITY_SCORE_OFFSET, axis=(-2, -1), dtype=jnp.int32)
-    lo = jnp.sum(masks > MASK_THRESHOLD - STABILITY_SCORE_OFFSET, axis=(-2, -1), dtype=jnp.int32)
-    return hi.astype(jnp.float32) / lo.astype(jnp.float32)
-
-
 def _decode(
     sam,
     image_embeddings,
@@ -115,7 +110,7 @@ def _decode(
     valid = jnp.ones(sparse.shape[:2], bool)
     masks, scores = sam.mask_decoder(src, pe.get_dense_pe(), sparse, valid, dense, None)
     if use_stability_score:
-        scores = stability_score(masks)
+        scores = calculate_stability_score(masks, MASK_THRESHOLD, STABILITY_SCORE_OFFSET)
     if return_single_mask:
         num_points = jnp.asarray(point_coords.shape[1], jnp.float32)
         reweight = jnp.zeros(scores.shape[1], jnp.float32).at[0].set(SINGLE_MASK_REWEIGHT)
@@ -183,7 +178,6 @@ def _export(make_fn, params, part, args, platforms, weights_as_arguments: bool):
     """`jax.export` of `make_fn(params)(*args)`: params closed over (constants in the file), or
     the part's taken as the first arguments (only their shapes are used: they may be
     ShapeDtypeStructs)."""
-    from jax import export
 
     platforms = check_platforms(platforms)
     if not weights_as_arguments:
@@ -208,7 +202,6 @@ def export_decoder(
 ):
     """`jax.export.Exported` of the decoder, N symbolic ("num_points"); with
     `weights_as_arguments`, `weight_arrays(params, "decoder")` come first."""
-    from jax import export
 
     c = model.config
     d, g, m = c.prompt_embed_dim, c.embedding_size, c.low_res_size
@@ -224,7 +217,6 @@ def export_encoder(
 ):
     """`jax.export.Exported` of the image encoder, the batch B symbolic ("batch"); with
     `weights_as_arguments`, `weight_arrays(params, "encoder")` come first."""
-    from jax import export
 
     s = model.config.image_size
     (batch,) = export.symbolic_shape("batch")

@@ -52,6 +52,7 @@ class MaskDecoder(nn.Module):
     iou_head_hidden_dim: int = 256
     dtype: Dtype = jnp.float32
     attention_impl: str = "xla"
+    layer_norm_eps: float = 1e-5  # the two-way blocks' LayerNorms
 
     @nn.compact
     def __call__(
@@ -96,6 +97,7 @@ class MaskDecoder(nn.Module):
             self.attention_downsample_rate,
             self.dtype,
             self.attention_impl,
+            self.layer_norm_eps,
             name="transformer",
         )(src, pos_src, tokens, token_mask)
         iou_token_out = hs[:, 0]

@@ -59,6 +59,7 @@ class PromptEncoder(nn.Module):
     mask_in_chans: int = 16
     pe_scale: float = 1.0
     dtype: Dtype = jnp.float32
+    layer_norm_eps: float = 1e-6  # the mask downscaling's LayerNorm2d
 
     def setup(self):
         self.pe_layer = PositionEmbeddingRandom(self.embed_dim // 2, scale=self.pe_scale)
@@ -68,11 +69,11 @@ class PromptEncoder(nn.Module):
         self.mask_downscaling_0 = nn.Conv(
             self.mask_in_chans // 4, (2, 2), strides=(2, 2), padding="VALID", dtype=self.dtype
         )
-        self.mask_downscaling_1 = layer_norm(1e-6)
+        self.mask_downscaling_1 = layer_norm(self.layer_norm_eps)
         self.mask_downscaling_3 = nn.Conv(
             self.mask_in_chans, (2, 2), strides=(2, 2), padding="VALID", dtype=self.dtype
         )
-        self.mask_downscaling_4 = layer_norm(1e-6)
+        self.mask_downscaling_4 = layer_norm(self.layer_norm_eps)
         self.mask_downscaling_6 = nn.Conv(self.embed_dim, (1, 1), dtype=self.dtype)
 
     def get_dense_pe(self) -> jax.Array:

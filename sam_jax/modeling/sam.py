@@ -7,13 +7,12 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from sam_jax.config import SamConfig
 from sam_jax.modeling.common import ATTENTION_IMPLS
 from sam_jax.modeling.image_encoder import REMAT_POLICIES, ImageEncoderViT
 from sam_jax.modeling.mask_decoder import MaskDecoder
-from sam_jax.modeling.prompt_encoder import NOT_A_POINT_LABEL, PAD_LABEL, PromptEncoder
+from sam_jax.modeling.prompt_encoder import PromptEncoder
 from sam_jax.modeling.tiny_vit import TinyViT
 
 # Parameters that the official model keeps as (untrained) buffers.
@@ -86,6 +85,7 @@ class Sam(nn.Module):
             mask_in_chans=c.mask_in_chans,
             pe_scale=c.pe_scale,
             dtype=self.dtype,
+            layer_norm_eps=c.prompt_layer_norm_eps,
         )
         self.mask_decoder = MaskDecoder(
             transformer_dim=c.prompt_embed_dim,
@@ -98,6 +98,7 @@ class Sam(nn.Module):
             iou_head_hidden_dim=c.iou_head_hidden_dim,
             dtype=self.dtype,
             attention_impl=self.attention_impl,
+            layer_norm_eps=c.decoder_layer_norm_eps,
         )
 
     def encode(self, images: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -176,80 +177,3 @@ def build_sam(
     if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
     return Sam(config, dtype=dtype, attention_impl=attention_impl, remat_policy=remat_policy)
-
-
-def check_prompts(
-    point_coords=None, point_labels=None, boxes=None, pad_to: int | None = None
-) -> int | None:
-    """Checks the prompt arrays of P prompts on one image; returns their token count T (None
-    without points and boxes).
-
-    point_coords (P, N, 2) with point_labels (P, N), and/or boxes (P, 4), agreeing on P;
-    pad_to, if given, at least T. Only shapes are checked (values are left as given).
-    """
-    num = tokens = None
-    if point_coords is not None:
-        if point_labels is None:
-            raise ValueError("point_labels must be given with point_coords")
-        pc, pl = np.shape(point_coords), np.shape(point_labels)
-        if len(pc) != 3 or pc[-1] != 2 or pl != pc[:2]:
-            raise ValueError(
-                f"point_coords must be (P, N, 2) and point_labels (P, N); got {pc} and {pl}"
-            )
-        num, tokens = pc[0], pc[1] + (boxes is None)
-    elif point_labels is not None:
-        raise ValueError("point_labels given without point_coords")
-    if boxes is not None:
-        bx = np.shape(boxes)
-        if len(bx) != 2 or bx[-1] != 4:
-            raise ValueError(f"boxes must be (P, 4), got {bx}")
-        if num is not None and bx[0] != num:
-            raise ValueError(f"{bx[0]} boxes for {num} point prompts")
-        num, tokens = bx[0], (tokens or 0) + 2
-    if tokens is not None and pad_to is not None and pad_to < tokens:
-        raise ValueError(f"pad_to={pad_to} is smaller than the {tokens} prompt tokens")
-    return tokens
-
-
-def pack_prompts(
-    point_coords: np.ndarray | None = None,
-    point_labels: np.ndarray | None = None,
-    boxes: np.ndarray | None = None,
-    pad_to: int | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Builds decoder prompt tokens in the official order, for P prompts of one image.
-
-    point_coords (P, N, 2) and point_labels (P, N), boxes (P, 4) XYXY, all in the input frame.
-    Returns points (P, T, 2) float32 and labels (P, T) int32 with T = N (+1 padding point when there
-    is no box, as the official prompt encoder) (+2 box corners), padded with PAD_LABEL to `pad_to`.
-    """
-    if check_prompts(point_coords, point_labels, boxes, pad_to) is None:
-        raise ValueError("pack_prompts needs point_coords or boxes")
-    return pack_prompt_tokens(point_coords, point_labels, boxes, pad_to)
-
-
-def pack_prompt_tokens(point_coords, point_labels, boxes, pad_to=None):
-    """`pack_prompts` without checks: the arguments satisfy `check_prompts` and are not both
-    None (internal callers check at their public boundary)."""
-    parts_xy, parts_lab = [], []
-    num = None
-    if point_coords is not None:
-        pc = np.asarray(point_coords, np.float32)
-        num = pc.shape[0]
-        parts_xy.append(pc)
-        parts_lab.append(np.asarray(point_labels, np.int32))
-        if boxes is None:
-            parts_xy.append(np.zeros((num, 1, 2), np.float32))
-            parts_lab.append(np.full((num, 1), NOT_A_POINT_LABEL, np.int32))
-    if boxes is not None:
-        bx = np.asarray(boxes, np.float32)
-        num = bx.shape[0]
-        parts_xy.append(bx.reshape(num, 2, 2))
-        parts_lab.append(np.tile(np.array([[2, 3]], np.int32), (num, 1)))
-    xy = np.concatenate(parts_xy, axis=1)
-    lab = np.concatenate(parts_lab, axis=1)
-    if pad_to is not None and pad_to > xy.shape[1]:
-        extra = pad_to - xy.shape[1]
-        xy = np.concatenate([xy, np.zeros((num, extra, 2), np.float32)], axis=1)
-        lab = np.concatenate([lab, np.full((num, extra), PAD_LABEL, np.int32)], axis=1)
-    return xy, lab

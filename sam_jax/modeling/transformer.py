@@ -48,6 +48,7 @@ class TwoWayAttentionBlock(nn.Module):
     skip_first_layer_pe: bool = False
     dtype: Dtype = jnp.float32
     attention_impl: str = "xla"
+    layer_norm_eps: float = 1e-5  # norm1..norm4 (official nn.LayerNorm; transformers: config)
 
     @nn.compact
     def __call__(self, queries, keys, query_pe, key_pe, token_mask=None):
@@ -59,20 +60,20 @@ class TwoWayAttentionBlock(nn.Module):
         else:
             q = queries + query_pe
             queries = queries + self_attn(q, q, queries, token_mask)
-        queries = layer_norm(1e-5, "norm1")(queries)
+        queries = layer_norm(self.layer_norm_eps, "norm1")(queries)
 
         q, k = queries + query_pe, keys + key_pe
         queries = queries + Attention(d, h, r, name="cross_attn_token_to_image", **kw)(q, k, keys)
-        queries = layer_norm(1e-5, "norm2")(queries)
+        queries = layer_norm(self.layer_norm_eps, "norm2")(queries)
 
         mlp = MLPBlock(self.mlp_dim, d, "relu", self.dtype, name="mlp")
         queries = queries + mlp(queries.astype(self.dtype)).astype(jnp.float32)
-        queries = layer_norm(1e-5, "norm3")(queries)
+        queries = layer_norm(self.layer_norm_eps, "norm3")(queries)
 
         q, k = queries + query_pe, keys + key_pe
         attn = Attention(d, h, r, name="cross_attn_image_to_token", **kw)
         keys = keys + attn(k, q, queries, token_mask)
-        keys = layer_norm(1e-5, "norm4")(keys)
+        keys = layer_norm(self.layer_norm_eps, "norm4")(keys)
         return queries, keys
 
 
@@ -86,6 +87,7 @@ class TwoWayTransformer(nn.Module):
     attention_downsample_rate: int = 2
     dtype: Dtype = jnp.float32
     attention_impl: str = "xla"
+    layer_norm_eps: float = 1e-5  # the blocks' norm1..norm4 (norm_final_attn is always 1e-5)
 
     @nn.compact
     def __call__(self, image_embedding, image_pe, point_embedding, token_mask=None):
@@ -98,6 +100,7 @@ class TwoWayTransformer(nn.Module):
                 self.mlp_dim,
                 self.attention_downsample_rate,
                 skip_first_layer_pe=i == 0,
+                layer_norm_eps=self.layer_norm_eps,
                 name=f"layers_{i}",
                 **kw,
             )(queries, keys, point_embedding, image_pe, token_mask)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from sam_jax import paths
+from sam_jax.checkpoints.load import read_checkpoint, read_config
 from sam_jax.checkpoints.mapping import expected_leaves, flatten_params, to_flax_layout
 from sam_jax.config import SamConfig, get_config, tiny_config
 
@@ -32,17 +32,9 @@ def sam_config_from(config: Any) -> SamConfig:
     """The SamConfig of an experiment config (model name + model_overrides, or the init ckpt)."""
     overrides = dict(config.model_overrides)
     if config.init.type == "sam":
-        from sam_jax.checkpoints import read_checkpoint, read_converted_config
-        from sam_jax.checkpoints.converted import is_converted_dir
-
-        path = config.init.path
-        if not path:
+        if not config.init.path:
             raise ValueError("init.type='sam' needs init.path")
-        if paths.isdir(path) and is_converted_dir(path):  # its config alone
-            base = read_converted_config(path)
-        else:  # anything else sam_jax.load reads
-            base, _ = read_checkpoint(path)
-        return base.replace(**overrides)
+        return read_config(config.init.path).replace(**overrides)
     if config.model == "tiny":
         return tiny_config(**overrides)
     return get_config(config.model, **overrides)
@@ -111,8 +103,6 @@ def initial_params(config: Any, sam_config: SamConfig, model: Any) -> Any | None
     if kind == "random":
         return None
     if kind == "sam":
-        from sam_jax.checkpoints import read_checkpoint
-
         # a converted directory, a .pth, a transformers folder, a registry name or a hub id
         _, params = read_checkpoint(config.init.path)
         return params

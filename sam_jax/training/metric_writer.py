@@ -14,10 +14,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import struct
+import socket
+import time
+import uuid
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.summary.writer.record_writer import RecordWriter
 
 from sam_jax import paths
 
@@ -53,9 +58,6 @@ def peak_flops_per_device(override_tflops: float = 0.0) -> float | None:
 
 def measured_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
     """Dense float32 matmul FLOP/s of the default device (best of `repeats`)."""
-    import time
-
-    import jax.numpy as jnp
 
     x = jnp.ones((n, n), jnp.float32)
     f = jax.jit(lambda a: a @ a)
@@ -131,124 +133,32 @@ class MetricWriter:
 
 
 class EventFileWriter:
-    """Minimal TensorBoard event file writer (scalars only), local or remote.
+    """TensorBoard event file writer (scalars), local or remote: tensorboard's own `Event` protos
+    and TFRecord framing (`RecordWriter`), written through `sam_jax.paths.Appender`, so that
+    buckets (and their emulator) work as every other path. Each record is flushed.
 
-    Writes an `events.out.tfevents.*` file: TFRecord records (length, masked CRC-32C of the
-    length, data, masked CRC-32C of the data) of `tensorflow.Event` protos (wall_time = 1,
-    step = 2, file_version = 3, summary = 5; Summary.Value: tag = 1, simple_value = 2), encoded
-    here, so neither tensorflow nor tensorboard is needed to write them. Each record is flushed.
-    """
+    (tensorboard rather than tensorboardX, whose package imports torch when it is installed:
+    8.7 s against 0.7 s to import on this project's 2-core CPU, 2026-12-06.)"""
 
     def __init__(self, logdir: str):
-        import socket
-        import time
-        import uuid
-
         paths.makedirs(logdir)
         name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
         name += f".{uuid.uuid4().hex[:8]}"  # two writers in one second get two files
         self.path = paths.join(logdir, name)
-        self._file = paths.Appender(self.path, initial=b"")
-        self._write(encode_event(time.time(), file_version="brain.Event:2"))
+        self._records = RecordWriter(paths.Appender(self.path, initial=b""))
+        self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
 
-    def _write(self, event: bytes) -> None:
-        self._file.write(tfrecord(event))
+    def _write(self, event) -> None:
+        self._records.write(event.SerializeToString())
+        self._records.flush()
 
     def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
-        import time
-
-        self._write(encode_event(time.time(), step=step, scalars=scalars))
+        values = [summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in scalars.items()]
+        summary = summary_pb2.Summary(value=values)
+        self._write(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
 
     def close(self) -> None:
-        self._file.close()
-
-
-# Protobuf and TFRecord encoding of TensorBoard scalar events.
-
-
-def _varint(n: int) -> bytes:
-    n &= (1 << 64) - 1  # int64 two's complement, as protobuf encodes negative values
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _field_bytes(number: int, data: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(data)) + data
-
-
-def encode_event(
-    wall_time: float,
-    step: int = 0,
-    scalars: dict[str, float] | None = None,
-    file_version: str | None = None,
-) -> bytes:
-    """A serialized tensorflow `Event` proto with a wall time, a step and scalar summaries."""
-    out = _varint(1 << 3 | 1) + struct.pack("<d", wall_time)
-    if step:
-        out += _varint(2 << 3) + _varint(int(step))
-    if file_version is not None:
-        out += _field_bytes(3, file_version.encode("utf-8"))
-    if scalars:
-        values = b"".join(
-            _field_bytes(
-                1,
-                _field_bytes(1, str(tag).encode("utf-8"))
-                + _varint(2 << 3 | 5)
-                + struct.pack("<f", float(value)),
-            )
-            for tag, value in scalars.items()
-        )
-        out += _field_bytes(5, values)
-    return out
-
-
-def _crc32c_table() -> list[int]:
-    table = []
-    for i in range(256):
-        crc = i
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
-        table.append(crc)
-    return table
-
-
-_CRC32C_TABLE: list[int] = []
-
-
-def crc32c(data: bytes) -> int:
-    """CRC-32C (Castagnoli) of `data`."""
-    try:
-        import google_crc32c  # a C implementation, when installed (gcsfs brings it)
-
-        return int(google_crc32c.value(bytes(data)))
-    except ImportError:
-        pass
-    if not _CRC32C_TABLE:
-        _CRC32C_TABLE.extend(_crc32c_table())
-    crc = 0xFFFFFFFF
-    for b in data:
-        crc = _CRC32C_TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def _masked_crc(data: bytes) -> int:
-    crc = crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def tfrecord(data: bytes) -> bytes:
-    """One TFRecord record holding `data`."""
-    length = struct.pack("<Q", len(data))
-    return (
-        length
-        + struct.pack("<I", _masked_crc(length))
-        + data
-        + struct.pack("<I", _masked_crc(data))
-    )
+        self._records.close()
 
 
 def _to_py(v: Any) -> Any:
