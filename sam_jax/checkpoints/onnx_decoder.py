@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from sam_jax.checkpoints.onnx_graph import LAYOUT_OPS, Graph, GraphMismatch, Op
+from sam_jax.config import SamConfig
 
 PE, MD = "prompt_encoder", "mask_decoder"
 
@@ -309,6 +310,14 @@ def decoder_state_dict(g: Graph) -> tuple[dict[str, Any], dict[str, np.ndarray],
         iou_head_depth=len(iou),
         iou_head_hidden_dim=iou[0].shape()[1] if len(iou) > 1 else 256,
     )
+    # LayerNorm epsilons: set only where the graph's differ from the defaults (in float32).
+    for field, op in (
+        ("decoder_layer_norm_eps", token_norms[0]),
+        ("prompt_layer_norm_eps", norm2d["conv"][0]),
+    ):
+        eps = op.attrs["eps"]
+        if np.float32(eps) != np.float32(getattr(SamConfig, field)):
+            fields[field] = eps
     grid = None
     for dims in g.inputs.values():
         if len(dims) == 4 and dims[1] == d and isinstance(dims[2], int) and dims[2] > 0:

@@ -65,6 +65,15 @@ def read_onnx_dir(directory: str | os.PathLike) -> tuple[SamConfig, dict[str, An
     return read_onnx_weights(*find_onnx_pair(directory))
 
 
+def is_onnx_dir(path: str | os.PathLike) -> bool:
+    """Whether `path` is a folder holding an encoder and a decoder ONNX (`find_onnx_pair`)."""
+    path = os.fspath(path)
+    return os.path.isdir(path) and all(
+        any(os.path.isfile(os.path.join(path, n)) for n in names)
+        for names in (ENCODER_NAMES, DECODER_NAMES)
+    )
+
+
 def find_onnx_pair(directory: str | os.PathLike) -> tuple[str, str]:
     """(encoder, decoder) paths in `directory`: the first of ENCODER_NAMES and of DECODER_NAMES
     present; CheckpointError naming what is there otherwise."""
