@@ -44,6 +44,7 @@ class SamConfig:
     tiny_vit_depths: tuple[int, ...] = (2, 2, 6, 2)
     tiny_vit_num_heads: tuple[int, ...] = (2, 4, 5, 10)
     tiny_vit_window_sizes: tuple[int, ...] = (7, 7, 14, 7)
+    tiny_vit_mlp_ratio: float = 4.0
     tiny_vit_mbconv_expand_ratio: float = 4.0
     tiny_vit_local_conv_size: int = 3
     # Prompt encoder and mask decoder.

@@ -119,6 +119,29 @@ def _param(key: str, shape: tuple[int, ...]):
     yield key, tuple(shape), None, "same"
 
 
+def _unused(key: str, shape: tuple[int, ...], fill: float | int):
+    """A tensor of the official state_dict that the model never reads (not in params): optional
+    when reading, written as `fill` (int64 when `fill` is an int, float32 otherwise)."""
+    yield key, tuple(shape), fill, "unused"
+
+
+def _batch_norm(prefix: str, dim: int):
+    """BatchNorm2d: weight -> scale, bias, and the running statistics (buffers, kept by name).
+    num_batches_tracked is read and dropped (no effect in inference mode, nor in training with
+    the default momentum) and written as 0."""
+    yield prefix + ".weight", (dim,), "scale", "same"
+    yield prefix + ".bias", (dim,), "bias", "same"
+    yield prefix + ".running_mean", (dim,), None, "same"
+    yield prefix + ".running_var", (dim,), None, "same"
+    yield from _unused(prefix + ".num_batches_tracked", (), 0)
+
+
+def _conv_bn(prefix: str, n_in: int, n_out: int, k: int, groups: int = 1):
+    """TinyViT's Conv2d_BN: `c` a bias-free Conv2d, `bn` a BatchNorm2d."""
+    yield prefix + ".c.weight", (n_out, n_in // groups, k, k), "kernel", "conv"
+    yield from _batch_norm(prefix + ".bn", n_out)
+
+
 def _mlp(prefix: str, n_in: int, hidden: int, n_out: int, num_layers: int):
     """mask_decoder.MLP: `layers.{i}` Linear layers."""
     h = [hidden] * (num_layers - 1)
@@ -161,8 +184,61 @@ def _vit_encoder_table(c: SamConfig):
     yield from _norm(f"{p}.neck.3", d)
 
 
+# TinyViT's unused classification head (kept in the official state_dict, never computed).
+TINY_VIT_NUM_CLASSES = 1000
+
+
+def _tiny_vit_encoder_table(c: SamConfig):
+    """MobileSAM's TinyViT image encoder (encoder_type "tiny_vit"), official `tiny_vit_sam.py`.
+
+    Torch keys: `patch_embed.seq.{0,2}`, `layers.{i}.blocks.{j}` (MBConv `conv{1,2,3}` in layer
+    0; `attn.{attention_biases, norm, qkv, proj}`, `mlp.{norm, fc1, fc2}`, `local_conv` after),
+    `layers.{i}.downsample.conv{1,2,3}`, `norm_head`, `head` (unused), `neck.{0..3}`."""
+    from sam_jax.modeling.tiny_vit import attention_bias_index
+
+    p = "image_encoder"
+    dims, d = c.tiny_vit_embed_dims, c.prompt_embed_dim
+    yield from _conv_bn(f"{p}.patch_embed.seq.0", 3, dims[0] // 2, 3)
+    yield from _conv_bn(f"{p}.patch_embed.seq.2", dims[0] // 2, dims[0], 3)
+    for i, (dim, depth) in enumerate(zip(dims, c.tiny_vit_depths, strict=True)):
+        layer = f"{p}.layers.{i}"
+        for j in range(depth):
+            b = f"{layer}.blocks.{j}"
+            if i == 0:
+                hidden = int(dim * c.tiny_vit_mbconv_expand_ratio)
+                yield from _conv_bn(f"{b}.conv1", dim, hidden, 1)
+                yield from _conv_bn(f"{b}.conv2", hidden, hidden, 3, groups=hidden)
+                yield from _conv_bn(f"{b}.conv3", hidden, dim, 1)
+                continue
+            heads, ws = c.tiny_vit_num_heads[i], c.tiny_vit_window_sizes[i]
+            yield from _param(
+                f"{b}.attn.attention_biases", (heads, attention_bias_index((ws, ws))[1])
+            )
+            yield from _norm(f"{b}.attn.norm", dim)
+            yield from _linear(f"{b}.attn.qkv", dim, 3 * dim)
+            yield from _linear(f"{b}.attn.proj", dim, dim)
+            hidden = int(dim * c.tiny_vit_mlp_ratio)
+            yield from _norm(f"{b}.mlp.norm", dim)
+            yield from _linear(f"{b}.mlp.fc1", dim, hidden)
+            yield from _linear(f"{b}.mlp.fc2", hidden, dim)
+            yield from _conv_bn(f"{b}.local_conv", dim, dim, c.tiny_vit_local_conv_size, dim)
+        if i < len(dims) - 1:
+            out = dims[i + 1]
+            yield from _conv_bn(f"{layer}.downsample.conv1", dim, out, 1)
+            yield from _conv_bn(f"{layer}.downsample.conv2", out, out, 3, groups=out)
+            yield from _conv_bn(f"{layer}.downsample.conv3", out, out, 1)
+    yield from _unused(f"{p}.norm_head.weight", (dims[-1],), 1.0)
+    yield from _unused(f"{p}.norm_head.bias", (dims[-1],), 0.0)
+    yield from _unused(f"{p}.head.weight", (TINY_VIT_NUM_CLASSES, dims[-1]), 0.0)
+    yield from _unused(f"{p}.head.bias", (TINY_VIT_NUM_CLASSES,), 0.0)
+    yield from _conv(f"{p}.neck.0", dims[-1], d, 1, bias=False)
+    yield from _norm(f"{p}.neck.1", d)
+    yield from _conv(f"{p}.neck.2", d, d, 3, bias=False)
+    yield from _norm(f"{p}.neck.3", d)
+
+
 # The torch tensors of each image encoder (SamConfig.encoder_type), in official order.
-ENCODER_TABLES = {"vit": _vit_encoder_table}
+ENCODER_TABLES = {"vit": _vit_encoder_table, "tiny_vit": _tiny_vit_encoder_table}
 
 
 def _module_table(c: SamConfig):
@@ -210,11 +286,28 @@ def _module_table(c: SamConfig):
 
 
 def expected_leaves(config: SamConfig) -> dict[str, Leaf]:
-    """All tensors of a SAM with this config, keyed by torch key, in official state_dict order."""
+    """All params of a SAM with this config, keyed by torch key, in official state_dict order
+    (without the tensors the model never reads: see `unused_tensors`)."""
     return {
         key: Leaf(key, shape, flax_path(key, leaf_name), layout)
         for key, shape, leaf_name, layout in _module_table(config)
+        if layout != "unused"
     }
+
+
+def unused_tensors(config: SamConfig) -> dict[str, np.ndarray]:
+    """The tensors of the official state_dict that the model never reads and params do not hold
+    (TinyViT's BatchNorm `num_batches_tracked` counters and its classification head), with the
+    values `params_to_state_dict` writes for them. Reading, they are optional and dropped."""
+    return {
+        key: np.full(shape, fill, np.int64 if isinstance(fill, int) else np.float32)
+        for key, shape, fill, layout in _module_table(config)
+        if layout == "unused"
+    }
+
+
+def _state_dict_order(config: SamConfig) -> list[str]:
+    return [key for key, *_ in _module_table(config)]
 
 
 def expected_param_shapes(config: SamConfig) -> dict[str, Any]:
@@ -252,9 +345,14 @@ def describe_mismatch(
 
 
 def check_state_dict(sd: Mapping[str, Any], config: SamConfig, what: str = "the config") -> None:
-    """Raises ValueError naming every missing, unexpected or mis-shaped key of `sd`."""
+    """Raises ValueError naming every missing, unexpected or mis-shaped key of `sd` (the
+    `unused_tensors` may be absent, but are shape-checked when present)."""
     expected = {k: leaf.torch_shape for k, leaf in expected_leaves(config).items()}
-    problem = describe_mismatch({k: tuple(v.shape) for k, v in sd.items()}, expected)
+    found = {k: tuple(v.shape) for k, v in sd.items()}
+    for key, value in unused_tensors(config).items():
+        if key in found:
+            expected[key] = value.shape
+    problem = describe_mismatch(found, expected)
     if problem:
         raise ValueError(f"state_dict does not match {what}: {problem}")
 
@@ -301,12 +399,16 @@ def _shape_of(x: Any) -> tuple[int, ...]:
 
 
 def params_to_state_dict(params: Mapping[str, Any], config: SamConfig) -> dict[str, np.ndarray]:
-    """Params pytree -> official state_dict (torch key -> float32 numpy, official order)."""
+    """Params pytree -> official state_dict (torch key -> numpy, official order): float32, and
+    the `unused_tensors` with their fill values, so that it loads with strict=True."""
     check_params(params, config)
     flat = flatten_params(params)
+    leaves, unused = expected_leaves(config), unused_tensors(config)
     return {
-        key: to_torch_layout(_as_float32(flat[leaf.flax_path], key), leaf.layout)
-        for key, leaf in expected_leaves(config).items()
+        key: unused[key]
+        if key in unused
+        else to_torch_layout(_as_float32(flat[leaves[key].flax_path], key), leaves[key].layout)
+        for key in _state_dict_order(config)
     }
 
 
@@ -333,15 +435,15 @@ def mlp_ratio_for(hidden: int, dim: int) -> float:
     return r
 
 
-def infer_config(sd: Mapping[str, Any], decoder_num_heads: int | None = None) -> SamConfig:
-    """Infers the `SamConfig` of an official-class state_dict from its tensor shapes.
 
-    The decoder's num_heads is not visible in the weights: it defaults to the official 8.
-    A window size equal to the embedding grid is indistinguishable from global attention and
-    is read as global (the two compute the same). Raises ValueError if the shapes are not those
-    of any SAM; the full key/shape check is `check_state_dict`.
-    """
-    enc, dec = "image_encoder", "mask_decoder"
+
+# A key only MobileSAM's TinyViT encoder has (its first convolution).
+TINY_VIT_KEY = "image_encoder.patch_embed.seq.0.c.weight"
+
+
+def _infer_vit_encoder(sd: Mapping[str, Any]) -> dict[str, Any]:
+    """The SamConfig fields of SAM's ViTDet encoder, from its shapes."""
+    enc = "image_encoder"
     _, g, g2, e = _shape(sd, f"{enc}.pos_embed")
     e2, in_chans, p, p2 = _shape(sd, f"{enc}.patch_embed.proj.weight")
     if g != g2 or p != p2 or e != e2 or in_chans != 3:
@@ -371,6 +473,77 @@ def infer_config(sd: Mapping[str, Any], decoder_num_heads: int | None = None) ->
     else:  # every block attends globally
         window_size, global_indexes = 0, tuple(range(depth))
     mlp_hidden = _shape(sd, f"{enc}.blocks.{blocks[0]}.mlp.lin1.weight")[0]
+    return dict(
+        image_size=g * p,
+        patch_size=p,
+        encoder_embed_dim=e,
+        encoder_depth=depth,
+        encoder_num_heads=e // head_dim,
+        encoder_global_attn_indexes=global_indexes,
+        window_size=window_size,
+        mlp_ratio=mlp_ratio_for(mlp_hidden, e),
+    )
+
+
+def _infer_tiny_vit_encoder(sd: Mapping[str, Any]) -> dict[str, Any]:
+    """The SamConfig fields of MobileSAM's TinyViT encoder, from its shapes. The image size is
+    not in the weights: it is the official 1024 (the only size the official code runs)."""
+    enc = "image_encoder"
+    layers = _indices(sd, f"{enc}.layers")
+    if layers != [0, 1, 2, 3]:
+        raise ValueError(f"cannot infer the MobileSAM architecture: layers {layers}, expected 0..3")
+    dims, depths, heads, windows = [], [], [], []
+    for i in layers:
+        blocks = _indices(sd, f"{enc}.layers.{i}.blocks")
+        if not blocks:
+            raise ValueError(f"cannot infer the MobileSAM architecture: no layers.{i}.blocks")
+        depths.append(blocks[-1] + 1)
+        b = f"{enc}.layers.{i}.blocks.0"
+        if i == 0:
+            dims.append(_shape(sd, f"{b}.conv3.c.weight")[0])
+            expand = _shape(sd, f"{b}.conv1.c.weight")[0]
+            heads.append(SamConfig.tiny_vit_num_heads[0])
+            windows.append(SamConfig.tiny_vit_window_sizes[0])
+            continue
+        dims.append(_shape(sd, f"{b}.attn.norm.weight")[0])
+        n_heads, n_offsets = _shape(sd, f"{b}.attn.attention_biases")
+        ws = math.isqrt(n_offsets)
+        if ws * ws != n_offsets:
+            raise ValueError(
+                f"cannot infer the MobileSAM architecture: {b}.attn.attention_biases has "
+                f"{n_offsets} offsets, not those of a square window"
+            )
+        heads.append(n_heads)
+        windows.append(ws)
+        mlp_hidden = _shape(sd, f"{b}.mlp.fc1.weight")[0]
+        local = _shape(sd, f"{b}.local_conv.c.weight")[-1]
+    return dict(
+        encoder_type="tiny_vit",
+        image_size=SamConfig.image_size,
+        tiny_vit_embed_dims=tuple(dims),
+        tiny_vit_depths=tuple(depths),
+        tiny_vit_num_heads=tuple(heads),
+        tiny_vit_window_sizes=tuple(windows),
+        tiny_vit_mlp_ratio=mlp_ratio_for(mlp_hidden, dims[-1]),
+        tiny_vit_mbconv_expand_ratio=mlp_ratio_for(expand, dims[0]),
+        tiny_vit_local_conv_size=local,
+    )
+
+
+def infer_config(sd: Mapping[str, Any], decoder_num_heads: int | None = None) -> SamConfig:
+    """Infers the `SamConfig` of an official-class state_dict (SAM or MobileSAM, told apart by
+    TINY_VIT_KEY) from its tensor shapes.
+
+    The decoder's num_heads is not visible in the weights: it defaults to the official 8.
+    A window size equal to the embedding grid is indistinguishable from global attention and
+    is read as global (the two compute the same). Raises ValueError if the shapes are not those
+    of any SAM; the full key/shape check is `check_state_dict`.
+    """
+    enc, dec = "image_encoder", "mask_decoder"
+    if TINY_VIT_KEY in sd:
+        encoder = _infer_tiny_vit_encoder(sd)
+    else:
+        encoder = _infer_vit_encoder(sd)
     d = _shape(sd, f"{enc}.neck.0.weight")[0]
     mask_in_chans = _shape(sd, "prompt_encoder.mask_downscaling.3.weight")[0]
     layers = _indices(sd, f"{dec}.transformer.layers")
@@ -398,14 +571,7 @@ def infer_config(sd: Mapping[str, Any], decoder_num_heads: int | None = None) ->
             "(the number of heads is not stored in the weights: pass it explicitly)"
         )
     return SamConfig(
-        image_size=g * p,
-        patch_size=p,
-        encoder_embed_dim=e,
-        encoder_depth=depth,
-        encoder_num_heads=e // head_dim,
-        encoder_global_attn_indexes=global_indexes,
-        window_size=window_size,
-        mlp_ratio=mlp_ratio_for(mlp_hidden, e),
+        **encoder,
         prompt_embed_dim=d,
         mask_in_chans=mask_in_chans,
         decoder_depth=layers[-1] + 1 if layers else 0,

@@ -56,7 +56,8 @@ def _unwrap(obj: Any, path: Any) -> Mapping[str, Any]:
 
 
 def read_state_dict(path: str | os.PathLike, sha256: str | None = None) -> dict[str, np.ndarray]:
-    """Reads an official `.pth` state_dict as {torch key: float32 numpy array}."""
+    """Reads an official `.pth` state_dict as {torch key: float32 numpy array} (BatchNorm
+    `num_batches_tracked` counters: int64)."""
     path = paths.resolve(path)
     if not paths.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist or is not a file")
@@ -75,9 +76,12 @@ def read_state_dict(path: str | os.PathLike, sha256: str | None = None) -> dict[
     sd = _unwrap(obj, path)
     out = {}
     for k, v in sd.items():
-        if not torch.is_floating_point(v):
+        if torch.is_floating_point(v):
+            out[k] = v.detach().to(torch.float32).contiguous().numpy()
+        elif k.endswith(".num_batches_tracked") and not v.is_complex():  # BatchNorm counters
+            out[k] = v.detach().to(torch.int64).contiguous().numpy()
+        else:
             raise ValueError(f"{k} has dtype {v.dtype}, expected a floating point tensor")
-        out[k] = v.detach().to(torch.float32).contiguous().numpy()
     return out
 
 

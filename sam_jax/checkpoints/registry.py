@@ -42,13 +42,29 @@ _CHUNK = 1 << 20
 class Model:
     """A downloadable checkpoint: its name, file name, full SHA-256 (64 hex digits), the model
     type its shapes must match ("vit_b", ...; None: inferred) and an optional full URL (None:
-    the base URL + `filename`)."""
+    the base URL + `filename`).
+
+    A file published only in a git repository may have no published SHA-256 (None); it is then
+    verified by its git blob SHA-1 (`git_blob_sha1`, 40 hex digits: what the repository's tree
+    records for it, `sha1(b"blob <size>\\0" + contents)`)."""
 
     name: str
     filename: str
-    sha256: str
+    sha256: str | None
     model_type: str | None = None
     url: str | None = None
+    git_blob_sha1: str | None = None
+
+    def __post_init__(self):
+        if self.sha256 is None and self.git_blob_sha1 is None:
+            raise ValueError(f"registry entry {self.name} needs a sha256 or a git_blob_sha1")
+
+    @property
+    def checksum(self) -> str:
+        """What a downloaded file is checked against, in words."""
+        if self.sha256 is not None:
+            return f"SHA-256 {self.sha256}"
+        return f"git blob SHA-1 {self.git_blob_sha1}"
 
     @property
     def stem(self) -> str:
@@ -76,9 +92,47 @@ MODELS: dict[str, Model] = {
             "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
             "vit_h",
         ),
+        # MobileSAM (Zhang et al. 2023) from its repository. No SHA-256 is published for it;
+        # the repository's tree records its git blob SHA-1 (weights/mobile_sam.pt, unchanged
+        # since commit a509aac of 2023-06-29).
+        Model(
+            "mobile_sam",
+            "mobile_sam.pt",
+            None,
+            "vit_t",
+            url="https://github.com/ChaoningZhang/MobileSAM/raw/master/weights/mobile_sam.pt",
+            git_blob_sha1="7ef2d090979fd9853adf17b7a99c8b94a1c5a6a7",
+        ),
     )
 }
-ALIASES: dict[str, str] = {"vit_b": "sam_vit_b", "vit_l": "sam_vit_l", "vit_h": "sam_vit_h"}
+ALIASES: dict[str, str] = {
+    "vit_b": "sam_vit_b",
+    "vit_l": "sam_vit_l",
+    "vit_h": "sam_vit_h",
+    "vit_t": "mobile_sam",
+}
+
+
+def git_blob_sha1(path: str | os.PathLike) -> str:
+    """The git blob SHA-1 of a file: sha1(b"blob <size>\\0" + contents)."""
+    digest = hashlib.sha1(f"blob {os.path.getsize(path)}\0".encode())  # noqa: S324 - git's id
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_file(path: str | os.PathLike, model: Model) -> None:
+    """Raises ValueError unless the file has `model`'s SHA-256 (or, without one, its git blob
+    SHA-1)."""
+    if model.sha256 is not None:
+        check_sha256(path, model.sha256)
+        return
+    actual = git_blob_sha1(path)
+    if actual != model.git_blob_sha1.lower():
+        raise ValueError(
+            f"git blob SHA-1 mismatch for {path}: expected {model.git_blob_sha1}, got {actual}"
+        )
 
 
 def register(model: Model, *aliases: str) -> Model:
@@ -132,14 +186,12 @@ def download(
     final = os.path.join(cache_dir(cache), model.filename)
     if os.path.isfile(final):
         try:
-            check_sha256(final, model.sha256)
+            check_file(final, model)
         except ValueError as e:
             raise CheckpointError(f"{one_line(e)}; delete it to download it again") from None
         return final
     url = model_url(model, base_url)
-    by_hand = (
-        f"without network, download {url} elsewhere and put it at {final} (SHA-256 {model.sha256})"
-    )
+    by_hand = f"without network, download {url} elsewhere and put it at {final} ({model.checksum})"
     os.makedirs(os.path.dirname(final), exist_ok=True)
     partial = f"{final}.{uuid.uuid4().hex[:8]}.partial"
     try:
@@ -170,10 +222,15 @@ def download(
                 f"the download of {url} was cut off after {size} of {total} bytes; nothing was "
                 "kept: run again to download it again"
             )
-        if digest.hexdigest() != model.sha256.lower():
+        if model.sha256 is not None and digest.hexdigest() != model.sha256.lower():
             raise CheckpointError(
                 f"the download of {url} is corrupt: SHA-256 {digest.hexdigest()}, expected "
                 f"{model.sha256}; nothing was kept"
+            )
+        if model.sha256 is None and git_blob_sha1(partial) != model.git_blob_sha1.lower():
+            raise CheckpointError(
+                f"the download of {url} is corrupt: git blob SHA-1 {git_blob_sha1(partial)}, "
+                f"expected {model.git_blob_sha1}; nothing was kept"
             )
         os.replace(partial, final)
     except (OSError, http.client.HTTPException) as e:  # the connection broke mid-body

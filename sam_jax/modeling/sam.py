@@ -13,6 +13,7 @@ from sam_jax.modeling.common import ATTENTION_IMPLS
 from sam_jax.modeling.image_encoder import REMAT_POLICIES, ImageEncoderViT
 from sam_jax.modeling.mask_decoder import MaskDecoder
 from sam_jax.modeling.prompt_encoder import PromptEncoder
+from sam_jax.modeling.tiny_vit import TinyViT
 
 # Parameters that the official model keeps as (untrained) buffers.
 BUFFER_PARAMS = (("prompt_encoder", "pe_layer", "positional_encoding_gaussian_matrix"),)
@@ -34,6 +35,22 @@ def build_image_encoder(
             out_chans=c.prompt_embed_dim,
             window_size=c.window_size,
             global_attn_indexes=c.encoder_global_attn_indexes,
+            drop_path_rate=c.drop_path_rate,
+            dtype=dtype,
+            attention_impl=attention_impl,
+            remat_policy=remat_policy,
+        )
+    if c.encoder_type == "tiny_vit":
+        return TinyViT(
+            img_size=c.image_size,
+            embed_dims=c.tiny_vit_embed_dims,
+            depths=c.tiny_vit_depths,
+            num_heads=c.tiny_vit_num_heads,
+            window_sizes=c.tiny_vit_window_sizes,
+            mlp_ratio=c.tiny_vit_mlp_ratio,
+            mbconv_expand_ratio=c.tiny_vit_mbconv_expand_ratio,
+            local_conv_size=c.tiny_vit_local_conv_size,
+            out_chans=c.prompt_embed_dim,
             drop_path_rate=c.drop_path_rate,
             dtype=dtype,
             attention_impl=attention_impl,

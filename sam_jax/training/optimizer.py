@@ -21,8 +21,9 @@ import jax.numpy as jnp
 import optax
 
 TRAINABLE_CHOICES = ("all", "prompt_encoder_and_decoder", "mask_decoder", "none")
-# Buffers in the official model (never trained): the random Fourier features of the prompt PE.
-ALWAYS_FROZEN = re.compile(r"positional_encoding_gaussian_matrix")
+# Buffers in the official model (never trained): the random Fourier features of the prompt PE,
+# and the running statistics of TinyViT's BatchNorms (params leaves, BN_STATISTICS).
+ALWAYS_FROZEN = re.compile(r"positional_encoding_gaussian_matrix|/(running_mean|running_var)$")
 _NO_DECAY = re.compile(r"(pos_embed|embedding|positional_encoding_gaussian_matrix)$")
 
 
