@@ -9,6 +9,8 @@ change that added this file; the tolerances below leave a margin of about 10x.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +20,7 @@ import skimage.data
 import torch
 from mobile_sam import SamAutomaticMaskGenerator as OfficialGenerator
 
+import sam_jax
 from sam_jax import transforms
 from sam_jax.amg.generator import SamAutomaticMaskGenerator
 from sam_jax.checkpoints.mapping import params_to_state_dict
@@ -67,9 +70,8 @@ def files():
 
 @pytest.fixture(scope="module")
 def weights(files):
-    found = read_onnx_files(*files)
-    params = jax.tree.map(jnp.asarray, found.params)
-    return found.config, params
+    model, params = sam_jax.load(Path(files[0]).parent)  # the one door: a folder of ONNX files
+    return model.config, params
 
 
 @pytest.fixture(scope="module")
@@ -260,3 +262,34 @@ def test_bfloat16_masks_agree_with_float32(weights, embedded):
             ious += [(x & y).sum() / max((x | y).sum(), 1) for x, y in zip(a, b, strict=True)]
     assert len(ious) == 4 * (3 + 3)
     assert np.mean(ious) >= 0.99, ious
+
+
+def test_the_onnx_folder_converts_and_exports_through_the_commands(
+    files, weights, tmp_path, capsys
+):
+    """sam-jax-convert reads the ONNX folder (the load door) into a converted checkpoint that
+    loads back bitwise; sam-jax-export writes its TinyViT encoder, which onnxruntime runs as the
+    original file; --to-hf refuses in one line (transformers has no MobileSAM)."""
+    from sam_jax.cli import convert, export
+
+    folder = str(Path(files[0]).parent)
+    assert convert.main(["--checkpoint", folder, "--output", str(tmp_path / "ckpt")]) == 0
+    _, params = sam_jax.load(tmp_path / "ckpt")
+    same = jax.tree.map(
+        lambda a, b: bool((np.asarray(a) == np.asarray(b)).all()), params, weights[1]
+    )
+    assert all(jax.tree.leaves(same))
+    argv = ["--checkpoint", str(tmp_path / "ckpt"), "--format", "onnx", "--part", "encoder"]
+    assert export.main([*argv, "--output", str(tmp_path / "encoder.onnx")]) == 0
+    x, _ = transforms.preprocess_image(PHOTOS["chelsea"], 1024)
+    x = np.asarray(x)[None].transpose(0, 3, 1, 2)
+    ours = ort.InferenceSession(str(tmp_path / "encoder.onnx"), providers=["CPUExecutionProvider"])
+    theirs = ort.InferenceSession(files[0], providers=["CPUExecutionProvider"])
+    a = ours.run(None, {ours.get_inputs()[0].name: x})[0]
+    b = theirs.run(None, {theirs.get_inputs()[0].name: x})[0]
+    assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
+    capsys.readouterr()
+    assert convert.main(["--checkpoint", folder, "--to-hf", str(tmp_path / "hf")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "transformers has no SAM with a tiny_vit" in err[0]
+    assert not (tmp_path / "hf").exists()

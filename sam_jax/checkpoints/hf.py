@@ -517,6 +517,11 @@ def save_hf(
     """
     from safetensors.numpy import save, save_file
 
+    if config.encoder_type != "vit":
+        raise CheckpointError(
+            f"transformers has no SAM with a {config.encoder_type} image encoder (MobileSAM): "
+            "write it as a converted checkpoint or a .pth instead"
+        )
     text = json.dumps(config_to_hf(config), indent=2, sort_keys=True) + "\n"
     processor = json.dumps(processor_to_hf(config), indent=2, sort_keys=True) + "\n"
     names = hf_keys(config)

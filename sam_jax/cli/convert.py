@@ -93,12 +93,11 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = PROG) -> argparse.
 
 def convert(args: argparse.Namespace) -> str:
     """Runs one conversion; returns a one-line summary. Raises on bad input."""
-
     src, out = args.checkpoint, args.to_hf or args.output
     local = paths.exists(src)
-    pth = local and paths.isfile(src)
-    converted = local and not pth and not checkpoints.is_hf_dir(src)
-    if converted and not args.to_pytorch and args.to_hf is None:
+    kind = checkpoints.checkpoint_format(src) if local else None
+    pth = kind == "pth"
+    if kind == "converted" and not args.to_pytorch and args.to_hf is None:
         raise common.UsageError(
             f"{src} is a directory; converting to PyTorch needs --to-pytorch (or --to-hf)"
         )

@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 
 from sam_jax import paths
 from sam_jax.export import onnx as onnx_export
-from sam_jax.export import stablehlo
+from sam_jax.export import onnx_tiny_vit, stablehlo
 from sam_jax.export.signature import (
     FORMATS,
     ONNX_DATA_SUFFIX,
@@ -94,6 +94,8 @@ def build(
         if weights_as_arguments:
             raise ValueError("weights_as_arguments applies to the stablehlo format")
         opset = onnx_export.DEFAULT_OPSET if opset is None else opset
+        if part == "encoder" and model.config.encoder_type == "tiny_vit":
+            return onnx_tiny_vit.tiny_vit_encoder_model(model, params, gelu_approximate, opset)
         if part == "encoder":
             return onnx_export.encoder_model(model, params, gelu_approximate, opset)
         return onnx_export.decoder_model(
