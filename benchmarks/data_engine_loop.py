@@ -31,7 +31,7 @@ from host_info import describe  # noqa: E402 (this folder, on sys.path when run 
 def _demo_config():
     from sam_jax.cli.config_overrides import load_config
 
-    return load_config("demo")
+    return load_config("demo_synthetic")
 
 
 def _evaluate(checkpoint: str, out: str, max_masks: int) -> dict:

@@ -142,7 +142,7 @@ def test_config_overrides_are_typed_by_the_field():
     from sam_jax.cli import config_overrides as co
     from sam_jax.cli.common import UsageError
 
-    config = co.load_config("demo")
+    config = co.load_config("demo_synthetic")
     overrides, rest = co.split_overrides(
         [
             "--config.total_steps=2",
@@ -180,7 +180,7 @@ def test_config_overrides_are_typed_by_the_field():
         (["--config.eval.num_points=3", "--config.eval={}"], "would overwrite it"),
     ]:
         with pytest.raises(UsageError, match=fragment):
-            co.apply_overrides(co.load_config("demo"), co.split_overrides(argv)[0])
+            co.apply_overrides(co.load_config("demo_synthetic"), co.split_overrides(argv)[0])
     with pytest.raises(UsageError, match="neither a file nor a shipped config"):
         co.load_config("no_such_config")
 

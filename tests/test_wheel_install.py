@@ -33,7 +33,7 @@ COMMANDS = (
     "sam-jax-export",
 )
 SYNTHETIC = "synthetic:val?image_size=64&num_images=2"
-TINY_DEMO = [  # configs/demo.py shrunk to the tiny test model, 2 steps, no validation
+TINY_DEMO = [  # configs/demo_synthetic.py shrunk to the tiny test model, 2 steps, no validation
     "--config.total_steps=2",
     "--config.batch_size=2",
     "--config.data.max_masks=2",
@@ -270,7 +270,9 @@ def test_commands_from_the_installed_wheel(installed):
 
     # sam-jax-train from the shipped demo config, by name, shrunk by overrides.
     res = _ok(
-        _command(installed, "sam-jax-train", "--config", "demo", "--workdir", "run", *TINY_DEMO)
+        _command(
+            installed, "sam-jax-train", "--config", "demo_synthetic", "--workdir", "run", *TINY_DEMO
+        )
     )
     assert "done: step=2" in res.stdout
     saved = json.loads((work / "run" / "config.json").read_text())
@@ -284,11 +286,13 @@ def test_commands_from_the_installed_wheel(installed):
     )  # fmt: skip
     _one_line_error(bad, 2, "sam-jax-eval", "--num-points")
     bad = _command(
-        installed, "sam-jax-train", "--config", "demo", "--workdir", "w2",
+        installed, "sam-jax-train", "--config", "demo_synthetic", "--workdir", "w2",
         "--config.optimizer.lr=fast",
     )  # fmt: skip
     _one_line_error(bad, 2, "sam-jax-train", "--config.optimizer.lr")
-    bad = _command(installed, "sam-jax-train", "--config", "demo", "--workdir", "w2", "--nope")
+    bad = _command(
+        installed, "sam-jax-train", "--config", "demo_synthetic", "--workdir", "w2", "--nope"
+    )
     _one_line_error(bad, 2, "sam-jax-train", "--nope")
     missing = _command(
         installed, "sam-jax-predict", "--checkpoint", "nope", "--image", "photo.png",
