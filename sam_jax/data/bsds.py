@@ -97,9 +97,7 @@ class BsdsSource:
             raise FileNotFoundError(f"bsds: images folder {images_dir!r} does not exist")
         if not paths.isdir(self.gt_dir):
             raise FileNotFoundError(f"bsds: groundTruth folder {self.gt_dir!r} does not exist")
-        names = sorted(
-            n for n in paths.listdir(images_dir) if n.lower().endswith(IMAGE_EXTENSIONS)
-        )
+        names = sorted(n for n in paths.listdir(images_dir) if n.lower().endswith(IMAGE_EXTENSIONS))
         if not names:
             raise ValueError(f"bsds: no images (.jpg) in {images_dir!r}")
         self.images = [paths.join(images_dir, n) for n in names]

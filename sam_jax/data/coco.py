@@ -37,7 +37,7 @@ class CocoImage:
 
 
 def _url_file_name(url: str) -> str:
-    """"val2017/000000397133.jpg" of an LVIS coco_url (its last two path parts)."""
+    """ "val2017/000000397133.jpg" of an LVIS coco_url (its last two path parts)."""
     parts = [p for p in str(url).split("/") if p]
     return posixpath.join(*parts[-2:]) if len(parts) >= 2 else parts[-1]
 
