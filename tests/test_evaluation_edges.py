@@ -110,7 +110,9 @@ def test_matchers_agree_within_and_outside_tolerance(shift, matched):
 
 def _metrics(edge_maps, humans, matcher="exact"):
     t = B.thresholds(99)
-    counts = [B.image_counts(e, h, t, matcher=matcher) for e, h in zip(edge_maps, humans)]
+    counts = [
+        B.image_counts(e, h, t, matcher=matcher) for e, h in zip(edge_maps, humans, strict=True)
+    ]
     return B.boundary_metrics(t, counts)
 
 

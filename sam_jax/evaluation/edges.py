@@ -28,7 +28,6 @@ import numpy as np
 from sam_jax.amg.masks import batched_mask_to_box, batched_nms, build_point_grid
 from sam_jax.data.bsds import iterate_boundaries
 from sam_jax.evaluation import boundaries
-from sam_jax.evaluation.protocol import predict_masks
 
 EDGE_POINTS_PER_SIDE = 16
 EDGE_NMS_THRESH = 0.7

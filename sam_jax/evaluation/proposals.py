@@ -63,7 +63,7 @@ def _run_coco_eval(coco_gt, results, image_ids, max_proposals: int) -> dict:
         ev = COCOeval(coco_gt, coco_dt, iouType="segm")
         ev.params.useCats = 0
         ev.params.imgIds = sorted(int(i) for i in image_ids)
-        ev.params.maxDets = [1, 10, max_proposals]
+        ev.params.maxDets = [max_proposals]  # evaluate() sorts the list: keep one
         ev.evaluate()
         ev.accumulate()
     recall = ev.eval["recall"]  # (T, K=1, A, M): -1 where an area range has no instance
