@@ -183,8 +183,8 @@ def _box(y0, y1, x0, x1):
 
 
 def _ann(i, image_id, cat, m):
-    return {"id": i, "image_id": image_id, "category_id": cat, "segmentation": encode_rle(m),
-            "area": float(m.sum())}  # fmt: skip
+    seg, area = encode_rle(m), float(m.sum())
+    return {"id": i, "image_id": image_id, "category_id": cat, "segmentation": seg, "area": area}
 
 
 def _det(image_id, cat, m, score):
@@ -192,8 +192,14 @@ def _det(image_id, cat, m, score):
 
 
 def _image(i, neg=(), not_exhaustive=()):
-    return {"id": i, "file_name": f"{i}.png", "height": 32, "width": 32,
-            "neg_category_ids": list(neg), "not_exhaustive_category_ids": list(not_exhaustive)}  # fmt: skip
+    return {
+        "id": i,
+        "file_name": f"{i}.png",
+        "height": 32,
+        "width": 32,
+        "neg_category_ids": list(neg),
+        "not_exhaustive_category_ids": list(not_exhaustive),
+    }
 
 
 def test_lvis_federated_rules(tmp_path):

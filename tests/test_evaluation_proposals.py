@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sam_jax.data.spec import parse_dataset_spec
 from sam_jax.data.sources import iterate_examples
+from sam_jax.data.spec import parse_dataset_spec
 from sam_jax.evaluation.detections import load_coco_gt
 from sam_jax.evaluation.metrics import encode_rle, mask_iou
 from sam_jax.evaluation.proposals import evaluate_proposals, mask_average_recall, rank_proposals
