@@ -67,11 +67,15 @@ def write_json(results: dict, path: str) -> None:
     paths.write_text(path, json.dumps(_json_safe(results), indent=2, sort_keys=False) + "\n")
 
 
-# task -> (the entry's metrics dict, its metric names in column order)
+# task -> (the entry's metrics dict, column prefix, its metric names in column order)
 METRIC_TABLES = {
-    "instances": ("mask_ap", ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")),
-    "edges": ("edges", ("ODS", "OIS", "AP", "R50")),
-    "proposals": ("proposals", ("AR", "ARs", "ARm", "ARl", "ARf", "ARc", "ARr")),
+    "instances": (
+        "mask_ap",
+        "mask ",
+        ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf"),
+    ),
+    "edges": ("edges", "", ("ODS", "OIS", "AP", "R50")),
+    "proposals": ("proposals", "mask ", ("AR", "ARs", "ARm", "ARl", "ARf", "ARc", "ARr")),
 }
 PAPER_ROW = "paper (SAM ViT-H)"
 
@@ -85,14 +89,14 @@ def _pct(v):
 
 
 def _metric_rows(results: dict, task: str):
-    key, names = METRIC_TABLES[task]
+    key, prefix, names = METRIC_TABLES[task]
     rows = []
     for name, d in results["datasets"].items():
         rows.append((name, d.get("num_images"), d.get(key) or {}))
         if d.get("paper"):
             rows.append((PAPER_ROW, None, d["paper"]))
     names = [n for n in names if any(m.get(n) is not None for _, _, m in rows)]
-    header = ["dataset", "images", *(f"{key.replace('_', ' ')} {n}" for n in names)]
+    header = ["dataset", "images", *(prefix + n for n in names)]
     return header, [[r[0], r[1], *(_pct(r[2].get(n)) for n in names)] for r in rows]
 
 
