@@ -72,7 +72,6 @@ def test_every_package_folder_is_in_the_wheel():
     """pyproject.toml lists the packages (package-dir maps configs/): a new package folder
     must be added there, or the wheel silently misses it."""
     import tomllib  # Python 3.11+, which the test extra's environment is
-
     with open(REPO / "pyproject.toml", "rb") as f:
         tool = tomllib.load(f)["tool"]["setuptools"]
     assert set(tool["packages"]) == _packages_on_disk()

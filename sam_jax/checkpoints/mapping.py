@@ -435,6 +435,8 @@ def mlp_ratio_for(hidden: int, dim: int) -> float:
     return r
 
 
+
+
 # A key only MobileSAM's TinyViT encoder has (its first convolution).
 TINY_VIT_KEY = "image_encoder.patch_embed.seq.0.c.weight"
 
