@@ -298,3 +298,114 @@ def test_subprocess_error_has_no_traceback(tmp_path):
         timeout=120,
     )
     assert_one_line_error(proc.returncode, proc.stderr, "does not exist", code=1)
+
+
+# ------------------------------------------------------------------ the zero-shot suite's tasks
+
+
+def _run_ok(capsys, checkpoint, out, *argv):
+    rc, stdout, err = run_cli(
+        capsys, "--checkpoint", checkpoint, "--output", out, "--no-progress", *argv
+    )
+    assert rc == 0, err
+    return json.loads((out / "results.json").read_text()), stdout, err
+
+
+@pytest.mark.slow
+def test_edges_task_on_the_bsds_layout(tmp_path, checkpoint, capsys):
+    from test_evaluation_edges import H, W, write_bsds
+
+    rng = np.random.default_rng(0)
+    human = np.zeros((H, W), bool)
+    human[50, 10:190] = True
+    image = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
+    root = write_bsds(tmp_path / "BSDS500", "test", images={"1": (image, [human, human])})
+    spec = f"bsds:{root}:test"
+    out = tmp_path / "out"
+    results, stdout, _ = _run_ok(
+        capsys, checkpoint, out, "--task", "edges", "--dataset", spec,
+        "--points-per-side", "2", "--edge-thresholds", "9",
+    )  # fmt: skip
+    entry = results["datasets"][spec]
+    assert results["protocol"]["task"] == "edges" and entry["task"] == "edges"
+    assert entry["num_images"] == 1 and entry["protocol"]["points_per_side"] == 2
+    for k in ("ODS", "OIS", "AP", "R50"):
+        assert 0.0 <= entry["edges"][k] <= 1.0
+    assert entry["paper"]["ODS"] == 0.768
+    md = (out / "results.md").read_text()
+    assert md.splitlines()[0] == "| dataset | images | ODS | OIS | AP | R50 |"
+    assert "| paper (SAM ViT-H) | - | 76.8 | 78.6 | 79.4 | 92.8 |" in md
+    assert md in stdout and not (out / "miou_vs_points.png").exists()
+    assert (out / "results.csv").read_text().splitlines()[0] == "dataset,images,ODS,OIS,AP,R50"
+
+
+@pytest.mark.slow
+def test_proposals_and_instances_tasks_on_the_lvis_layout(tmp_path, checkpoint, capsys):
+    from test_evaluation_proposals import GT, write_lvis
+
+    ann, images = write_lvis(tmp_path, {1: GT})
+    spec = f"lvis:{ann}:{images}"
+    results, _, _ = _run_ok(
+        capsys, checkpoint, tmp_path / "p", "--task", "proposals", "--dataset", spec,
+        "--points-per-side", "4", "--max-proposals", "5",
+    )  # fmt: skip
+    entry = results["datasets"][spec]
+    assert entry["num_images"] == 1 and 0 < entry["num_proposals"] <= 5
+    assert set(entry["proposals"]) == {"AR", "ARs", "ARm", "ARl", "ARf", "ARc", "ARr"}
+    assert all(0 <= v <= 1 for v in entry["proposals"].values())
+    assert entry["paper"]["AR"] == 0.593
+
+    dets = [{"image_id": 1, "category_id": c, "bbox": [0, 0, 60, 60], "score": 0.5} for c in (1, 2)]
+    (tmp_path / "dets.json").write_text(json.dumps(dets))
+    results, stdout, _ = _run_ok(
+        capsys, checkpoint, tmp_path / "i", "--task", "instances", "--dataset", spec,
+        "--detections", tmp_path / "dets.json",
+    )  # fmt: skip
+    entry = results["datasets"][spec]
+    assert entry["num_detections"] == 2 and entry["protocol"] == {"refine": True, "lvis": True}
+    assert {"AP", "APr", "APc", "APf"} <= set(entry["mask_ap"])
+    assert entry["paper"]["AP"] == 0.447 and "mask APf" in stdout
+
+
+@pytest.mark.slow
+def test_points_grouped_by_an_annotation_field(tmp_path, checkpoint, capsys):
+    from test_evaluation_groups import write_grouped_coco
+
+    spec = write_grouped_coco(tmp_path)
+    out = tmp_path / "out"
+    results, stdout, _ = _run_ok(
+        capsys, checkpoint, out, "--dataset", spec, "--group-by", "gender",
+        "--num-points", "1,3", "--first-point", "random", "--no-boxes",
+    )  # fmt: skip
+    entry = results["datasets"][spec]
+    groups = entry["groups"]["groups"]
+    assert set(groups) == {"feminine", "masculine"}
+    assert groups["feminine"]["num_masks"] == 1 and groups["masculine"]["num_masks"] == 2
+    for g in groups.values():
+        lo, hi = g["ci"]["3"]
+        assert lo <= g["miou"]["3"] <= hi
+    # the groups' masks are the dataset's: their mIoU averages back to the dataset's
+    total = sum(g["miou"]["1"] * g["num_masks"] for g in groups.values()) / 3
+    assert total == pytest.approx(entry["miou"]["1"])
+    rows = (out / "groups.csv").read_text().splitlines()
+    assert rows[0] == "dataset,field,group,masks,points,miou,ci_low,ci_high" and len(rows) == 5
+    assert "mIoU by gender" in stdout and "bootstrap" in stdout
+
+
+@pytest.mark.parametrize(
+    "extra, fragments",
+    [
+        (["--task", "edges"], ["--task edges runs on bsds:"]),
+        (["--task", "proposals"], ["--task proposals runs on coco:, lvis:"]),
+        (["--task", "instances"], ["needs detections"]),
+        (["--group-by", "gender"], ["--group-by reads annotation fields"]),
+        (["--task", "edges", "--group-by", "x"], ["group_by is for the points task"]),
+        (["--nms-thresh", "1.5"], ["--nms-thresh must be in (0, 1]"]),
+        (["--edge-matcher", "fuzzy"], ["--edge-matcher"]),
+    ],
+)
+def test_task_usage_errors(capsys, tmp_path, extra, fragments):
+    argv = ["--checkpoint", "c", "--output", tmp_path / "o", "--dataset", "synthetic", *extra]
+    rc, _, err = run_cli(capsys, *argv)
+    assert_one_line_error(rc, err, *fragments, code=2)
+    assert not (tmp_path / "o").exists()

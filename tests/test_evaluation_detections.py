@@ -1,4 +1,5 @@
-"""Masks from detector boxes scored as COCO mask AP, with a box-filling fake predictor."""
+"""Masks from detector boxes (paper 7.4, D.4) scored as COCO mask AP or LVIS's federated AP, with
+fake predictors: one fills each box, one checks D.4's refinement pass."""
 
 import json
 
@@ -6,12 +7,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sam_jax.evaluation.detections import evaluate_detections, load_coco_gt
+from sam_jax.evaluation.detections import box_masks, evaluate_detections, load_coco_gt
+from sam_jax.evaluation.lvis_metrics import lvis_mask_ap
 from sam_jax.evaluation.metrics import encode_rle
 
 
 class BoxFiller:
-    """Predicts each box filled (inclusive max): known masks for known boxes."""
+    """Predicts each box filled (inclusive max) in every output: known masks for known boxes."""
 
     def __init__(self):
         self.set_calls = 0
@@ -20,12 +22,40 @@ class BoxFiller:
         self.shape = image.shape[:2]
         self.set_calls += 1
 
-    def predict_batch(self, boxes=None, multimask_output=True, **kwargs):
-        assert not multimask_output and boxes.shape[1] == 4
-        masks = np.zeros((len(boxes), 1, *self.shape), bool)
+    def predict_batch(self, boxes=None, multimask_output=True, mask_input=None, **kwargs):
+        assert boxes.shape[1] == 4
+        c = 3 if multimask_output else 1
+        masks = np.zeros((len(boxes), c, *self.shape), bool)
         for i, (x0, y0, x1, y1) in enumerate(np.round(boxes).astype(int)):
-            masks[i, 0, y0 : y1 + 1, x0 : x1 + 1] = True
-        return masks, np.ones((len(boxes), 1)), np.zeros((len(boxes), 1, 4, 4))
+            masks[i, :, y0 : y1 + 1, x0 : x1 + 1] = True
+        return masks, np.ones((len(boxes), c)), np.zeros((len(boxes), c, 4, 4))
+
+
+class RefineChecker:
+    """Pass 1 (3 outputs, no mask prompt): masks 0, 1, 2 with predicted IoU .2, .9, .5 and low-res
+    logits filled with 10, 20, 30. Pass 2 must get the box and the most confident (20) logits and
+    a single output; its mask is the box's left half, so the final mask tells the passes apart."""
+
+    def __init__(self):
+        self.calls = []
+
+    def set_image(self, image):
+        self.shape = image.shape[:2]
+
+    def predict_batch(self, boxes=None, multimask_output=True, mask_input=None, **kwargs):
+        b = len(boxes)
+        self.calls.append((multimask_output, None if mask_input is None else mask_input.copy()))
+        if mask_input is None:
+            assert multimask_output
+            masks = np.zeros((b, 3, *self.shape), bool)
+            masks[:, 1] = True
+            low = np.stack([np.full((b, 4, 4), v, np.float32) for v in (10, 20, 30)], axis=1)
+            return masks, np.tile([0.2, 0.9, 0.5], (b, 1)), low
+        assert not multimask_output and mask_input.shape == (b, 1, 4, 4)
+        masks = np.zeros((b, 1, *self.shape), bool)
+        for i, (x0, y0, x1, y1) in enumerate(np.round(boxes).astype(int)):
+            masks[i, 0, y0 : y1 + 1, x0 : (x0 + x1) // 2] = True
+        return masks, np.ones((b, 1)), np.zeros((b, 1, 4, 4))
 
 
 def _write_dataset(tmp_path, broken_image=False):
@@ -125,3 +155,100 @@ def test_bad_detections(tmp_path):
     (tmp_path / "dets.json").write_text(json.dumps(dets))
     res = evaluate_detections(BoxFiller(), ann, img, str(tmp_path / "dets.json"))
     assert res["num_detections"] == 2
+
+
+def test_refinement_pass_feeds_the_most_confident_mask_back_with_the_box():
+    p = RefineChecker()
+    p.set_image(np.zeros((32, 32, 3), np.uint8))
+    boxes = np.array([[2, 2, 21, 9], [4, 4, 11, 11]], np.float32)
+    masks = box_masks(p, boxes, refine=True)
+    assert [c[0] for c in p.calls] == [True, False]
+    assert np.all(p.calls[1][1] == 20)  # the logits of the most confident pass-1 mask
+    assert masks.shape == (2, 32, 32) and masks[0, 2:10, 2:11].all() and not masks[0, :, 11:].any()
+    filler = BoxFiller()
+    filler.set_image(np.zeros((32, 32, 3), np.uint8))
+    assert box_masks(filler, boxes, refine=False)[1].sum() == 64  # one single-output pass
+
+
+def _lvis_gt(tmp_path, images, anns, cats):
+    data = {"images": images, "annotations": anns, "categories": cats}
+    (tmp_path / "lvis.json").write_text(json.dumps(data))
+    return load_coco_gt(str(tmp_path / "lvis.json"))
+
+
+def _box(y0, y1, x0, x1):
+    m = np.zeros((32, 32), bool)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+def _ann(i, image_id, cat, m):
+    seg, area = encode_rle(m), float(m.sum())
+    return {"id": i, "image_id": image_id, "category_id": cat, "segmentation": seg, "area": area}
+
+
+def _det(image_id, cat, m, score):
+    return {"image_id": image_id, "category_id": cat, "segmentation": encode_rle(m), "score": score}
+
+
+def _image(i, neg=(), not_exhaustive=()):
+    return {
+        "id": i,
+        "file_name": f"{i}.png",
+        "height": 32,
+        "width": 32,
+        "neg_category_ids": list(neg),
+        "not_exhaustive_category_ids": list(not_exhaustive),
+    }
+
+
+def test_lvis_federated_rules(tmp_path):
+    a, b, c = _box(2, 12, 2, 12), _box(15, 25, 15, 25), _box(20, 30, 0, 10)
+    cats = [{"id": 1, "name": "f1", "frequency": "f"}, {"id": 4, "name": "r4", "frequency": "r"}]
+    anns = [_ann(1, 1, 1, a), _ann(2, 2, 4, b)]
+    tp = [_det(1, 1, a, 0.5), _det(2, 4, b, 0.5)]
+
+    def ap(images, extra, **kw):
+        gt = _lvis_gt(tmp_path, images, anns, cats)
+        return lvis_mask_ap(gt, tp + extra, [1, 2], **kw)
+
+    plain = [_image(1), _image(2)]
+    assert ap(plain, [])["AP"] == pytest.approx(1.0)
+    # A better-scored false positive of a category with ground truth in the image: precision
+    # 1/2 at recall 1 for category 1 (AP 1/2), category 4 untouched: AP = (0.5 + 1) / 2.
+    fp1 = [_det(1, 1, c, 0.9)]
+    r = ap(plain, fp1)
+    assert r["AP"] == pytest.approx(0.75) and r["APf"] == pytest.approx(0.5)
+    assert r["APr"] == pytest.approx(1.0) and r["APc"] is None
+    # Rule 3: category 1 not exhaustively annotated in image 1: the unmatched one is ignored.
+    assert ap([_image(1, not_exhaustive=[1]), _image(2)], fp1)["AP"] == pytest.approx(1.0)
+    # Rule 2: a category-4 detection in image 1, where 4 is neither present nor verified absent,
+    # is dropped; verified absent (neg_category_ids), it is a false positive.
+    fp4 = [_det(1, 4, c, 0.9)]
+    assert ap(plain, fp4)["AP"] == pytest.approx(1.0)
+    assert ap([_image(1, neg=[4]), _image(2)], fp4)["APr"] == pytest.approx(0.5)
+    # Rule 1: at most max_dets per image by score: the true positive falls out.
+    assert ap(plain, fp1, max_dets=1)["APf"] == pytest.approx(0.0)
+
+
+def test_lvis_instances_end_to_end(tmp_path):
+    """An LVIS file (images under coco_url, no file_name) through evaluate_detections."""
+    a = _box(2, 12, 3, 11)
+    img = _image(1)
+    del img["file_name"]
+    img["coco_url"] = "http://images.cocodataset.org/val2017/000000000001.jpg"
+    cats = [{"id": 1, "name": "f1", "frequency": "f"}]
+    _lvis_gt(tmp_path, [img], [_ann(1, 1, 1, a)], cats)
+    (tmp_path / "val2017").mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "val2017" / "000000000001.jpg")
+    dets = [{"image_id": 1, "category_id": 1, "bbox": [3, 2, 7, 9], "score": 0.9}]
+    res = evaluate_detections(
+        BoxFiller(), str(tmp_path / "lvis.json"), str(tmp_path), dets, lvis=True
+    )
+    assert res["mask_ap"]["AP"] == pytest.approx(1.0) and res["mask_ap"]["APf"] == pytest.approx(
+        1.0
+    )
+    with pytest.raises(ValueError, match="not an LVIS file"):
+        (tmp_path / "c").mkdir()
+        ann, img_dir, _ = _write_dataset(tmp_path / "c")
+        evaluate_detections(BoxFiller(), ann, img_dir, dets, lvis=True)

@@ -1,18 +1,21 @@
-"""sam-jax-eval: zero-shot evaluation of a SAM checkpoint (SAM paper 7.1 / 7.3 / D.1); also
+"""sam-jax-eval: zero-shot evaluation of a SAM checkpoint (SAM paper section 7, appendix D); also
 `python eval.py`.
 
-    sam-jax-eval --checkpoint CKPT --dataset SPEC [--dataset SPEC ...] --output DIR
+    sam-jax-eval --checkpoint CKPT [--task TASK] --dataset SPEC [--dataset SPEC ...] --output DIR
 
 CKPT: anything sam_jax.load reads (a converted or transformers directory, an official .pth, a
-registry name, a Hub id). SPEC: `synthetic[:SPLIT]`,
-`sa1b:PATH`, `coco:ANN_JSON:IMAGES_DIR`, `tfds:NAME[:SPLIT]` (see sam_jax.data.spec).
-Per dataset: mIoU after 1, 2, 3, 5, 9 points (RITM clicks, most confident mask), oracle mIoU at
-1 point, box mIoU from ground-truth boxes, and with --detections (a COCO results JSON of
-detector boxes, for the one coco: dataset) COCO mask AP. Writes DIR/results.json, results.md,
-results.csv and miou_vs_points.png, and prints the table. CKPT, DIR and the data may be bucket
-paths (gs://...). Several processes (a pod, SLURM, or --coordinator-address/--num-processes/
---process-id) split the images between them and report the same numbers as one process;
-process 0 writes the reports.
+registry name, a Hub id). SPEC: `synthetic[:SPLIT]`, `sa1b:PATH`, `coco:ANN_JSON:IMAGES_DIR`,
+`lvis:ANN_JSON:IMAGES_DIR`, `bsds:ROOT[:SPLIT]`, `tfds:NAME[:SPLIT]` (see sam_jax.data.spec).
+Tasks: points (default; mIoU after 1, 2, 3, 5, 9 points with RITM clicks and the most confident
+mask, oracle mIoU at 1 point, box mIoU from ground-truth boxes; --group-by FIELD adds mIoU per
+annotation-field value with 95% bootstrap intervals; with --detections, COCO mask AP on the coco:
+dataset), boxes, instances (mask AP of --detections' boxes, COCO or LVIS), edges (BSDS500 ODS,
+OIS, AP, R50) and proposals (mask AR@1000, COCO or LVIS). The paper's numbers are printed beside
+ours where the task and dataset are the paper's. Writes DIR/results.json, results.md,
+results.csv (and miou_vs_points.png, groups.csv where they apply), and prints the table. CKPT,
+DIR and the data may be bucket paths (gs://...). Several processes (a pod, SLURM, or
+--coordinator-address/--num-processes/--process-id) split the images between them and report
+the same numbers as one process; process 0 writes the reports.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import sys
 
 from sam_jax import distributed, paths
 from sam_jax.cli import common
+from sam_jax.evaluation.boundaries import DEFAULT_THRESHOLDS, MATCHERS
 from sam_jax.evaluation.checkpoint import (
     DTYPES,
     TASKS,
@@ -30,6 +34,7 @@ from sam_jax.evaluation.checkpoint import (
     parse_specs,
     quiet_data_logs,
 )
+from sam_jax.evaluation.proposals import MAX_PROPOSALS
 from sam_jax.evaluation.protocol import FIRST_POINT_MODES, MULTIMASK_MODES
 from sam_jax.evaluation.report import markdown_table, write_reports
 
@@ -52,7 +57,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         choices=TASKS,
         default="points",
         help="points: mIoU after N clicks and from ground-truth boxes (default); boxes: from "
-        "ground-truth boxes only; instances: COCO mask AP from --detections' boxes",
+        "ground-truth boxes only; instances: mask AP from --detections' boxes (coco: or lvis:); "
+        "edges: BSDS500 ODS/OIS/AP/R50 (bsds:); proposals: mask AR@1000 (coco: or lvis:)",
     )
     p.add_argument(
         "--dataset",
@@ -104,7 +110,48 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument(
         "--detections",
         metavar="JSON",
-        help="COCO results JSON of detector boxes for the coco: dataset -> mask AP",
+        help="COCO results JSON of detector boxes (task instances, or points on a coco: dataset) "
+        "-> mask AP",
+    )
+    p.add_argument(
+        "--no-refine",
+        action="store_true",
+        help="instances: one single-output pass per box instead of D.4's refinement pass",
+    )
+    p.add_argument(
+        "--group-by",
+        metavar="FIELD",
+        help="points: mIoU per value of this annotation field (or of the annotation's category, "
+        "e.g. name, frequency) with 95%% bootstrap confidence intervals (paper Table 2 used "
+        "--first-point random and 1 and 3 points)",
+    )
+    p.add_argument(
+        "--points-per-side",
+        type=common.positive_int,
+        help="edges / proposals: point grid per side (default 16 / 64)",
+    )
+    p.add_argument(
+        "--nms-thresh",
+        type=float,
+        help="edges / proposals: box NMS threshold (default 0.7 / 0.9)",
+    )
+    p.add_argument(
+        "--max-proposals",
+        type=common.positive_int,
+        default=MAX_PROPOSALS,
+        help="proposals: per image, ranked by mean(predicted IoU, stability) (default 1000)",
+    )
+    p.add_argument(
+        "--edge-thresholds",
+        type=common.positive_int,
+        default=DEFAULT_THRESHOLDS,
+        help="edges: number of thresholds of the BSDS evaluation (default 99)",
+    )
+    p.add_argument(
+        "--edge-matcher",
+        choices=MATCHERS,
+        default="bsds",
+        help="edges: the benchmark's pixel correspondence (default) or an exact maximum matching",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -136,6 +183,8 @@ def parse_args(argv=None, prog: str = PROG) -> argparse.Namespace:
         p.error(f"--num-points must be comma-separated integers, got {args.num_points!r}")
     if args.num_points and min(args.num_points) < 1:
         p.error("--num-points values must be >= 1")
+    if args.nms_thresh is not None and not 0.0 < args.nms_thresh <= 1.0:
+        p.error(f"--nms-thresh must be in (0, 1], got {args.nms_thresh}")
     return args
 
 
@@ -155,6 +204,13 @@ def settings_of(args: argparse.Namespace) -> EvalSettings:
         batch_size=args.batch_size,
         dtype=args.dtype,
         detections=args.detections,
+        group_by=args.group_by,
+        refine=not args.no_refine,
+        points_per_side=args.points_per_side,
+        nms_thresh=args.nms_thresh,
+        max_proposals=args.max_proposals,
+        edge_thresholds=args.edge_thresholds,
+        edge_matcher=args.edge_matcher,
     )
 
 

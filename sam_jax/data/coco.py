@@ -1,8 +1,10 @@
 """COCO instance annotations reader (polygons, compressed RLE and uncompressed list RLE).
 
 Masks are built as pycocotools' `COCO.annToRLE` does. Crowd annotations (iscrowd=1) are skipped
-and counted unless include_crowd is set. Images are read from IMAGES_DIR/file_name (LVIS entries,
-which have only coco_url, use its basename).
+and counted unless include_crowd is set. Images are read from IMAGES_DIR/file_name. LVIS entries
+have only coco_url (".../val2017/000000397133.jpg"): they are read from IMAGES_DIR/val2017/<name>
+(the COCO 2017 folders side by side, as LVIS v1 mixes train2017 and val2017 images), or from
+IMAGES_DIR/<name> when IMAGES_DIR holds the images directly.
 """
 
 from __future__ import annotations
@@ -31,6 +33,13 @@ class CocoImage:
     height: int
     width: int
     annotations: tuple
+    from_url: bool = False  # file_name is "<split folder>/<name>" taken from coco_url
+
+
+def _url_file_name(url: str) -> str:
+    """ "val2017/000000397133.jpg" of an LVIS coco_url (its last two path parts)."""
+    parts = [p for p in str(url).split("/") if p]
+    return posixpath.join(*parts[-2:]) if len(parts) >= 2 else parts[-1]
 
 
 def load_coco_index(ann_path: str) -> tuple[CocoImage, ...]:
@@ -68,13 +77,15 @@ def _load_coco_index(ann_path: str, stamp) -> tuple[CocoImage, ...]:
     images = []
     for im in data["images"]:
         try:
+            from_url = not im.get("file_name")
             images.append(
                 CocoImage(
                     im["id"],
-                    im.get("file_name") or posixpath.basename(im["coco_url"]),  # LVIS: coco_url
+                    _url_file_name(im["coco_url"]) if from_url else im["file_name"],
                     int(im["height"]),
                     int(im["width"]),
                     tuple(anns.get(im["id"], ())),
+                    from_url,
                 )
             )
         except (KeyError, TypeError, ValueError):
@@ -83,6 +94,22 @@ def _load_coco_index(ann_path: str, stamp) -> tuple[CocoImage, ...]:
                 "lacks id, file_name, height or width)"
             ) from None
     return tuple(sorted(images, key=lambda im: im.image_id))
+
+
+def image_path(images_dir: str, file_name: str, from_url: bool = False) -> str:
+    """IMAGES_DIR/file_name; a name taken from an LVIS coco_url ("val2017/<name>") falls back to
+    IMAGES_DIR/<name> when IMAGES_DIR has no such split folder."""
+    path = paths.join(images_dir, file_name)
+    if from_url and not paths.exists(path):
+        return paths.join(images_dir, posixpath.basename(file_name))
+    return path
+
+
+def image_entry_path(images_dir: str, image: dict) -> str:
+    """The image file of a COCO or LVIS `images` entry (a dict of the annotation file)."""
+    if image.get("file_name"):
+        return image_path(images_dir, image["file_name"])
+    return image_path(images_dir, _url_file_name(image.get("coco_url", "")), from_url=True)
 
 
 class CocoSource:
@@ -96,11 +123,14 @@ class CocoSource:
     def __len__(self) -> int:
         return len(self.images)
 
+    def image_path(self, entry: CocoImage) -> str:
+        return image_path(self.images_dir, entry.file_name, entry.from_url)
+
     def load(self, i: int, stats: dict | None = None) -> Record | None:
         entry = self.images[i]
         image_id = str(entry.image_id)
         try:
-            image = decode_image(paths.read_bytes(paths.join(self.images_dir, entry.file_name)))
+            image = decode_image(paths.read_bytes(self.image_path(entry)))
             if image.shape[:2] != (entry.height, entry.width):
                 raise ValueError(
                     f"decoded size {image.shape[:2]} != annotated size "

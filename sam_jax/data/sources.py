@@ -100,8 +100,13 @@ def open_source(
         return NucleiSource(split)
     if spec.kind == "sa1b":
         return SA1BSource(spec.path, index_dir, process_index, process_count, barrier)
-    if spec.kind == "coco":
+    if spec.kind in ("coco", "lvis"):  # LVIS annotations have no crowd entries
         return CocoSource(spec.path, spec.images_dir, spec.option("include_crowd", "0") == "1")
+    if spec.kind == "bsds":
+        raise ValueError(
+            f"dataset {spec.text!r}: BSDS500 has boundary maps, not instance masks (it serves "
+            "the edges evaluation only)"
+        )
 
     return open_tfds(spec.name, split, spec.option("data_dir"))
 

@@ -4,6 +4,10 @@
     nuclei[:SPLIT]                    nuclei of scikit-image's IHC slide (train / test tiles)
     sa1b:PATH                         a folder (or one .tar) of SA-1B tars or jpg+json pairs
     coco:ANN_JSON:IMAGES_DIR          COCO instance annotations and their images folder
+    lvis:ANN_JSON:IMAGES_DIR          LVIS v1 annotations (COCO-like, with category frequencies and
+                                      federated image labels) and the COCO 2017 images folder
+    bsds:ROOT[:SPLIT]                 BSDS500 (images/SPLIT/*.jpg, groundTruth/SPLIT/*.mat): human
+                                      boundary maps, for edge detection only
     tfds:NAME[:SPLIT]                 a prepared tensorflow-datasets dataset (e.g. segment_anything)
 
 Paths may be local or anything tf.io.gfile reads (gs://...). Options follow a `?`, joined by `&`:
@@ -19,11 +23,12 @@ import dataclasses
 import re
 
 from sam_jax import paths
+from sam_jax.data.bsds import SPLITS as BSDS_SPLITS
 from sam_jax.data.coco import load_coco_index
 from sam_jax.data.nuclei import SPLITS as NUCLEI_SPLITS
 from sam_jax.data.synthetic import SPLITS
 
-KINDS = ("synthetic", "nuclei", "sa1b", "coco", "tfds")
+KINDS = ("synthetic", "nuclei", "sa1b", "coco", "lvis", "bsds", "tfds")
 # synthetic options that are fractions in [0, 1] (SyntheticConfig checks their ranges)
 FRACTION_OPTIONS = ("part_prob", "texture_strength", "min_area", "max_area", "min_visible")
 _OPTIONS = {
@@ -42,14 +47,17 @@ _OPTIONS = {
     "nuclei": (),
     "sa1b": (),
     "coco": ("include_crowd",),
+    "lvis": (),
+    "bsds": (),
     "tfds": ("data_dir",),
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
-    """A parsed dataset spec. `path`: sa1b folder/tar or coco annotation file; `images_dir`: coco
-    images; `name`: tfds dataset name; `split`: synthetic/tfds split (None: the caller's split)."""
+    """A parsed dataset spec. `path`: sa1b folder/tar, coco/lvis annotation file or bsds root;
+    `images_dir`: coco/lvis images; `name`: tfds dataset name; `split`: synthetic/nuclei/bsds/tfds
+    split (None: the caller's split)."""
 
     kind: str
     path: str | None = None
@@ -135,10 +143,20 @@ def parse_dataset_spec(spec: str | DatasetSpec, check_paths: bool = True) -> Dat
         if check_paths and not paths.exists(rest):
             raise FileNotFoundError(f"dataset spec {text!r}: path {rest!r} does not exist")
         return DatasetSpec(kind, path=rest, options=options, text=text)
-    if kind == "coco":
+    if kind == "bsds":
+        parts = split_paths(rest) if rest else []
+        if not 1 <= len(parts) <= 2 or not all(parts):
+            raise ValueError(f"dataset spec {text!r}: expected bsds:ROOT[:SPLIT]")
+        if len(parts) == 2 and parts[1] not in BSDS_SPLITS:
+            raise ValueError(f"dataset spec {text!r}: bsds split must be one of {BSDS_SPLITS}")
+        if check_paths and not paths.isdir(parts[0]):
+            raise FileNotFoundError(f"dataset spec {text!r}: folder {parts[0]!r} does not exist")
+        split = parts[1] if len(parts) == 2 else None
+        return DatasetSpec(kind, path=parts[0], split=split, options=options, text=text)
+    if kind in ("coco", "lvis"):
         parts = split_paths(rest)
         if len(parts) != 2 or not all(parts):
-            raise ValueError(f"dataset spec {text!r}: expected coco:ANN_JSON:IMAGES_DIR")
+            raise ValueError(f"dataset spec {text!r}: expected {kind}:ANN_JSON:IMAGES_DIR")
         ann, images = parts
         out = DatasetSpec(kind, path=ann, images_dir=images, options=options, text=text)
         if out.option("include_crowd", "0") not in ("0", "1"):

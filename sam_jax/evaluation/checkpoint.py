@@ -7,6 +7,17 @@
 `evaluate_checkpoint` loads the model once and runs the task on every dataset: one results dict
 (`results["datasets"][name]` per dataset) in the format `sam_jax.evaluation.report` writes.
 Several processes of one job split the images and return the same numbers as one process.
+
+Tasks (`TASK_TABLE`, one `Task` each: the dataset kinds it runs on and its runner):
+  points     mIoU after N clicks (paper 7.1, D.1; center or random first point, figure 9d), oracle
+             at 1 click, ground-truth boxes; per-group mIoU with confidence intervals (Table 2)
+             with group_by; COCO mask AP of detections' boxes on the coco: dataset if given
+  boxes      ground-truth boxes only
+  instances  mask AP of a detector's boxes with D.4's refinement pass (7.4; COCO or LVIS)
+  edges      BSDS500 ODS / OIS / AP / R50 of SAM's edge maps (7.2, D.2)
+  proposals  mask AR@1000 of automatic masks (7.3, D.3; COCO or LVIS with frequency groups)
+A new task (e.g. text prompts) is one runner `(predictor, spec, settings, progress) -> entry`
+and one `Task` added to TASK_TABLE; the command's --task choices follow the table.
 """
 
 from __future__ import annotations
@@ -21,10 +32,14 @@ import jax
 import jax.numpy as jnp
 
 from sam_jax import distributed, paths
+from sam_jax.amg import SamAutomaticMaskGenerator
 from sam_jax.checkpoints import load
 from sam_jax.data import DatasetSpec, iterate_examples, parse_dataset_spec
 from sam_jax.errors import NoMasksError, UsageError, one_line
+from sam_jax.evaluation import boundaries, edges, proposals
 from sam_jax.evaluation.detections import evaluate_detections
+from sam_jax.evaluation.groups import GROUP_KINDS, group_labels, group_miou
+from sam_jax.evaluation.paper import paper_numbers
 from sam_jax.evaluation.protocol import (
     DEFAULT_NUM_POINTS,
     FIRST_POINT_MODES,
@@ -33,20 +48,25 @@ from sam_jax.evaluation.protocol import (
 )
 from sam_jax.predictor import SamPredictor
 
-TASKS = ("points", "boxes", "instances")
 DTYPES = ("float32", "bfloat16")
+MASK_KINDS = ("synthetic", "nuclei", "sa1b", "coco", "lvis", "tfds")  # datasets with masks
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalSettings:
-    """The evaluation protocol (SAM paper 7.1, 7.4, D.1, D.4).
+    """The evaluation protocol (SAM paper section 7, appendix D).
 
-    task: "points" (mIoU after `num_points` clicks, oracle at 1 click, and ground-truth boxes
-    unless gt_boxes is False), "boxes" (ground-truth boxes only), "instances" (COCO mask AP of
-    the masks of `detections`' boxes, the one coco: dataset). first_point: "center" (farthest
-    from the boundary) or "random" (a uniform interior pixel). multimask: "first", "always" or
-    "never" (3 outputs at the first click only, at every click, or never). max_masks: a seeded
-    sample of at most this many masks per dataset; max_images: read at most this many images.
+    task: a key of TASK_TABLE (see the module docstring). first_point: "center" (farthest from
+    the boundary) or "random" (a uniform interior pixel, figure 9d and Table 2). multimask:
+    "first", "always" or "never" (3 outputs at the first click only, at every click, or never).
+    max_masks: a seeded sample of at most this many masks per dataset; max_images: read at most
+    this many images. group_by: an annotation field (points task, coco/lvis datasets): mIoU per
+    value with bootstrap confidence intervals. detections: a COCO results JSON of boxes (task
+    instances; with task points, also mask AP on the coco: dataset). refine: D.4's refinement
+    pass for detector boxes. points_per_side / nms_thresh: the grid and NMS threshold of edges
+    (default 16, 0.7) and proposals (64, 0.9); max_proposals: proposals per image (1000).
+    edge_thresholds / edge_matcher: the BSDS evaluation's thresholds (99) and matcher ("bsds",
+    the benchmark's, or "exact").
     """
 
     task: str = "points"
@@ -62,15 +82,23 @@ class EvalSettings:
     batch_size: int = 32
     dtype: str = "float32"
     detections: str | None = None
+    group_by: str | None = None
+    refine: bool = True
+    points_per_side: int | None = None
+    nms_thresh: float | None = None
+    max_proposals: int = proposals.MAX_PROPOSALS
+    edge_thresholds: int = boundaries.DEFAULT_THRESHOLDS
+    edge_matcher: str = "bsds"
 
     def __post_init__(self):
         problems = []
-        if self.task not in TASKS:
+        if self.task not in TASK_TABLE:
             problems.append(f"task must be one of {TASKS}, got {self.task!r}")
         for field, allowed in (
             ("first_point", FIRST_POINT_MODES),
             ("multimask", MULTIMASK_MODES),
             ("dtype", DTYPES),
+            ("edge_matcher", boundaries.MATCHERS),
         ):
             if getattr(self, field) not in allowed:
                 problems.append(f"{field} must be one of {allowed}, got {getattr(self, field)!r}")
@@ -78,6 +106,19 @@ class EvalSettings:
             problems.append(f"num_points must be >= 1, got {list(self.num_points)}")
         if self.task == "instances" and self.detections is None:
             problems.append("task 'instances' needs detections (a COCO results JSON of boxes)")
+        if self.detections is not None and self.task not in ("points", "instances"):
+            problems.append(f"detections are for the instances task, not {self.task!r}")
+        if self.group_by is not None:
+            if self.task != "points":
+                problems.append(f"group_by is for the points task, not {self.task!r}")
+            elif not self.num_points:
+                problems.append("group_by needs numbers of points")
+        if self.points_per_side is not None and self.points_per_side < 1:
+            problems.append(f"points_per_side must be >= 1, got {self.points_per_side}")
+        if self.nms_thresh is not None and not 0.0 < self.nms_thresh <= 1.0:
+            problems.append(f"nms_thresh must be in (0, 1], got {self.nms_thresh}")
+        if self.max_proposals < 1 or self.edge_thresholds < 1:
+            problems.append("max_proposals and edge_thresholds must be >= 1")
         if problems:
             raise UsageError("; ".join(problems))
         object.__setattr__(self, "num_points", tuple(sorted({int(n) for n in self.num_points})))
@@ -92,8 +133,9 @@ class EvalSettings:
 
 
 def parse_specs(texts: Sequence[str | DatasetSpec], settings: EvalSettings) -> list[DatasetSpec]:
-    """Dataset specs, checked before any work (UsageError for a malformed one; detections need
-    exactly one coco: dataset, and must exist)."""
+    """Dataset specs, checked before any work (UsageError for a malformed one or one the task
+    cannot run on; detections need exactly one coco: (or, for instances, lvis:) dataset, and
+    must exist)."""
     specs = []
     for text in texts:
         if isinstance(text, DatasetSpec):
@@ -103,10 +145,24 @@ def parse_specs(texts: Sequence[str | DatasetSpec], settings: EvalSettings) -> l
             specs.append(parse_dataset_spec(text))
         except ValueError as e:  # malformed (a missing path is FileNotFoundError: exit 1)
             raise UsageError(f"--dataset: {one_line(e)}") from None
+    task = TASK_TABLE[settings.task]
+    for spec in specs:
+        if spec.kind not in task.kinds:
+            raise UsageError(
+                f"--task {task.name} runs on {', '.join(k + ':' for k in task.kinds)} datasets, "
+                f"not {spec.text!r}"
+            )
+        if settings.group_by and spec.kind not in GROUP_KINDS:
+            raise UsageError(
+                f"--group-by reads annotation fields of {' or '.join(GROUP_KINDS)} datasets, "
+                f"not {spec.text!r}"
+            )
     if settings.detections:
-        coco = [s for s in specs if s.kind == "coco"]
-        if len(coco) != 1:
-            raise UsageError(f"--detections needs exactly one coco: dataset, got {len(coco)}")
+        kinds = ("coco", "lvis") if settings.task == "instances" else ("coco",)
+        found = [s for s in specs if s.kind in kinds]
+        if len(found) != 1 or (settings.task == "instances" and len(specs) != 1):
+            names = " or ".join(k + ":" for k in kinds)
+            raise UsageError(f"--detections needs exactly one {names} dataset, got {len(found)}")
         if not paths.isfile(settings.detections):
             raise FileNotFoundError(f"detections file {settings.detections!r} does not exist")
     return specs
@@ -132,18 +188,21 @@ def load_predictor(checkpoint: str, dtype: str = "float32") -> SamPredictor:
 def evaluate_checkpoint(
     checkpoint: str | SamPredictor,
     datasets: Sequence[str | DatasetSpec],
-    settings: EvalSettings = EvalSettings(),
+    settings: EvalSettings | None = None,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Runs `settings.task` of a checkpoint (or a ready `SamPredictor`) on every dataset.
 
     datasets: specs (`synthetic[:SPLIT]`, `sa1b:PATH`, `coco:ANN_JSON:IMAGES_DIR`,
-    `tfds:NAME[:SPLIT]`, see sam_jax.data.spec). Returns {"checkpoint", "seed", "split",
-    "protocol", "datasets": {name: entry}, "seconds"}; an entry holds the task's metrics (see
-    `evaluate_points`; `mask_ap` for instances), counts, skipped data and timings. `log`
-    receives one line per dataset (on the main process).
+    `lvis:ANN_JSON:IMAGES_DIR`, `bsds:ROOT[:SPLIT]`, `tfds:NAME[:SPLIT]`, see
+    sam_jax.data.spec). Returns {"checkpoint", "seed", "split", "protocol", "datasets": {name:
+    entry}, "seconds"}; an entry holds the task's metrics ("miou" ... of `evaluate_points` and
+    "groups" for points, "mask_ap" for instances, "edges", "proposals"), counts, skipped data
+    and timings, plus "task" and "paper" (the paper's numbers for that task and dataset kind, or
+    None). `log` receives one line per dataset (on the main process).
     """
+    settings = settings if settings is not None else EvalSettings()
     specs = parse_specs(datasets, settings)
     predictor = checkpoint
     if not isinstance(checkpoint, SamPredictor):
@@ -159,9 +218,13 @@ def evaluate_checkpoint(
     start = time.perf_counter()
     for name, spec in zip(dataset_names(specs), specs, strict=True):
         try:
-            entry = _evaluate_dataset(predictor, spec, settings, progress and main_process)
+            entry = TASK_TABLE[settings.task].run(
+                predictor, spec, settings, progress and main_process
+            )
         except ValueError as e:
             raise type(e)(f"dataset {name!r}: {one_line(e)}") from None
+        entry["task"] = settings.task
+        entry["paper"] = paper_numbers(settings.task, spec.kind)
         results["datasets"][name] = entry
         if log is not None and main_process:
             log(_summary(name, entry))
@@ -171,6 +234,13 @@ def evaluate_checkpoint(
 
 def _summary(name: str, entry: dict[str, Any]) -> str:
     t = entry["timing"]
+    if "num_masks" not in entry:  # edges, proposals, instances
+        rate = t.get("images_per_s")
+        return (
+            f"{name}: {entry['num_images']} images, "
+            + (f"{rate:.2f} images/s " if rate else "")
+            + f"(skipped {entry['skipped_images']} unreadable images)"
+        )
     return (
         f"{name}: {entry['num_images']} images, {entry['num_masks']} masks, "
         f"{t['images_per_s']:.2f} images/s, {t['masks_per_s']:.1f} masks/s "
@@ -187,7 +257,8 @@ def _sum_counts(counts: list[dict]) -> dict:
     return total
 
 
-def _evaluate_dataset(predictor, spec: DatasetSpec, s: EvalSettings, progress: bool) -> dict:
+def _run_points(predictor, spec: DatasetSpec, s: EvalSettings, progress: bool) -> dict:
+    """Tasks points and boxes (and, with detections, COCO mask AP of the coco: dataset)."""
     stats: dict = {}
 
     def examples():  # a fresh pass over this process's share; stats of the last pass are kept
@@ -216,6 +287,7 @@ def _evaluate_dataset(predictor, spec: DatasetSpec, s: EvalSettings, progress: b
             max_masks=s.max_masks,
             batch_size=s.batch_size,
             progress=progress,
+            return_per_mask=s.group_by is not None,
             all_gather=distributed.all_gather,
         )
     except NoMasksError as e:
@@ -234,22 +306,117 @@ def _evaluate_dataset(predictor, spec: DatasetSpec, s: EvalSettings, progress: b
         + int(stats.get("empty_masks", 0))
         + int(stats.get("skipped_masks", 0))
     )
+    if s.group_by is not None:
+        per_mask = entry.pop("per_mask")
+        labels = group_labels(spec, s.group_by)
+        entry["groups"] = group_miou(per_mask, labels, s.num_points, s.group_by, s.seed)
     entry["mask_ap"] = None
     if s.detections and spec.kind == "coco":
-        det = evaluate_detections(
-            predictor,
-            spec.path,
-            spec.images_dir,
-            s.detections,
-            max_images=s.max_images,
-            batch_size=s.batch_size,
-            progress=progress,
-        )
+        det = _detections(predictor, spec, s, progress)
         entry["mask_ap"] = det["mask_ap"]
         entry["detections"] = {
             k: det[k] for k in ("num_images", "num_detections", "skipped_images", "timing")
         }
     return entry
+
+
+def _detections(predictor, spec: DatasetSpec, s: EvalSettings, progress: bool) -> dict:
+    return evaluate_detections(
+        predictor,
+        spec.path,
+        spec.images_dir,
+        s.detections,
+        max_images=s.max_images,
+        batch_size=s.batch_size,
+        progress=progress,
+        refine=s.refine,
+        lvis=spec.kind == "lvis",
+    )
+
+
+def _run_instances(predictor, spec: DatasetSpec, s: EvalSettings, progress: bool) -> dict:
+    """Task instances (7.4, D.4): mask AP of the detections' boxes, COCO's or LVIS's."""
+    det = _detections(predictor, spec, s, progress)
+    det["protocol"] = {"refine": s.refine, "lvis": spec.kind == "lvis"}
+    return det
+
+
+def _run_edges(predictor, spec: DatasetSpec, s: EvalSettings, progress: bool) -> dict:
+    """Task edges (7.2, D.2) on a bsds: dataset."""
+    pps = s.points_per_side or edges.EDGE_POINTS_PER_SIDE
+    nms = s.nms_thresh if s.nms_thresh is not None else edges.EDGE_NMS_THRESH
+
+    def edge_fn(image):
+        return edges.sam_edge_map(predictor, image, pps, nms, s.batch_size)[0]
+
+    entry = edges.evaluate_edges(
+        edge_fn,
+        spec.path,
+        spec.split or s.split,
+        num_thresholds=s.edge_thresholds,
+        matcher=s.edge_matcher,
+        max_images=s.max_images,
+        progress=progress,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        all_gather=distributed.all_gather,
+    )
+    entry["protocol"].update(points_per_side=pps, nms_thresh=nms)
+    return entry
+
+
+def _run_proposals(predictor, spec: DatasetSpec, s: EvalSettings, progress: bool) -> dict:
+    """Task proposals (7.3, D.3): the automatic generator without crops or score filters."""
+    pps = s.points_per_side or proposals.PROPOSAL_POINTS_PER_SIDE
+    nms = s.nms_thresh if s.nms_thresh is not None else proposals.PROPOSAL_NMS_THRESH
+    generator = SamAutomaticMaskGenerator(
+        predictor.model,
+        predictor.params,
+        points_per_side=pps,
+        points_per_batch=s.batch_size,
+        pred_iou_thresh=0.0,  # <= 0 turns the filter off
+        stability_score_thresh=0.0,
+        box_nms_thresh=nms,
+        crop_n_layers=0,
+        output_mode="coco_rle",
+    )
+    entry = proposals.evaluate_proposals(
+        generator.generate,
+        spec.path,
+        spec.images_dir,
+        lvis=spec.kind == "lvis",
+        max_proposals=s.max_proposals,
+        max_images=s.max_images,
+        progress=progress,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        all_gather=distributed.all_gather,
+    )
+    entry["protocol"].update(points_per_side=pps, nms_thresh=nms)
+    return entry
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """One evaluation task: the dataset kinds it runs on and its runner, `run(predictor, spec,
+    settings, progress) -> the dataset's results entry` (ValueError for bad data)."""
+
+    name: str
+    kinds: tuple[str, ...]
+    run: Callable[[Any, DatasetSpec, EvalSettings, bool], dict]
+
+
+TASK_TABLE: dict[str, Task] = {
+    t.name: t
+    for t in (
+        Task("points", MASK_KINDS, _run_points),
+        Task("boxes", MASK_KINDS, _run_points),
+        Task("instances", ("coco", "lvis"), _run_instances),
+        Task("edges", ("bsds",), _run_edges),
+        Task("proposals", ("coco", "lvis"), _run_proposals),
+    )
+}
+TASKS = tuple(TASK_TABLE)
 
 
 def quiet_data_logs(verbose: bool) -> None:

@@ -1,11 +1,20 @@
-"""Masks from a detector's boxes, scored as COCO mask AP (SAM paper 7.3, ViTDet boxes).
+"""Zero-shot instance segmentation (SAM paper 7.4, D.4): masks from a detector's boxes, scored as
+COCO mask AP, or LVIS mask AP (federated, with rare / common / frequent groups) on an LVIS file.
 
-Inputs: the COCO ground-truth annotation file, its images folder, and the detector's boxes as a
-COCO results JSON: a list of {"image_id": int, "category_id": int, "bbox": [x, y, w, h],
-"score": float}. Each box (XYWH -> XYXY) prompts the predictor with a single output; the mask keeps
-the detector's category and score. Images of the annotation file without a detection still count
-(their objects are misses); images that cannot be read are skipped, counted and left out. Paths
-may be local or URLs (gs://bucket/...): files are read through `sam_jax.paths`.
+Inputs: the ground-truth annotation file (COCO, or LVIS v1), its images folder, and the detector's
+boxes as a COCO results JSON: a list of {"image_id": int, "category_id": int, "bbox": [x, y, w,
+h], "score": float} (the paper used ViTDet-H's). Each box (XYWH -> XYXY) prompts the predictor.
+D.4: "We apply an additional mask refinement iteration by feeding the most confident predicted
+mask, together with the box prompt, back to the mask decoder to produce the final prediction."
+So, with refine=True (the default): pass 1 decodes the box with 3 outputs and takes the one of
+highest predicted IoU ("the most confident predicted mask"); pass 2 decodes the box again with
+that mask's low-res logits as the mask prompt and a single output, which is the final mask. With
+refine=False, one single-output pass (what this module did before). The mask keeps the
+detector's category and score. On LVIS only the 300 best-scored boxes of an image are prompted
+(LVIS scores at most 300 detections per image). Images of the annotation file without a
+detection still count (their objects are misses); images that cannot be read are skipped,
+counted and left out. Paths may be local or URLs (gs://bucket/...): files are read through
+`sam_jax.paths`.
 """
 
 from __future__ import annotations
@@ -20,6 +29,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from sam_jax import paths
+from sam_jax.data.coco import image_entry_path
+from sam_jax.evaluation.lvis_metrics import LVIS_MAX_DETS, check_lvis_categories, lvis_mask_ap
 from sam_jax.evaluation.metrics import coco_mask_ap, encode_rle
 from sam_jax.evaluation.protocol import predict_masks
 
@@ -47,12 +58,15 @@ def load_coco_gt(annotation_file: str):
         )
     ann_keys = {"image_id", "category_id", "segmentation"}
     if not all(isinstance(a, dict) and ann_keys <= set(a) for a in data["annotations"]) or not all(
-        isinstance(im, dict) and {"id", "file_name", "height", "width"} <= set(im)
+        isinstance(im, dict)
+        and {"id", "height", "width"} <= set(im)
+        and ("file_name" in im or "coco_url" in im)
         for im in data["images"]
     ):
         raise ValueError(
-            f"{annotation_file!r} is not a COCO instance file: images need id, file_name, height "
-            "and width; annotations need image_id, category_id and segmentation"
+            f"{annotation_file!r} is not a COCO instance file: images need id, file_name (or "
+            "LVIS's coco_url), height and width; annotations need image_id, category_id and "
+            "segmentation"
         )
     for i, a in enumerate(data["annotations"]):
         a.setdefault("id", i + 1)
@@ -91,15 +105,31 @@ def load_detections(detections, coco_gt) -> dict[int, list[dict]]:
     return by_image
 
 
-def _read_image(path: str) -> np.ndarray | None:
+def read_image_at(images_dir: str, image: dict) -> np.ndarray | None:
+    """uint8 (H, W, 3) RGB of a COCO / LVIS `images` entry; None if it cannot be read."""
     from PIL import Image
 
     try:
-        data = paths.read_bytes(path)
+        data = paths.read_bytes(image_entry_path(images_dir, image))
         with Image.open(io.BytesIO(data)) as im:
             return np.asarray(im.convert("RGB"))
     except (OSError, ValueError):
         return None
+
+
+def box_masks(predictor, boxes: np.ndarray, refine: bool = True) -> np.ndarray:
+    """Final masks bool (B, H, W) of XYXY boxes (B, 4) on the image set on `predictor`: with
+    refine, D.4's two passes (see the module docstring), else one single-output pass."""
+    if not refine:
+        masks, _, _ = predict_masks(predictor, boxes=boxes, multimask_output=False)
+        return masks[:, 0]
+    _, iou, low_res = predict_masks(predictor, boxes=boxes, multimask_output=True)
+    best = np.argmax(iou, axis=1)
+    mask_input = low_res[np.arange(len(boxes)), best][:, None].astype(np.float32)
+    masks, _, _ = predict_masks(
+        predictor, boxes=boxes, mask_input=mask_input, multimask_output=False
+    )
+    return masks[:, 0]
 
 
 def evaluate_detections(
@@ -110,21 +140,27 @@ def evaluate_detections(
     max_images: int | None = None,
     batch_size: int = 32,
     progress: bool = False,
+    refine: bool = True,
+    lvis: bool = False,
 ) -> dict:
-    """COCO mask AP of SAM masks prompted by detector boxes.
+    """Mask AP of SAM masks prompted by detector boxes.
 
     Args:
       predictor: set_image / predict_batch interface (see protocol.py).
-      annotation_file: COCO instances JSON (ground truth).
+      annotation_file: COCO instances JSON, or an LVIS v1 file with lvis=True (ground truth).
       images_dir: folder of the images named by the annotation file.
       detections: path to a COCO results JSON with boxes, or the loaded list.
       max_images: evaluate only the first N images by id.
+      refine: D.4's refinement pass (module docstring).
+      lvis: LVIS's federated AP (+ APr / APc / APf) instead of COCO's.
     Returns:
-      {"mask_ap": {"AP", "AP50", ...}, "num_images", "num_detections", "skipped_images",
-      "timing": {...}}.
+      {"mask_ap": {"AP", "AP50", "AP75", "APs", "APm", "APl"[, "APr", "APc", "APf"]},
+      "num_images", "num_detections", "skipped_images", "timing": {...}}.
     """
 
     coco = load_coco_gt(annotation_file)
+    if lvis:
+        check_lvis_categories(coco, repr(annotation_file))
     by_image = load_detections(detections, coco)
     image_ids: Sequence[int] = sorted(coco.imgs)[:max_images]
     results, evaluated, skipped = [], [], 0
@@ -136,10 +172,12 @@ def evaluate_detections(
     start = time.perf_counter()
     for image_id in iterator:
         dets = by_image.get(int(image_id), [])
+        if lvis:
+            dets = sorted(dets, key=lambda d: -float(d["score"]))[:LVIS_MAX_DETS]
         if not dets:
             evaluated.append(image_id)
             continue
-        image = _read_image(paths.join(images_dir, coco.imgs[image_id]["file_name"]))
+        image = read_image_at(images_dir, coco.imgs[image_id])
         if image is None:
             skipped += 1
             continue
@@ -148,10 +186,8 @@ def evaluate_detections(
         xywh = np.array([d["bbox"] for d in dets], dtype=np.float32)
         boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
         for s in range(0, len(dets), batch_size):
-            masks, _, _ = predict_masks(
-                predictor, boxes=boxes[s : s + batch_size], multimask_output=False
-            )
-            for d, m in zip(dets[s : s + batch_size], masks[:, 0], strict=True):
+            masks = box_masks(predictor, boxes[s : s + batch_size], refine)
+            for d, m in zip(dets[s : s + batch_size], masks, strict=True):
                 results.append(
                     {
                         "image_id": int(image_id),
@@ -163,8 +199,9 @@ def evaluate_detections(
     seconds = time.perf_counter() - start
     if not evaluated:
         raise ValueError(f"no readable images among {len(image_ids)} in {images_dir!r}")
+    score = lvis_mask_ap if lvis else coco_mask_ap
     return {
-        "mask_ap": coco_mask_ap(coco, results, image_ids=evaluated),
+        "mask_ap": score(coco, results, evaluated),
         "num_images": len(evaluated),
         "num_detections": len(results),
         "skipped_images": skipped,

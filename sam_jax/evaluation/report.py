@@ -1,14 +1,18 @@
-"""Reports of an evaluation run: results.json, a Markdown and a CSV table, an mIoU-vs-points plot.
+"""Reports of an evaluation run: results.json, a Markdown and a CSV table, an mIoU-vs-points plot
+(points task), a per-group table (groups.csv, with --group-by).
 
-`results` layout (what eval.py builds, metrics as fractions):
-  {"checkpoint": str, "seed": int, "protocol": {...},
+`results` layout (what evaluate_checkpoint builds, metrics as fractions):
+  {"checkpoint": str, "seed": int, "protocol": {"task", ...},
    "datasets": {name: {"num_images", "num_masks", "miou": {"1": f, ...}, "oracle_miou_1",
                        "box_miou", "mask_ap": {"AP", ...} | None, "skipped_images",
-                       "skipped_masks", "timing": {...}, ...}},
+                       "skipped_masks", "timing": {...}, "groups": {...}, "paper": {...} | None,
+                       ...}},     # points / boxes; "edges", "proposals" or "mask_ap" otherwise
    "average": {...}}   # filled by `add_average`
-Tables show percentages with one decimal; a metric a dataset lacks is shown as "-" (Markdown) or
-left empty (CSV), never as 0. The output folder may be local or a URL (gs://bucket/...): files
-are written whole through `sam_jax.paths`.
+The table's columns follow the task (`METRIC_TABLES` for instances, edges and proposals); where a
+dataset is the paper's, a "paper" row with the paper's numbers follows its row. Tables show
+percentages with one decimal; a metric a dataset lacks is shown as "-" (Markdown) or left empty
+(CSV), never as 0. The output folder may be local or a URL (gs://bucket/...): files are written
+whole through `sam_jax.paths`.
 """
 
 from __future__ import annotations
@@ -63,6 +67,39 @@ def write_json(results: dict, path: str) -> None:
     paths.write_text(path, json.dumps(_json_safe(results), indent=2, sort_keys=False) + "\n")
 
 
+# task -> (the entry's metrics dict, column prefix, its metric names in column order)
+METRIC_TABLES = {
+    "instances": (
+        "mask_ap",
+        "mask ",
+        ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf"),
+    ),
+    "edges": ("edges", "", ("ODS", "OIS", "AP", "R50")),
+    "proposals": ("proposals", "mask ", ("AR", "ARs", "ARm", "ARl", "ARf", "ARc", "ARr")),
+}
+PAPER_ROW = "paper (SAM ViT-H)"
+
+
+def _task(results: dict) -> str:
+    return (results.get("protocol") or {}).get("task", "points")
+
+
+def _pct(v):
+    return None if v is None else 100.0 * float(v)
+
+
+def _metric_rows(results: dict, task: str):
+    key, prefix, names = METRIC_TABLES[task]
+    rows = []
+    for name, d in results["datasets"].items():
+        rows.append((name, d.get("num_images"), d.get(key) or {}))
+        if d.get("paper"):
+            rows.append((PAPER_ROW, None, d["paper"]))
+    names = [n for n in names if any(m.get(n) is not None for _, _, m in rows)]
+    header = ["dataset", "images", *(prefix + n for n in names)]
+    return header, [[r[0], r[1], *(_pct(r[2].get(n)) for n in names)] for r in rows]
+
+
 def _columns(results: dict) -> tuple[list[int], list[str]]:
     rows = [*results["datasets"].values(), results.get("average", {})]
     points = sorted({int(n) for d in rows for n in (d.get("miou") or {})})
@@ -79,7 +116,10 @@ def _columns(results: dict) -> tuple[list[int], list[str]]:
 
 
 def table_rows(results: dict) -> tuple[list[str], list[list[float | int | str | None]]]:
-    """Header and rows (per dataset, then the average), metrics in percent; None = not measured."""
+    """Header and rows (per dataset, then the average or the paper's numbers), metrics in
+    percent; None = not measured."""
+    if _task(results) in METRIC_TABLES:
+        return _metric_rows(results, _task(results))
     points, extra = _columns(results)
     header = ["dataset", "images", "masks", *[f"mIoU {n}pt" for n in points], *extra]
 
@@ -114,10 +154,61 @@ def _fmt(v) -> str:
 
 
 def markdown_table(results: dict) -> str:
+    """The results table, then the paper rows' sources and the per-group tables."""
     header, rows = table_rows(results)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_fmt(v) or "-" for v in r) + " |" for r in rows]
+    sources = sorted({d["paper"]["source"] for d in results["datasets"].values() if d.get("paper")})
+    if sources and _task(results) in METRIC_TABLES:
+        lines += ["", *(f"{PAPER_ROW}: {s}" for s in sources)]
+    for name, d in results["datasets"].items():
+        if d.get("groups"):
+            lines += ["", *_groups_markdown(name, d["groups"])]
     return "\n".join(lines) + "\n"
+
+
+def group_rows(results: dict) -> list[list]:
+    """Rows (dataset, field, group, masks, points, mIoU, CI low, CI high) of every dataset's
+    groups, metrics in percent."""
+    rows = []
+    for name, d in results["datasets"].items():
+        g = d.get("groups")
+        if not g:
+            continue
+        for value, e in g["groups"].items():
+            for n, m in e["miou"].items():
+                lo, hi = e["ci"][n]
+                rows.append(
+                    [name, g["field"], value, e["num_masks"], int(n), _pct(m), _pct(lo), _pct(hi)]
+                )
+    return rows
+
+
+def _groups_markdown(name: str, g: dict) -> list[str]:
+    points = sorted({int(n) for e in g["groups"].values() for n in e["miou"]})
+    header = ["group", "masks", *(f"mIoU {n}pt [CI]" for n in points)]
+    lines = [
+        f"{name}: mIoU by {g['field']} ({g['interval']})",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for value, e in g["groups"].items():
+        cells = [
+            f"{_fmt(_pct(e['miou'][str(n)]))} [{_fmt(_pct(e['ci'][str(n)][0]))}, "
+            f"{_fmt(_pct(e['ci'][str(n)][1]))}]"
+            for n in points
+        ]
+        lines.append("| " + " | ".join([value, str(e["num_masks"]), *cells]) + " |")
+    return lines
+
+
+def groups_csv(results: dict) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["dataset", "field", "group", "masks", "points", "miou", "ci_low", "ci_high"])
+    writer.writerows([[_fmt(v) for v in r] for r in group_rows(results)])
+    return buf.getvalue()
 
 
 def csv_table(results: dict) -> str:
@@ -163,8 +254,8 @@ def plot_miou(results: dict, path: str) -> bool:
 
 
 def write_reports(results: dict, output_dir: str) -> dict[str, str]:
-    """Writes results.json, results.md, results.csv and miou_vs_points.png under output_dir.
-    Returns {kind: path} of the files written."""
+    """Writes results.json, results.md, results.csv, miou_vs_points.png (points results) and
+    groups.csv (grouped results) under output_dir. Returns {kind: path} of the files written."""
     paths.makedirs(output_dir)
     if "average" not in results:
         add_average(results)
@@ -182,4 +273,7 @@ def write_reports(results: dict, output_dir: str) -> dict[str, str]:
     paths.write_text(written["csv"], csv_table(results))
     if not plot_miou(results, written["plot"]):
         del written["plot"]
+    if group_rows(results):
+        written["groups"] = paths.join(output_dir, "groups.csv")
+        paths.write_text(written["groups"], groups_csv(results))
     return written
