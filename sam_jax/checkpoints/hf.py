@@ -366,6 +366,23 @@ def _read_file(path: str) -> dict[str, np.ndarray]:
         raise CheckpointError(f"cannot read {path}: {one_line(e, 300)}") from None
 
 
+def read_weights(folder: str, where: str | None = None) -> dict[str, np.ndarray]:
+    """Every tensor of a transformers folder's weight files (safetensors, sharded or not, else
+    pytorch_model.bin), checked against the checksums the folder carries (`verify_weight_files`).
+    """
+    files = _weight_files(folder)
+    if not files:
+        raise CheckpointError(
+            f"{where or folder} has no weights: expected {SAFETENSORS}, {SAFETENSORS_INDEX} or "
+            f"{BIN} next to {CONFIG_FILE}"
+        )
+    verify_weight_files(folder, files)
+    tensors: dict[str, np.ndarray] = {}
+    for file in files:
+        tensors.update(_read_file(paths.join(folder, file)))
+    return tensors
+
+
 def verify_weight_files(folder: str, files: list[str]) -> None:
     """Checks the weight files of a folder against the checksums it carries.
 
@@ -484,17 +501,8 @@ def load_hf(path: str | os.PathLike) -> tuple[SamConfig, dict[str, Any]]:
     except ValueError as e:
         raise CheckpointError(f"{config_file} is not JSON: {one_line(e)}") from None
     config = config_from_hf(doc, config_file)
-    files = _weight_files(folder)
-    if not files:
-        raise CheckpointError(
-            f"{where} has no weights: expected {SAFETENSORS}, {SAFETENSORS_INDEX} or {BIN} next "
-            f"to {CONFIG_FILE}"
-        )
-    verify_weight_files(folder, files)
-    tensors: dict[str, np.ndarray] = {}
-    for file in files:
-        tensors.update(_read_file(paths.join(folder, file)))
-    sd = hf_to_state_dict(tensors, config, f"{where} ({', '.join(files)})")
+    tensors = read_weights(folder, where)
+    sd = hf_to_state_dict(tensors, config, f"{where} ({', '.join(_weight_files(folder))})")
     try:
         return config, state_dict_to_params(sd, config)
     except ValueError as e:

@@ -29,6 +29,7 @@ import numpy as np
 from flax import traverse_util
 
 from sam_jax.config import SamConfig
+from sam_jax.modeling.tiny_vit import attention_bias_index
 
 # Official decoder num_heads; it cannot be inferred from the weights.
 DEFAULT_DECODER_NUM_HEADS = 8
@@ -194,7 +195,6 @@ def _tiny_vit_encoder_table(c: SamConfig):
     Torch keys: `patch_embed.seq.{0,2}`, `layers.{i}.blocks.{j}` (MBConv `conv{1,2,3}` in layer
     0; `attn.{attention_biases, norm, qkv, proj}`, `mlp.{norm, fc1, fc2}`, `local_conv` after),
     `layers.{i}.downsample.conv{1,2,3}`, `norm_head`, `head` (unused), `neck.{0..3}`."""
-    from sam_jax.modeling.tiny_vit import attention_bias_index
 
     p = "image_encoder"
     dims, d = c.tiny_vit_embed_dims, c.prompt_embed_dim

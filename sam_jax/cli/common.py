@@ -290,12 +290,13 @@ def device_context(device: str | None):
     return jax.default_device(resolve_device(device))
 
 
-def _fetched(flag: str, path: str) -> bool:
-    """A --checkpoint that names a registry model or a Hub id (sam_jax.load fetches it)."""
-    if flag != "--checkpoint":
-        return False
+# The flags that take a checkpoint (sam_jax.load fetches registry names and Hub ids itself).
+CHECKPOINT_FLAGS = ("--checkpoint", "--baseline")
 
-    return is_checkpoint_name(path)
+
+def _fetched(flag: str, path: str) -> bool:
+    """A checkpoint flag that names a registry model or a Hub id, not a path."""
+    return flag in CHECKPOINT_FLAGS and is_checkpoint_name(path)
 
 
 def check_paths(inputs: dict[str, str], output: str | None = None, replaces: bool = False):

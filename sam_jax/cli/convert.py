@@ -21,6 +21,7 @@ import sys
 from collections.abc import Sequence
 
 from sam_jax import checkpoints, paths
+from sam_jax.checkpoints.onnx_weights import is_onnx_dir
 from sam_jax.cli import common
 from sam_jax.config import MODEL_TYPES
 
@@ -95,9 +96,11 @@ def convert(args: argparse.Namespace) -> str:
     """Runs one conversion; returns a one-line summary. Raises on bad input."""
     src, out = args.checkpoint, args.to_hf or args.output
     local = paths.exists(src)
-    kind = checkpoints.checkpoint_format(src) if local else None
-    pth = kind == "pth"
-    if kind == "converted" and not args.to_pytorch and args.to_hf is None:
+    pth = local and paths.isfile(src)
+    # A folder that is neither a transformers nor an ONNX one holds (or should hold) a converted
+    # checkpoint: it can only go out (usage is checked before anything is read).
+    foreign = local and (checkpoints.is_hf_dir(src) or is_onnx_dir(src))
+    if local and not pth and not foreign and not args.to_pytorch and args.to_hf is None:
         raise common.UsageError(
             f"{src} is a directory; converting to PyTorch needs --to-pytorch (or --to-hf)"
         )

@@ -25,18 +25,25 @@ import sys
 
 from sam_jax import distributed, paths
 from sam_jax.cli import common
+from sam_jax.data import iterate_examples
 from sam_jax.evaluation.boundaries import DEFAULT_THRESHOLDS, MATCHERS
 from sam_jax.evaluation.checkpoint import (
     DTYPES,
     TASKS,
     EvalSettings,
     evaluate_checkpoint,
+    load_predictor,
     parse_specs,
     quiet_data_logs,
 )
 from sam_jax.evaluation.proposals import MAX_PROPOSALS
 from sam_jax.evaluation.protocol import FIRST_POINT_MODES, MULTIMASK_MODES
-from sam_jax.evaluation.report import markdown_table, write_reports
+from sam_jax.evaluation.report import (
+    comparison_markdown,
+    markdown_table,
+    write_comparison,
+    write_reports,
+)
 
 PROG = "sam-jax-eval"
 
@@ -68,6 +75,13 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         help="dataset spec; repeat for several datasets",
     )
     p.add_argument("--output", required=True, metavar="DIR", help="folder for the reports")
+    p.add_argument(
+        "--baseline",
+        metavar="CKPT",
+        help="also evaluate this checkpoint (e.g. the one a fine-tuning started from) on the "
+        "same data: its reports go to DIR/baseline/, both side by side to DIR/comparison.md and, "
+        "for the points task, their predictions on a few images to DIR/before_after.png",
+    )
     p.add_argument(
         "--split", default="val", help="split for specs that do not name one (default: val)"
     )
@@ -221,7 +235,11 @@ def run(args: argparse.Namespace) -> int:
     quiet_data_logs(args.verbose)
     settings = settings_of(args)
     specs = parse_specs(args.dataset, settings)  # all specs checked before any work
-    inputs = {"--checkpoint": args.checkpoint, "--detections": args.detections}
+    inputs = {
+        "--checkpoint": args.checkpoint,
+        "--baseline": args.baseline,
+        "--detections": args.detections,
+    }
     for i, spec in enumerate(specs):
         inputs.update(
             {f"--dataset #{i + 1}": spec.path, f"--dataset #{i + 1} images": spec.images_dir}
@@ -229,16 +247,30 @@ def run(args: argparse.Namespace) -> int:
     common.check_paths(inputs, args.output)
     if main_process:
         paths.check_writable(args.output)
-    results = evaluate_checkpoint(
-        args.checkpoint,
-        specs,
-        settings,
-        progress=not args.no_progress,
-        log=lambda line: print(line, file=sys.stderr),
-    )
-    if main_process:
-        written = write_reports(results, args.output)
-        print(markdown_table(results), end="")
+    runs = {"after": args.checkpoint} if args.baseline else {"": args.checkpoint}
+    if args.baseline:
+        runs = {"before": args.baseline, **runs}
+    predictors, results = {}, {}
+    for label, checkpoint in runs.items():
+        predictors[label] = load_predictor(checkpoint, settings.dtype)
+        results[label] = evaluate_checkpoint(
+            predictors[label],
+            specs,
+            settings,
+            progress=not args.no_progress,
+            log=lambda line, label=label: print(f"{label} {line}".strip(), file=sys.stderr),
+        )
+        results[label]["checkpoint"] = paths.resolve(checkpoint)
+    if main_process and args.baseline:
+        examples = None
+        if settings.task == "points":  # a few held-out images for the before / after picture
+            examples = list(iterate_examples(specs[0], split=settings.split, max_images=4))
+        written = write_comparison(results, args.output, predictors, examples)
+        print(comparison_markdown(results), end="")
+        print("wrote " + ", ".join(written.values()))
+    elif main_process:
+        written = write_reports(results[""], args.output)
+        print(markdown_table(results[""]), end="")
         print("wrote " + ", ".join(written.values()))
     distributed.barrier("eval_reports")
     return common.EXIT_OK

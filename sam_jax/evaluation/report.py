@@ -25,6 +25,7 @@ import math
 import numpy as np
 
 from sam_jax import paths
+from sam_jax.evaluation.figures import save_prediction_figure
 from sam_jax.evaluation.metrics import dataset_average
 
 
@@ -165,6 +166,42 @@ def markdown_table(results: dict) -> str:
         if d.get("groups"):
             lines += ["", *_groups_markdown(name, d["groups"])]
     return "\n".join(lines) + "\n"
+
+
+def comparison_markdown(runs: dict[str, dict]) -> str:
+    """One table of several runs on the same data ({label: results}, e.g. before and after
+    fine-tuning): each dataset's rows, one per run, with a "model" column first."""
+    header, lines = None, []
+    for label, results in runs.items():
+        h, rows = table_rows(results)
+        if header is None:
+            header = ["model", *h]
+            lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join([label, *(_fmt(v) or "-" for v in r)]) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_comparison(
+    runs: dict[str, dict], output_dir: str, predictors: dict | None = None, examples=None
+) -> dict[str, str]:
+    """The reports of two runs on the same data ({"before": results, "after": results}): the
+    last run's in output_dir, the first's in output_dir/baseline, both side by side in
+    comparison.md and, given their predictors and a few examples, before_after.png (their
+    predictions after 1 and 5 clicks). Returns {kind: path} of the files written."""
+    (first, base), (_, last) = list(runs.items())[0], list(runs.items())[-1]
+    written = write_reports(last, output_dir)
+    base_written = write_reports(base, paths.join(output_dir, "baseline"))
+    written.update({f"{first} {k}": v for k, v in base_written.items()})
+    written["comparison"] = paths.join(output_dir, "comparison.md")
+    paths.write_text(written["comparison"], comparison_markdown(runs))
+    if predictors and examples:
+        written["figure"] = save_prediction_figure(
+            list(predictors.items()),
+            examples,
+            paths.join(output_dir, "before_after.png"),
+            num_images=len(examples),
+        )
+    return written
 
 
 def group_rows(results: dict) -> list[list]:

@@ -1,0 +1,89 @@
+"""Pictures of predictions on held-out images, for one model or several side by side (the
+before / after picture of a fine-tuning run).
+
+One row per image, for its largest mask: the image with the ground truth outlined, then for each
+model its prediction after 1 click and after N clicks (the evaluation clicker: centre click, then
+RITM corrections, most confident mask, no mask prompt), clicks drawn as dots (green positive, red
+negative) and each panel titled with its IoU. matplotlib is imported lazily (the `train` extra).
+"""
+
+from __future__ import annotations
+
+import io
+import posixpath
+from collections.abc import Sequence
+
+import numpy as np
+
+from sam_jax import paths
+from sam_jax.evaluation.clicks import first_click
+from sam_jax.evaluation.metrics import mask_iou
+from sam_jax.evaluation.protocol import run_point_rounds
+from sam_jax.images import tint
+from sam_jax.predictor import SamPredictor
+
+
+def predict_with_clicks(predictor: SamPredictor, gt: np.ndarray, num_clicks: int):
+    """The evaluation clicker (`run_point_rounds`) on one mask: [(mask, clicks (k, 2), labels (k,))]
+    after each of the num_clicks rounds (the last entry repeats once no error is left to click)."""
+    r = run_point_rounds(
+        predictor, gt[None], np.array([first_click(gt, "center")]), num_clicks, return_masks=True
+    )
+    placed = int(r["num_clicks"][0])
+    return [
+        (
+            r["masks"][0, t],
+            r["clicks"][0, : min(t + 1, placed)],
+            r["labels"][0, : min(t + 1, placed)],
+        )
+        for t in range(num_clicks)
+    ]
+
+
+def save_prediction_figure(
+    predictors: Sequence[tuple[str, SamPredictor]],
+    examples: list[dict],
+    path: str,
+    num_images: int = 6,
+    num_clicks: int = 5,
+) -> str:
+    """Writes a PNG grid of the predictions of every (name, predictor) on `examples` (uint8
+    images with bool masks) to path (local or a URL; the format follows the extension)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    examples = [ex for ex in examples if len(ex["masks"])][:num_images]
+    cols = 1 + 2 * len(predictors)
+    fig, axes = plt.subplots(
+        len(examples), cols, figsize=(3 * cols, 3 * len(examples)), squeeze=False
+    )
+    for row, ex in zip(axes, examples, strict=True):
+        image, masks = np.asarray(ex["image"]), np.asarray(ex["masks"], bool)
+        gt = masks[int(np.argmax(masks.reshape(len(masks), -1).sum(1)))]
+        row[0].imshow(tint(image, gt, (255, 255, 0)))
+        row[0].contour(gt, levels=[0.5], colors="yellow", linewidths=0.8)
+        row[0].set_title("ground truth")
+        for k, (name, predictor) in enumerate(predictors):
+            predictor.set_image(image)
+            rounds = predict_with_clicks(predictor, gt, num_clicks)
+            panels = row[1 + 2 * k : 3 + 2 * k]
+            for ax, (pred, clicks, labels), n in zip(
+                panels, (rounds[0], rounds[-1]), (1, num_clicks), strict=True
+            ):
+                ax.imshow(tint(image, pred, (0, 120, 255)))
+                ax.contour(gt, levels=[0.5], colors="yellow", linewidths=0.8)
+                colors = np.where(labels[:, None] == 1, [[0, 1, 0]], [[1, 0, 0]])
+                ax.scatter(clicks[:, 0], clicks[:, 1], c=colors, s=25, edgecolors="white")
+                clicks_text = f"{n} click{'s' if n > 1 else ''}"
+                prefix = f"{name}, " if name else ""
+                ax.set_title(f"{prefix}{clicks_text}: IoU {float(mask_iou(pred, gt)):.2f}")
+        for ax in row:
+            ax.axis("off")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format=posixpath.splitext(str(path))[1].lstrip(".").lower() or "png", dpi=80)
+    plt.close(fig)
+    paths.write_bytes(path, buf.getvalue())
+    return path
