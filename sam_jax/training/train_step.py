@@ -191,8 +191,17 @@ def uses_cached_embeddings(batch: dict[str, Any]) -> bool:
     return "embedding" in batch
 
 
-def make_train_step(model: Any, tx: optax.GradientTransformation, config: Any, params_template):
+def make_train_step(
+    model: Any,
+    tx: optax.GradientTransformation,
+    config: Any,
+    params_template: Any,
+    mesh: Any = None,
+):
     """Returns train_step(state, batch) -> (state, metrics) (to be jitted by the caller).
+
+    mesh: the device mesh the batch is split over (sam_jax.training.sharding); when given, the
+    per-image arrays of the interactive rounds are kept split over its batch axes.
 
     With LoRA (`config.lora.rank > 0`) the adapters in `state.adapters` are applied to their
     layers without merging (y = x W + (alpha/r) (dropout(x) a) b) and trained with whatever
