@@ -130,7 +130,8 @@ def topology_devices(name: str, num_slices: int = 1) -> tuple[Chip, list]:
             "compiling for a TPU needs libtpu: pip install 'sam_jax[tpu]' "
             f"(jax[tpu]=={jax.__version__})"
         )
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server to ask
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compiling only: no chip is held
     from jax.experimental import topologies
 
     jax.devices("cpu")  # the CPU client reads XLA_FLAGS first, without the dump below
