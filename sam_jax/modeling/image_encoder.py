@@ -9,7 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from einops import rearrange
+from jax.sharding import PartitionSpec as P
 
+from sam_jax.modeling import attention_kernels
 from sam_jax.modeling.common import Dense, DropPath, Dtype, MLPBlock, attention, layer_norm
 
 REMAT_POLICIES = {
@@ -115,11 +117,29 @@ def rel_pos_attention(q, k, v, rel_pos_h, rel_pos_w, size, impl: str = "xla"):
         return attention(q, k, v, bias=bias, impl="auto").transpose(0, 2, 1, 3)
 
     def tpu(q, k, v):
-        from sam_jax.modeling import attention_kernels
-
         if not attention_kernels.supports(size, hd):
             return per_image(q, k, v)
-        return attention_kernels.flash_rel_pos_attention(q, k, v, rel_pos_h, rel_pos_w, size)
+
+        def kernel(q, k, v, table_h, table_w):
+            n = q.shape[0]
+            rel_h, rel_w = rel_pos_factors(q.reshape(n, heads, *size, hd), table_h, table_w)
+            q = q * jnp.asarray(hd**-0.5, q.dtype)
+            rel_h, rel_w = rel_h.reshape(n, heads, t, size[0]), rel_w.reshape(n, heads, t, size[1])
+            return attention_kernels.flash_rel_pos_attention(q, k, v, rel_h, rel_w)
+
+        # A Pallas kernel is not partitioned by XLA: over a device mesh (the train step sets
+        # it), each device runs it on its own images (shard_map), else on all of them.
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty:
+            return kernel(q, k, v, rel_pos_h, rel_pos_w)
+        spec = P(tuple(mesh.axis_names)) if b % mesh.size == 0 else P()
+        return jax.shard_map(
+            kernel,
+            mesh=mesh,
+            in_specs=(spec, spec, spec, P(), P()),
+            out_specs=spec,
+            check_vma=False,
+        )(q, k, v, rel_pos_h, rel_pos_w)
 
     if impl == "xla":
         return jax.lax.platform_dependent(q, k, v, cpu=cpu, default=per_image)

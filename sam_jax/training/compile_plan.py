@@ -169,7 +169,8 @@ class Plan:
     fits: bool
     largest_buffers: list[str]
     flops: float  # per chip and step, every loop trip counted
-    bytes: float  # HBM bytes per chip and step, every loop trip counted
+    bytes: float  # bytes accessed per chip and step (XLA's count, every loop trip counted)
+    hbm_bytes: float  # the part of `bytes` that goes to or from HBM (not on-chip VMEM)
     xla_flops: float  # XLA's cost analysis (a loop body counted once)
     xla_bytes: float
     collective_bytes: float
@@ -184,12 +185,12 @@ class Plan:
 
     @property
     def roofline_s(self) -> float:
-        return max(self.flops / self.chip.peak_flops, self.bytes / self.chip.hbm_bandwidth)
+        return max(self.flops / self.chip.peak_flops, self.hbm_bytes / self.chip.hbm_bandwidth)
 
     @property
     def bound(self) -> str:
         compute = self.flops / self.chip.peak_flops
-        return "compute" if compute >= self.bytes / self.chip.hbm_bandwidth else "memory"
+        return "compute" if compute >= self.hbm_bytes / self.chip.hbm_bandwidth else "memory"
 
     @property
     def images_per_s_per_chip(self) -> float:
@@ -208,6 +209,7 @@ class Plan:
             d[k] = getattr(self, k)
         d["mfu_ceiling"] = self.mfu_ceiling
         d["bytes_per_image"] = self.bytes / max(self.images_per_chip, 1e-12)
+        d["hbm_bytes_per_image"] = self.hbm_bytes / max(self.images_per_chip, 1e-12)
         d["flops_per_image"] = self.flops / max(self.images_per_chip, 1e-12)
         return d
 
@@ -292,6 +294,7 @@ def compile_program(
         largest_buffers=_largest_buffers(report.get("memory_report")),
         flops=traffic.flops if traffic else float("nan"),
         bytes=traffic.bytes if traffic else float("nan"),
+        hbm_bytes=traffic.hbm_bytes if traffic else float("nan"),
         xla_flops=float(cost.get("flops", float("nan"))),
         xla_bytes=float(cost.get("bytes accessed", float("nan"))),
         collective_bytes=traffic.collective_bytes if traffic else float("nan"),
@@ -375,10 +378,11 @@ def format_plan(plan: Plan) -> str:
         f"{m['temp'] / GiB:.2f} GiB; total {m['total'] / GiB:.2f} of {chip.hbm_bytes / GiB:.1f} "
         f"GiB HBM ({'fits' if plan.fits else 'does NOT fit'}, "
         f"{100 * (1 - HBM_HEADROOM):.0f}% allowed)",
-        f"  per chip and step (loops counted): {plan.flops / 1e12:.2f} TFLOP, "
-        f"{plan.bytes / 1e9:.1f} GB of HBM traffic ({plan.flops / max(plan.bytes, 1):.0f} "
-        f"FLOP/byte; {chip.generation} ridge {chip.peak_flops / chip.hbm_bandwidth:.0f}); "
-        f"XLA's cost analysis, loop bodies once: {plan.xla_flops / 1e12:.2f} TFLOP, "
+        f"  per chip and step (loops counted): {_tera(plan.flops)}FLOP, "
+        f"{plan.hbm_bytes / 1e9:.1f} GB of HBM traffic "
+        f"({plan.flops / max(plan.hbm_bytes, 1):.0f} FLOP/byte; {chip.generation} "
+        f"ridge {chip.peak_flops / chip.hbm_bandwidth:.0f}), {plan.bytes / 1e9:.1f} GB with VMEM; "
+        f"XLA's cost analysis (loop bodies once): {_tera(plan.xla_flops)}FLOP, "
         f"{plan.xla_bytes / 1e9:.1f} GB",
         f"  roofline: {plan.roofline_s * 1e3:.1f} ms per step, {plan.bound}-bound, "
         f"{plan.images_per_s_per_chip:.2f} images/s per chip"
@@ -388,6 +392,10 @@ def format_plan(plan: Plan) -> str:
         lines.append("  largest buffers: " + "; ".join(plan.largest_buffers))
     lines += [f"  note: {n}" for n in plan.notes]
     return "\n".join(lines)
+
+
+def _tera(x: float) -> str:
+    return f"{x / 1e12:.2f} T" if x >= 1e11 else f"{x / 1e9:.2f} G"
 
 
 def abstract_batch(config: Any, sam_config: Any, mesh: Any, cached: bool) -> dict[str, Any]:
@@ -428,6 +436,8 @@ def train_plan(config: Any, topology: str, num_slices: int = 1, model_flops: boo
     config = config.copy_and_resolve_references()
     if config.init.type == "mae":  # the architecture is config.model's: the file is not read
         config.init.type = "random"
+    # No data is read (the batch's shapes come from the model and data.max_masks).
+    config.data.train, config.eval.dataset = "synthetic", ""
     config_checks.check_config(config)
     chip, devices = topology_devices(topology, num_slices)
     mesh = sharding.make_mesh(config.mesh_shape, devices, num_slices)
@@ -441,7 +451,11 @@ def train_plan(config: Any, topology: str, num_slices: int = 1, model_flops: boo
     cached = config.embedding_cache != "off" and not config_checks.cache_blocker(config)
     state = with_shardings(program.abstract_state, program.state_shardings)
     batch = abstract_batch(config, sam_config, mesh, cached)
-    flops = _model_flops(config, sam_config, program, state, batch) if model_flops else None
+    flops = None
+    if model_flops:
+        from sam_jax.training.train_loop import model_flops as count
+
+        flops = count(config, sam_config, program.tx, state, batch, None, mesh)
     chips = int(mesh.devices.size)
     return compile_program(
         program.step,
@@ -454,18 +468,3 @@ def train_plan(config: Any, topology: str, num_slices: int = 1, model_flops: boo
         float(config.batch_size),
         None if flops is None else flops / chips,
     )
-
-
-def _model_flops(config, sam_config, program, state, batch) -> float | None:
-    """Model FLOPs of one global step: the step lowered (not compiled) without remat and with
-    the rounds unrolled, its dots and convolutions counted with every loop trip."""
-    from sam_jax.modeling import build_sam
-    from sam_jax.training.train_step import make_train_step
-
-    c = config.copy_and_resolve_references()
-    c.train.unroll_rounds = c.train.num_rounds
-    c.train.remat_rounds = False
-    model = build_sam(sam_config, c.dtype, c.attention_impl, None)
-    step = make_train_step(model, program.tx, c, program.param_shapes)
-    lowered = jax.jit(step).lower(state, batch)
-    return hlo_traffic.analyze(lowered.as_text(dialect="hlo")).flops

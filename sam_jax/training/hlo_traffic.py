@@ -10,7 +10,8 @@ as often as it runs, the way XLA's cost analysis counts one run:
   two minor dims): its operands and its result, except that an operand read only through a
   (dynamic) slice or gather counts the slice, and an in-place dynamic-update-slice counts the
   update; what stays inside a fusion never reaches memory. Operands or results in memory space
-  S(1) (on-chip VMEM) are included and also summed apart (`vmem_bytes`);
+  S(1) and up (on-chip VMEM, SMEM) are included and also summed apart (`vmem_bytes`); what
+  remains is HBM traffic (`hbm_bytes`): a prefetch or eviction (copy-start) counts its HBM side;
 - flops: 2 x output elements x contracted elements of every dot and convolution, inside fusions
   too (taps that land on padding are not counted); elementwise arithmetic is left out;
 - trips: a while body counts its trip count times (read from its condition, the loop counter
@@ -103,8 +104,14 @@ class Traffic:
     ops: list[OpCost]
     unknown_loops: list[str]
 
+    @property
+    def hbm_bytes(self) -> float:
+        """Bytes moved to or from HBM: accesses to on-chip memory (S(1) and up) left out."""
+        return self.bytes - self.vmem_bytes
+
     def top(self, n: int = 20, by: str = "bytes", depth: int | None = None) -> list[dict]:
-        """The n largest contributors ({"op", "bytes", "flops", "count"}, every run counted),
+        """The n largest contributors ({"op", "bytes", "hbm_bytes", "flops", "count"}, every run
+        counted),
         grouped by jax op name (cut to its first `depth` path parts when given)."""
         groups: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         for op in self.ops:
@@ -113,19 +120,19 @@ class Traffic:
                 key = "/".join(key.split("/")[:depth])
             g = groups[key]
             g["bytes"] += op.bytes * op.trips
+            g["hbm_bytes"] += (op.bytes - op.vmem_bytes) * op.trips
             g["flops"] += op.flops * op.trips
             g["count"] += op.trips
         rows = sorted(groups.items(), key=lambda kv: -kv[1][by])[:n]
-        return [
-            {"op": k, "bytes": v["bytes"], "flops": v["flops"], "count": v["count"]}
-            for k, v in rows
-        ]
+        keys = ("bytes", "hbm_bytes", "flops", "count")
+        return [{"op": k, **{f: v[f] for f in keys}} for k, v in rows]
 
     def summary(self) -> dict[str, Any]:
         return {
             "flops": self.flops,
             "bytes": self.bytes,
             "vmem_bytes": self.vmem_bytes,
+            "hbm_bytes": self.hbm_bytes,
             "collective_bytes": self.collective_bytes,
             "unknown_loops": len(self.unknown_loops),
         }
@@ -184,21 +191,33 @@ def _split_top(text: str) -> list[str]:
 
 
 def parse_module(text: str) -> tuple[dict[str, list[Instr]], str]:
-    """HLO module text -> ({computation name: instructions}, entry computation name)."""
+    """HLO module text -> ({computation name: instructions}, entry computation name).
+
+    An instruction may span lines (a backend config printed as indented JSON)."""
     comps: dict[str, list[Instr]] = {}
-    entry, current = "", None
+    entry, current, pending = "", None, None
+
+    def flush():
+        if current is not None and pending is not None:
+            instr = _parse_instr(pending)
+            if instr is not None:
+                comps[current].append(instr)
+
     for line in text.splitlines():
         m = _COMP.match(line)
         if m and line.rstrip().endswith("{") and " = " not in line:
-            current = m.group(2)
+            current, pending = m.group(2), None
             comps[current] = []
             entry = current if m.group(1) else entry
-        elif line.startswith("}"):
-            current = None
+        elif line.strip() == "}" and not line.startswith(" "):
+            flush()
+            current, pending = None, None
         elif current is not None:
-            instr = _parse_instr(line)
-            if instr is not None:
-                comps[current].append(instr)
+            if _INSTR.match(line):
+                flush()
+                pending = line
+            elif pending is not None:
+                pending += " " + line.strip()
     return comps, entry
 
 
@@ -255,7 +274,7 @@ def shape_bytes(type_text: str, padded: bool = True) -> tuple[float, float]:
             n *= d
         b = n * DTYPE_BYTES[dtype]
         total += b
-        vmem += b if layout and "S(1)" in layout else 0.0
+        vmem += b if layout and re.search(r"S\([1-9]", layout) else 0.0
     return total, vmem
 
 
@@ -413,7 +432,7 @@ class _Module:
             readers = self._readers(p.name, users)
             if readers and all(u.opcode in SLICING_OPS for u in readers):
                 b = sum(shape_bytes(u.type_text)[0] for u in readers)
-                v = b if "S(1)" in self.types.get(ins.operands[idx], "") else 0.0
+                v = b if re.search(r"S\([1-9]", self.types.get(ins.operands[idx], "")) else 0.0
             else:
                 b, v = shape_bytes(self.types.get(ins.operands[idx], ""))
             total, vmem = total + b, vmem + v
@@ -447,14 +466,18 @@ class _Module:
         if op.endswith("-done"):
             return 0.0, 0.0
         if op.endswith("-start") and ins.type_text.startswith("("):
-            # (operands, result, context...): the result is written, the source read.
+            # (operands, result, context...): the source is read, the result written.
             parts = _tuple_elements(ins.type_text)
-            result = parts[1] if len(parts) > 1 else ins.type_text
-            b, v = shape_bytes(result)
+            b, v = shape_bytes(parts[1] if len(parts) > 1 else ins.type_text)
             if op in ("copy-start", "slice-start"):
-                return 2 * b, v
-            src = sum(shape_bytes(self.types.get(o, ""))[0] for o in ins.operands)
-            return src + b, v
+                src_b, src_v = (b, v) if op == "slice-start" else (0.0, 0.0)
+                if op == "copy-start":
+                    src_b, src_v = shape_bytes(self.types.get(ins.operands[0], ""))
+                return src_b + b, src_v + v
+            for o in ins.operands:
+                ob, ov = shape_bytes(self.types.get(o, ""))
+                b, v = b + ob, v + ov
+            return b, v
         total, vmem = shape_bytes(ins.type_text)
         for o in ins.operands:
             b, v = shape_bytes(self.types.get(o, ""))

@@ -312,7 +312,7 @@ def train_and_evaluate(
                 t0 = time.perf_counter()
                 lowered = jitted.lower(state, batch)
                 compiled = lowered.compile()
-                flops = model_flops(config, sam_config, tx, state, batch, lowered)
+                flops = model_flops(config, sam_config, tx, state, batch, lowered, mesh)
                 say(f"compiled the train step in {time.perf_counter() - t0:.1f} s")
                 distributed.barrier("first_step")  # every process compiled: start together
                 t_log = time.perf_counter()
@@ -399,26 +399,41 @@ def exported_params(config: Any, state: Any) -> Any:
     return lora.merge(state.params, state.adapters, lora.scale_of(config.lora))
 
 
-def model_flops(config, sam_config, tx, state, batch, lowered=None) -> float | None:
-    """Model FLOPs of one train step of `config`: XLA's count of the step lowered (not compiled)
-    without remat (no recompute) and with the rounds unrolled (XLA counts a loop body once).
+def model_flops(config, sam_config, tx, state, batch, lowered=None, mesh=None) -> float | None:
+    """Model FLOPs of one train step of `config`: the step lowered (not compiled) without remat
+    (no recompute) and with the rounds unrolled, its matmuls counted with every loop trip
+    (`hlo_traffic`: XLA's own count takes a loop body once; the encoder's attention runs in
+    loops off a CPU). The count is of the global program: lowered unsharded for the platform of
+    `mesh` (the step's device mesh), nothing is partitioned.
 
-    `lowered`: the train step as lowered for training; counted as is when it already has neither
-    remat nor a rounds loop, instead of lowering the step a second time.
+    `lowered`: the train step as lowered for training on `mesh`; counted as is when it already
+    has neither remat nor a rounds loop (and runs on one device), instead of lowering the step a
+    second time.
     """
+    from sam_jax.training import hlo_traffic
+
     if (
-        lowered is not None
-        and remat_policy(config) is None
-        and config.train.unroll_rounds >= config.train.num_rounds
-        and not config.train.remat_rounds
+        lowered is None
+        or (mesh is not None and mesh.devices.size > 1)
+        or remat_policy(config) is not None
+        or config.train.unroll_rounds < config.train.num_rounds
+        or config.train.remat_rounds
     ):
+        flops_config = config.copy_and_resolve_references()
+        flops_config.train.unroll_rounds = config.train.num_rounds
+        flops_config.train.remat_rounds = False
+        model = build_sam(sam_config, config.dtype, config.attention_impl, None)
+        step_fn = make_train_step(model, tx, flops_config, model.param_shapes())
+        # Unsharded, for the mesh's platform: the global program, on one device.
+        plain = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t)  # noqa: E731
+        traced = jax.jit(step_fn).trace(plain(state), plain(batch))
+        platform = None if mesh is None else mesh.devices.flat[0].platform
+        lowered = traced.lower(lowering_platforms=(platform,)) if platform else traced.lower()
+    try:
+        flops = hlo_traffic.analyze(lowered.as_text(dialect="hlo")).flops
+    except Exception:  # noqa: BLE001 - a backend without HLO text: XLA's count
         return metric_writer.flops_of(lowered)
-    flops_config = config.copy_and_resolve_references()
-    flops_config.train.unroll_rounds = config.train.num_rounds
-    flops_config.train.remat_rounds = False
-    model = build_sam(sam_config, config.dtype, config.attention_impl, None)
-    step_fn = make_train_step(model, tx, flops_config, model.param_shapes())
-    return metric_writer.flops_of(jax.jit(step_fn).lower(state, batch))
+    return flops if flops > 0 else None
 
 
 def _make_validator(config: Any, sam_config: Any):
