@@ -14,10 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from training_fakes import tiny_train_config
 
 from sam_jax.modeling import attention_kernels
 from sam_jax.training import compile_plan, hlo_traffic
-from training_fakes import tiny_train_config
 
 
 def test_topology_names():
@@ -36,7 +36,7 @@ def test_tile_padding_and_slices():
     assert hlo_traffic.shape_bytes("f32[8,64]{1,0:T(8,128)}") == (4096.0, 0.0)
     assert hlo_traffic.shape_bytes("f32[8,64]{1,0:T(8,128)}", padded=False)[0] == 2048.0
     assert hlo_traffic.shape_bytes("bf16[3,256]{1,0:T(8,128)(2,1)S(1)}") == (4096.0, 4096.0)
-    assert hlo_traffic.shape_bytes("(s32[], f32[4]{0})") == (8.0, 0.0)
+    assert hlo_traffic.shape_bytes("(s32[], f32[4]{0})") == (20.0, 0.0)  # a tuple: its parts
 
 
 def test_loops_are_counted_every_trip():
@@ -120,7 +120,8 @@ def test_encoder_attention_takes_the_kernel_for_a_tpu():
         return jnp.sum(out.astype(jnp.float32))
 
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
-    text = grad.lower(*args, *tables).compile().as_text()
+    with compile_plan.no_persistent_cache():
+        text = grad.lower(*args, *tables).compile().as_text()
     assert text.count('custom_call_target="tpu_custom_call"') == 3  # forward, dq, dkv
     cpu = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
     table = jax.ShapeDtypeStruct((63, 64), jnp.float32)
@@ -171,14 +172,14 @@ def test_a_refused_plan_names_its_largest_buffers():
         y = jnp.einsum("bij,bjk->bik", x, x)
         return jnp.sum(jnp.exp(y) @ x * y)
 
-    x = jax.ShapeDtypeStruct((12, 8192, 8192), jnp.float32, sharding=spec)
+    x = jax.ShapeDtypeStruct((24, 8192, 8192), jnp.float32, sharding=spec)
     chip = compile_plan.CHIPS["v5e"]
     plan = compile_plan.compile_program(
         jax.jit(jax.grad(f)), (x,), "f", "v5e:1x1", 1, chip, mesh, 1
     )
     assert not plan.fits and plan.memory["temp"] > chip.hbm_bytes
-    assert plan.largest_buffers and "f32[12,8192,8192]" in plan.largest_buffers[0]
-    with pytest.raises(compile_plan.PlanDoesNotFitError, match=r"largest buffers: .*f32\[12,8192"):
+    assert plan.largest_buffers and "f32[24,8192,8192]" in plan.largest_buffers[0]
+    with pytest.raises(compile_plan.PlanDoesNotFitError, match=r"largest buffers: .*f32\[24,8192"):
         compile_plan.check_fits(plan)
 
 

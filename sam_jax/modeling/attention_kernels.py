@@ -30,6 +30,9 @@ from jax.experimental.pallas import tpu as pltpu
 
 LANES = 128
 NT = (((1,), (1,)), ((), ()))  # x @ y.T
+# The MXU's own precision for the input dtype, whatever jax_default_matmul_precision says (Mosaic
+# takes no float32-contract precision for bfloat16 operands).
+PREC = lax.Precision.DEFAULT
 BLOCK_Q = 512
 BLOCK_K = 256
 
@@ -79,7 +82,9 @@ def _row_bias(rh, j, w: int, rows: int, bk: int):
 
 
 def _logits(q_ref, k_ref, rh_ref, rw_ref, j, w, rows):
-    s = lax.dot_general(q_ref[...], k_ref[...], NT, preferred_element_type=jnp.float32)
+    s = lax.dot_general(
+        q_ref[...], k_ref[...], NT, precision=PREC, preferred_element_type=jnp.float32
+    )
     return s + rw_ref[...] + _row_bias(rh_ref[...], j, w, rows, s.shape[1])
 
 
@@ -105,7 +110,9 @@ def _fwd_kernel(q_ref, k_ref, v_ref, rh_ref, rw_ref, o_ref, lse_ref, m_sc, l_sc,
     alpha = jnp.exp(m_prev - m_next)
     l_sc[...] = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
     m_sc[...] = m_next
-    pv = lax.dot(p.astype(v_ref.dtype), v_ref[...], preferred_element_type=jnp.float32)
+    pv = lax.dot(
+        p.astype(v_ref.dtype), v_ref[...], precision=PREC, preferred_element_type=jnp.float32
+    )
     d = acc_sc.shape[1]
     acc_sc[...] = acc_sc[...] * _wide(alpha, d) + pv
 
@@ -136,9 +143,13 @@ def _dq_kernel(
 
     s = _logits(q_ref, k_ref, rh_ref, rw_ref, j, w, rows)
     p = jnp.exp(s - _wide(lse_ref[...], bk))
-    dp = lax.dot_general(do_ref[...], v_ref[...], NT, preferred_element_type=jnp.float32)
+    dp = lax.dot_general(
+        do_ref[...], v_ref[...], NT, precision=PREC, preferred_element_type=jnp.float32
+    )
     ds = p * (dp - _wide(di_sc[...], bk))  # (bq, bk) gradient of the logits
-    dq_sc[...] += lax.dot(ds.astype(k_ref.dtype), k_ref[...], preferred_element_type=jnp.float32)
+    dq_sc[...] += lax.dot(
+        ds.astype(k_ref.dtype), k_ref[...], precision=PREC, preferred_element_type=jnp.float32
+    )
     drw_sc[...] += ds
     bq, h = drh_sc.shape
     col = lax.broadcasted_iota(jnp.int32, (bq, h), 1)
@@ -173,11 +184,15 @@ def _dkv_kernel(
     s = _logits(q_ref, k_ref, rh_ref, rw_ref, j, w, bk // w)
     p = jnp.exp(s - _wide(lse_ref[...], bk))
     do = do_ref[...]
-    dv_sc[...] += lax.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
+    dv_sc[...] += lax.dot(
+        p.T.astype(do.dtype), do, precision=PREC, preferred_element_type=jnp.float32
+    )
     di = jnp.sum(do.astype(jnp.float32) * o_ref[...].astype(jnp.float32), axis=1, keepdims=True)
-    dp = lax.dot_general(do, v_ref[...], NT, preferred_element_type=jnp.float32)
+    dp = lax.dot_general(do, v_ref[...], NT, precision=PREC, preferred_element_type=jnp.float32)
     ds = p * (dp - di)
-    dk_sc[...] += lax.dot(ds.T.astype(q_ref.dtype), q_ref[...], preferred_element_type=jnp.float32)
+    dk_sc[...] += lax.dot(
+        ds.T.astype(q_ref.dtype), q_ref[...], precision=PREC, preferred_element_type=jnp.float32
+    )
 
     @pl.when(i == last)
     def _store():

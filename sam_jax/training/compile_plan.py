@@ -103,9 +103,6 @@ def libtpu_version() -> str | None:
         return None
 
 
-_DUMP_DIR: str | None = None
-
-
 @contextlib.contextmanager
 def _stderr_to(path: str):
     """Sends this process's file descriptor 2 to `path` (libtpu's start-up warnings)."""
@@ -121,7 +118,6 @@ def _stderr_to(path: str):
 
 def topology_devices(name: str, num_slices: int = 1) -> tuple[Chip, list]:
     """(chip, compile-only devices) of a slice; TopologyError, LibtpuMissingError."""
-    global _DUMP_DIR
     chip, libtpu_name, kwargs = parse_topology(name)
     if num_slices < 1:
         raise TopologyError(f"--num-slices must be >= 1, got {num_slices}")
@@ -134,12 +130,6 @@ def topology_devices(name: str, num_slices: int = 1) -> tuple[Chip, list]:
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compiling only: no chip is held
     from jax.experimental import topologies
 
-    jax.devices("cpu")  # the CPU client reads XLA_FLAGS first, without the dump below
-    flags = os.environ.get("XLA_FLAGS", "")
-    first = _DUMP_DIR is None and "xla_dump_to" not in flags
-    if first:  # libtpu reads XLA_FLAGS once: the buffer report of a refused plan lands here
-        _DUMP_DIR = tempfile.mkdtemp(prefix="sam_jax_tpu_plan_")
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_dump_to={_DUMP_DIR}".strip()
     log = os.path.join(tempfile.gettempdir(), f"sam_jax_libtpu_{os.getpid()}.log")
     try:
         with _stderr_to(log):
@@ -147,11 +137,21 @@ def topology_devices(name: str, num_slices: int = 1) -> tuple[Chip, list]:
     except jax.errors.JaxRuntimeError as e:
         raise TopologyError(f"topology {name!r}: {one_line(e)}") from None
     finally:
-        if first:
-            os.environ["XLA_FLAGS"] = flags
         with contextlib.suppress(OSError):
             os.remove(log)
     return chip, list(topo.devices)
+
+
+@contextlib.contextmanager
+def no_persistent_cache():
+    """Compiles inside stay out of jax's persistent cache (a compile-only executable cannot be
+    loaded back from it)."""
+    previous = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", previous)
 
 
 @dataclasses.dataclass
@@ -249,14 +249,20 @@ def compile_program(
     t0 = time.perf_counter()
     lowered = jitted.lower(*args)
     refused = None
+    # A compile-only executable cannot be loaded back: keep it out of the persistent cache. The
+    # compiler's buffer report (and a refused module) is dumped to a folder removed right after.
+    dump = tempfile.mkdtemp(prefix="sam_jax_tpu_plan_")
     try:
-        compiled = lowered.compile()
+        with no_persistent_cache():
+            compiled = lowered.compile({"xla_dump_to": dump})
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         compiled, refused = None, one_line(e)
+    finally:
+        report = _dump_files(dump)
+        shutil.rmtree(dump, ignore_errors=True)
     compile_s = time.perf_counter() - t0
-    report = _dump_files()
     if compiled is not None:
         ma = compiled.memory_analysis()
         memory = {
@@ -272,10 +278,9 @@ def compile_program(
         m = re.search(r"temporaries \(([\d.]+)G\)", refused)
         memory = {"argument": 0.0, "output": 0.0, "alias": 0.0}
         memory["temp"] = float(m.group(1)) * GiB if m else float("nan")
-        text = _read(report.get("oom_intermediate_module")) or ""
+        text = report.get("oom_intermediate_module", "")
         cost = {}
     memory["total"] = memory["argument"] + memory["output"] - memory["alias"] + memory["temp"]
-    _clear_dump()
     traffic = hlo_traffic.analyze(text) if text else None
     fits = refused is None and memory["total"] <= (1 - HBM_HEADROOM) * chip.hbm_bytes
     notes = [] if refused is None else [f"the compiler refused it: {refused}"]
@@ -305,37 +310,18 @@ def compile_program(
     )
 
 
-def _dump_files() -> dict[str, str]:
-    """The compiler's buffer report and refused module of the last compile (latest module)."""
-    if not _DUMP_DIR:
-        return {}
+def _dump_files(folder: str) -> dict[str, str]:
+    """The compiler's buffer report and refused module of the compile dumped to `folder`."""
     out = {}
     for key, pattern in (
         ("memory_report", "*memory-usage-report.txt"),
         ("oom_intermediate_module", "*oom_intermediate_module.txt"),
     ):
-        files = sorted(glob.glob(os.path.join(_DUMP_DIR, pattern)), key=os.path.getmtime)
+        files = sorted(glob.glob(os.path.join(folder, pattern)), key=os.path.getmtime)
         if files:
-            out[key] = files[-1]
-    return {k: _read(v) for k, v in out.items()}
-
-
-def _read(path_or_text: str | None) -> str | None:
-    if path_or_text is None or "\n" in path_or_text:
-        return path_or_text
-    with open(path_or_text) as f:
-        return f.read()
-
-
-def _clear_dump() -> None:
-    if _DUMP_DIR and os.path.isdir(_DUMP_DIR):
-        for entry in os.listdir(_DUMP_DIR):
-            path = os.path.join(_DUMP_DIR, entry)
-            if os.path.isdir(path):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                with contextlib.suppress(OSError):
-                    os.remove(path)
+            with open(files[-1]) as f:
+                out[key] = f.read()
+    return out
 
 
 def _largest_buffers(report: str | None, n: int = 3) -> list[str]:

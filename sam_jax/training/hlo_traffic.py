@@ -392,12 +392,24 @@ class _Module:
             self._flops[comp] = total
         return self._flops[comp]
 
-    def trip_count(self, cond: str) -> int | None:
-        for ins in self.comps.get(cond, []):
+    def trip_count(self, loop: Instr) -> int | None:
+        """The trip count XLA annotates (CPU), else `i < N` read from the condition (TPU), a
+        compare with a constant, possibly wrapped in a fusion."""
+        m = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', loop.attrs)
+        if m:
+            return int(m.group(1))
+        cond = self.comps.get((_attr(loop.attrs, "condition") or "").lstrip("%"), [])
+        for ins in cond:
             if ins.opcode == "compare" and "direction=LT" in ins.attrs:
-                for o in ins.operands:
-                    if o in self.consts:
-                        return self.consts[o]
+                return next((self.consts[o] for o in ins.operands if o in self.consts), None)
+            if ins.opcode == "fusion" and ins.root:
+                body = self.comps.get((_callees(ins) or [""])[0], [])
+                params = {i.name: int(i.args) for i in body if i.opcode == "parameter"}
+                for inner in body:
+                    if inner.opcode == "compare" and "direction=LT" in inner.attrs:
+                        for o in inner.operands[1:]:
+                            if o in params and ins.operands[params[o]] in self.consts:
+                                return self.consts[ins.operands[params[o]]]
         return None
 
     def fusion_bytes(self, ins: Instr, comp: str) -> tuple[float, float]:
@@ -504,7 +516,7 @@ def analyze(text: str) -> Traffic:
     def walk(comp: str, trips: int) -> None:
         for ins in mod.comps.get(comp, []):
             if ins.opcode == "while":
-                n = mod.trip_count((_attr(ins.attrs, "condition") or "").lstrip("%"))
+                n = mod.trip_count(ins)
                 if n is None:
                     unknown.append(ins.name)
                 walk((_attr(ins.attrs, "body") or "").lstrip("%"), trips * (n or 1))
