@@ -359,10 +359,9 @@ def format_plan(plan: Plan) -> str:
         f"{plan.what} plan: {plan.topology}"
         + (f" x {plan.num_slices} slices" if plan.num_slices > 1 else "")
         + f", {plan.chips} chips, mesh {mesh}, {plan.images_per_chip:g} images per chip",
-        f"  memory per chip: arguments {m['argument'] / GiB:.2f} GiB, outputs "
-        f"{m['output'] / GiB:.2f} GiB (aliased {m['alias'] / GiB:.2f}), temporaries "
-        f"{m['temp'] / GiB:.2f} GiB; total {m['total'] / GiB:.2f} of {chip.hbm_bytes / GiB:.1f} "
-        f"GiB HBM ({'fits' if plan.fits else 'does NOT fit'}, "
+        f"  memory per chip: arguments {_gib(m['argument'])}, outputs {_gib(m['output'])} "
+        f"(aliased {_gib(m['alias'])}), temporaries {_gib(m['temp'])}; total {_gib(m['total'])} "
+        f"of {chip.hbm_bytes / GiB:.1f} GiB HBM ({'fits' if plan.fits else 'does NOT fit'}, "
         f"{100 * (1 - HBM_HEADROOM):.0f}% allowed)",
         f"  per chip and step (loops counted): {_tera(plan.flops)}FLOP, "
         f"{plan.hbm_bytes / 1e9:.1f} GB of HBM traffic "
@@ -380,8 +379,12 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
+def _gib(x: float) -> str:
+    return f"{x / GiB:.3g} GiB"
+
+
 def _tera(x: float) -> str:
-    return f"{x / 1e12:.2f} T" if x >= 1e11 else f"{x / 1e9:.2f} G"
+    return f"{x / 1e12:.3g} T" if x >= 1e11 else f"{x / 1e9:.3g} G"
 
 
 def abstract_batch(config: Any, sam_config: Any, mesh: Any, cached: bool) -> dict[str, Any]:
