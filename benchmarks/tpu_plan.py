@@ -132,10 +132,14 @@ tx = make_optimizer(config, param_shapes, sam_config.encoder_depth, {{}})
 abstract = jax.eval_shape(lambda p: create_train_state(p, tx, config.seed, {{}}), param_shapes)
 rules = [tuple(r) for r in config.sharding_rules]
 shardings = sharding.tree_shardings(mesh, abstract, rules, config.min_fsdp_size)
-state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
-b, s, m, n = config.batch_size, sam_config.image_size, sam_config.low_res_size, config.data.max_masks
+def spec(x, s):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+state = jax.tree.map(spec, abstract, shardings)
+b, s, m = config.batch_size, sam_config.image_size, sam_config.low_res_size
+n = config.data.max_masks
 shapes = {{"image": ((b, s, s, 3), jnp.uint8), "image_hw": ((b, 2), jnp.int32),
-          "masks": ((b, n, m, m), jnp.uint8), "mask_valid": ((b, n), bool), "index": ((b,), jnp.int32)}}
+          "masks": ((b, n, m, m), jnp.uint8), "mask_valid": ((b, n), bool),
+          "index": ((b,), jnp.int32)}}
 batch = {{k: jax.ShapeDtypeStruct(sh, dt, sharding=sharding.batch_sharding(mesh, len(sh)))
          for k, (sh, dt) in shapes.items()}}
 step = make_train_step(model, tx, config, param_shapes)
@@ -144,7 +148,8 @@ out = {{"batch_size": b, "chips": len(devices), "mesh": dict(mesh.shape)}}
 try:
     compiled = jitted.lower(state, batch).compile()
     ma = compiled.memory_analysis()
-    out["memory"] = {{k: getattr(ma, k + "_size_in_bytes") for k in ("argument", "output", "alias", "temp")}}
+    kinds = ("argument", "output", "alias", "temp")
+    out["memory"] = {{k: getattr(ma, k + "_size_in_bytes") for k in kinds}}
     cost = compiled.cost_analysis()
     out["xla_flops"], out["xla_bytes"] = cost["flops"], cost["bytes accessed"]
     open({hlo!r}, "w").write(compiled.as_text())
@@ -215,6 +220,52 @@ def _baseline(config_name: str, topology: str, overrides: dict):
     )
 
 
+_DEMO_SCRIPT = """
+import importlib.util, json, os
+spec = importlib.util.spec_from_file_location("demo", {config!r})
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+c = module.get_config()
+c.total_steps, c.log_every_steps, c.checkpoint.every_steps = {steps}, 1, {steps}
+c.checkpoint.async_save, c.eval.dataset, c.progress_bar = False, "", False
+from sam_jax.training.train_loop import train_and_evaluate
+train_and_evaluate(c, {workdir!r})
+rows = [json.loads(x) for x in open(os.path.join({workdir!r}, "metrics.jsonl"))]
+print("LOSSES " + json.dumps([r["loss"] for r in rows if "loss" in r]))
+"""
+
+
+def demo_losses(steps: int) -> dict:
+    """The training losses of BASELINE_COMMIT's configs/demo.py (the tiny SAM from scratch on
+    synthetic data, float32 on the CPU) over `steps` steps, run with that commit's code and with
+    this checkout's: the CPU path of the train step is unchanged, so they agree to float
+    tolerance."""
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = subprocess.run(
+            ["git", "-C", REPO, "archive", BASELINE_COMMIT, "sam_jax", "configs"],
+            check=True,
+            capture_output=True,
+        ).stdout
+        old = os.path.join(tmp, "old")
+        os.makedirs(old)
+        subprocess.run(["tar", "x", "-C", old], input=tree, check=True)
+        config = os.path.join(old, "configs", "demo.py")
+        for name, path in (("old", old), ("new", REPO)):
+            workdir = os.path.join(tmp, f"work_{name}")
+            script = _DEMO_SCRIPT.format(config=config, steps=steps, workdir=workdir)
+            env = {**os.environ, "PYTHONPATH": path, "JAX_PLATFORMS": "cpu"}
+            proc = subprocess.run(
+                [sys.executable, "-c", script], env=env, cwd=tmp, capture_output=True, text=True
+            )
+            lines = [x for x in proc.stdout.splitlines() if x.startswith("LOSSES ")]
+            if proc.returncode or not lines:
+                raise RuntimeError(f"demo run ({name}) failed: {proc.stderr[-2000:]}")
+            out[name] = json.loads(lines[-1][len("LOSSES ") :])
+    diff = max(abs(a - b) for a, b in zip(out["old"], out["new"], strict=True))
+    return {"commit": BASELINE_COMMIT, "steps": steps, **out, "max_abs_diff": diff}
+
+
 def merge(path: str, record: dict) -> None:
     """Adds (or replaces) one case in the results JSON, with the environment."""
     from sam_jax.training import compile_plan
@@ -235,8 +286,19 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", default="", help="comma-separated case names (default: all)")
     parser.add_argument("--out", default=RESULTS, help=f"results JSON (default {RESULTS})")
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
+    parser.add_argument(
+        "--demo-losses",
+        type=int,
+        metavar="STEPS",
+        help=f"compare the demo config's losses with those of {BASELINE_COMMIT}'s code and exit",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # child process: one case to stdout
     args = parser.parse_args(argv)
+    if args.demo_losses:
+        result = demo_losses(args.demo_losses)
+        merge(args.out, {"name": "demo_losses", "kind": "check", **result})
+        print(json.dumps(result))
+        return 0 if result["max_abs_diff"] <= 1e-5 else 1
     if args.list:
         for name, (kind, case) in CASES.items():
             print(f"{name:28s} {kind:10s} {case}")

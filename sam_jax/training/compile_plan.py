@@ -457,3 +457,90 @@ def train_plan(config: Any, topology: str, num_slices: int = 1, model_flops: boo
         float(config.batch_size),
         None if flops is None else flops / chips,
     )
+
+
+# ----------------------------------------------------------------------------- inference
+
+INFERENCE_ORIGINAL_SIZE = (768, 1024)  # the image size of the H100 anchors (h, w)
+
+
+def inference_plan(model_type: str, what: str, topology: str, count: int = 1) -> Plan:
+    """Compiles one inference program for a chip and reads its plan (bfloat16 compute, float32
+    params, the attention the platform takes by default):
+
+      "encoder"  `count` images (B, S, S, 3) -> embeddings;
+      "decoder"  `count` single-point prompts on one image: decode (3 masks each, 1024 prompts
+                 per pass at most, as the predictor on a TPU) and post-process to 768 x 1024
+                 bool masks (SamPredictor.predict's output);
+      "amg"      the automatic mask generator's device work on one 768 x 1024 image (no crops):
+                 the encoder, the 32 x 32 point grid decoded 64 points at a time (its default
+                 points_per_batch), post-processed, stability scores, boxes and the box NMS.
+    """
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from sam_jax import functional as F
+    from sam_jax import transforms
+    from sam_jax.amg import masks as amg_masks
+    from sam_jax.config import get_config
+    from sam_jax.modeling import build_sam
+
+    chip, devices = topology_devices(topology)
+    mesh = Mesh(np.array(devices[:1]).reshape(1, 1), ("data", "fsdp"))
+    one = NamedSharding(mesh, P())
+    config = get_config(model_type)
+    model = build_sam(config, jnp.bfloat16, "auto")
+    s, g, d = config.image_size, config.embedding_size, config.prompt_embed_dim
+    input_size = transforms.get_preprocess_shape(*INFERENCE_ORIGINAL_SIZE, s)
+
+    def spec(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=one)
+
+    params = jax.tree.map(lambda x: spec(x.shape, x.dtype), model.param_shapes())
+
+    def decode_and_postprocess(p, emb, points, chunk):
+        labels = jnp.broadcast_to(jnp.array([1, -1], jnp.int32), points.shape[:-1])
+
+        def decode(pts, lab):
+            return model.apply({"params": p}, emb, pts, lab, None, None, True, method=model.decode)
+
+        low_res, iou = F.map_prompt_chunks(decode, (points, labels), 1, chunk)
+
+        def upscale(x):
+            return transforms.postprocess_masks(x, input_size, INFERENCE_ORIGINAL_SIZE, s)
+
+        return F.map_prompt_chunks(upscale, (low_res[0],), 0, chunk), iou[0]
+
+    images = spec((count if what == "encoder" else 1, s, s, 3), jnp.float32)
+    if what == "encoder":
+
+        def fn(p, x):
+            return model.apply({"params": p}, x, method=model.encode)
+
+        args, per_step = (params, images), count
+    elif what == "decoder":
+
+        def fn(p, emb, points):
+            logits, iou = decode_and_postprocess(p, emb, points, F.PROMPT_CHUNK_DEFAULT)
+            return logits > 0.0, iou
+
+        emb = spec((1, g, g, d), jnp.float32)
+        args, per_step = (params, emb, spec((1, count, 2, 2), jnp.float32)), 1
+    elif what == "amg":
+        grid = amg_masks.build_point_grid(32) * np.array(INFERENCE_ORIGINAL_SIZE[::-1])
+        grid = transforms.apply_coords(grid, INFERENCE_ORIGINAL_SIZE, s).astype(np.float32)
+
+        def fn(p, x):
+            emb = model.apply({"params": p}, x, method=model.encode)
+            pts = jnp.stack([grid, np.zeros_like(grid)], axis=1)[None]  # (1, 1024, 2, 2)
+            logits, iou = decode_and_postprocess(p, emb, pts, 64)
+            stability = amg_masks.calculate_stability_score(logits, 0.0, 1.0)
+            boxes = amg_masks.batched_mask_to_box(logits > 0.0)
+            keep, num = amg_masks.box_nms(boxes.reshape(-1, 4), iou.reshape(-1), 0.7)
+            return keep, num, stability
+
+        args, per_step = (params, images), 1
+    else:
+        raise ValueError(f"unknown inference program {what!r}")
+    label = f"{model_type} {what}" + (f" x{count}" if what != "amg" else "")
+    return compile_program(jax.jit(fn), args, label, topology, 1, chip, mesh, float(per_step))
