@@ -13,7 +13,7 @@ import math
 import signal
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -162,6 +162,52 @@ def _batch_rows(mesh: Any, batch_size: int) -> tuple[int, ...]:
     return tuple(rows)
 
 
+class TrainProgram(NamedTuple):
+    """What a config trains, built without allocating anything (`train_program`)."""
+
+    model: Any  # the Sam module (compute dtype, attention, encoder remat of the config)
+    tx: Any  # the optax optimizer over {"params", "adapters"}
+    param_shapes: Any  # params as ShapeDtypeStructs
+    lora_layers: dict  # adapted layers {path: (in, out)} ({} without LoRA)
+    init_state: Callable[[Any], Any]  # params or None (random init) -> TrainState
+    abstract_state: Any  # TrainState of ShapeDtypeStructs
+    state_shardings: Any  # TrainState of NamedShardings on the mesh
+    step: Any  # jax.jit(train_step): (state, batch) -> (state, metrics), state donated
+
+
+def train_program(config: Any, sam_config: Any, mesh: Any) -> TrainProgram:
+    """The model, optimizer, abstract sharded train state and jitted train step of `config` on
+    `mesh` (the real run's and the compile plan's, sam_jax.training.compile_plan)."""
+    model = build_sam(sam_config, config.dtype, config.attention_impl, remat_policy(config))
+    param_shapes = model.param_shapes()
+    lc = config.lora
+    lora_layers = lora.target_layers(param_shapes, lc.targets, lc.rank) if lc.rank > 0 else {}
+    adapter_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+    adapter_shapes = jax.eval_shape(
+        lambda k: lora.init_adapters(k, lora_layers, lc.rank), adapter_key
+    )
+    tx = make_optimizer(config, param_shapes, sam_config.encoder_depth, adapter_shapes)
+
+    def init_state(params):
+        if params is None:
+            params = model.init_params(jax.random.key(config.seed))
+        adapters = lora.init_adapters(adapter_key, lora_layers, lc.rank)
+        return create_train_state(params, tx, config.seed, adapters)
+
+    abstract_state = jax.eval_shape(init_state, None)
+    rules = [tuple(r) for r in config.sharding_rules]
+    state_shardings = sharding.tree_shardings(mesh, abstract_state, rules, config.min_fsdp_size)
+    train_step = make_train_step(model, tx, config, param_shapes, mesh)
+    step = jax.jit(
+        train_step,
+        out_shardings=(state_shardings, NamedSharding(mesh, P())),
+        donate_argnums=(0,),
+    )
+    return TrainProgram(
+        model, tx, param_shapes, lora_layers, init_state, abstract_state, state_shardings, step
+    )
+
+
 def train_and_evaluate(
     config: Any,
     workdir: str,
@@ -223,34 +269,18 @@ def train_and_evaluate(
         sam_config = saved_sam
     else:  # 2. the init checkpoint (SAM or MAE), else 3. random
         sam_config = initialization.sam_config_from(config)
-    model = build_sam(sam_config, config.dtype, config.attention_impl, remat_policy(config))
-    param_shapes = model.param_shapes()
-    lc = config.lora
-    lora_layers = lora.target_layers(param_shapes, lc.targets, lc.rank) if lc.rank > 0 else {}
-    adapter_key = jax.random.fold_in(jax.random.key(config.seed), 1)
-    adapter_shapes = jax.eval_shape(
-        lambda k: lora.init_adapters(k, lora_layers, lc.rank), adapter_key
-    )
-    tx = make_optimizer(config, param_shapes, sam_config.encoder_depth, adapter_shapes)
-    say(trainable_summary(config, param_shapes, lora_layers))
-
-    def init_state(params):
-        if params is None:
-            params = model.init_params(jax.random.key(config.seed))
-        adapters = lora.init_adapters(adapter_key, lora_layers, lc.rank)
-        return create_train_state(params, tx, config.seed, adapters)
-
-    abstract_state = jax.eval_shape(init_state, None)
-    rules = [tuple(r) for r in config.sharding_rules]
-    state_shardings = sharding.tree_shardings(mesh, abstract_state, rules, config.min_fsdp_size)
+    program = train_program(config, sam_config, mesh)
+    model, tx, param_shapes = program.model, program.tx, program.param_shapes
+    state_shardings = program.state_shardings
+    say(trainable_summary(config, param_shapes, program.lora_layers))
     if resume_step is not None:
-        target = checkpointing.abstract_with_shardings(abstract_state, state_shardings)
+        target = checkpointing.abstract_with_shardings(program.abstract_state, state_shardings)
         state = ckpt.restore_state(target, resume_step)
         start_batch = int(meta["batches_consumed"])
         say(f"resumed from {ckpt.directory} at step {int(state.step)}")
     else:
         init_params = initialization.initial_params(config, sam_config, model)
-        state = jax.jit(init_state, out_shardings=state_shardings)(init_params)
+        state = jax.jit(program.init_state, out_shardings=state_shardings)(init_params)
         start_batch = 0
         del init_params
     step = int(state.step)
@@ -258,14 +288,7 @@ def train_and_evaluate(
     if is_main:
         paths.write_text(config_path, config.to_json(indent=2))
 
-    # The jitted train step.
-    train_step = make_train_step(model, tx, config, param_shapes)
-    replicated = NamedSharding(mesh, P())
-    jitted = jax.jit(
-        train_step,
-        out_shardings=(state_shardings, replicated),
-        donate_argnums=(0,),
-    )
+    jitted = program.step
     validator = _make_validator(config, sam_config)
     writer = metric_writer.MetricWriter(workdir, resume_step=step)
     rows = _batch_rows(mesh, config.batch_size)
@@ -289,7 +312,7 @@ def train_and_evaluate(
                 t0 = time.perf_counter()
                 lowered = jitted.lower(state, batch)
                 compiled = lowered.compile()
-                flops = model_flops(config, sam_config, tx, state, batch, lowered)
+                flops = model_flops(config, sam_config, tx, state, batch, lowered, mesh)
                 say(f"compiled the train step in {time.perf_counter() - t0:.1f} s")
                 distributed.barrier("first_step")  # every process compiled: start together
                 t_log = time.perf_counter()
@@ -376,26 +399,41 @@ def exported_params(config: Any, state: Any) -> Any:
     return lora.merge(state.params, state.adapters, lora.scale_of(config.lora))
 
 
-def model_flops(config, sam_config, tx, state, batch, lowered=None) -> float | None:
-    """Model FLOPs of one train step of `config`: XLA's count of the step lowered (not compiled)
-    without remat (no recompute) and with the rounds unrolled (XLA counts a loop body once).
+def model_flops(config, sam_config, tx, state, batch, lowered=None, mesh=None) -> float | None:
+    """Model FLOPs of one train step of `config`: the step lowered (not compiled) without remat
+    (no recompute) and with the rounds unrolled, its matmuls counted with every loop trip
+    (`hlo_traffic`: XLA's own count takes a loop body once; the encoder's attention runs in
+    loops off a CPU). The count is of the global program: lowered unsharded for the platform of
+    `mesh` (the step's device mesh), nothing is partitioned.
 
-    `lowered`: the train step as lowered for training; counted as is when it already has neither
-    remat nor a rounds loop, instead of lowering the step a second time.
+    `lowered`: the train step as lowered for training on `mesh`; counted as is when it already
+    has neither remat nor a rounds loop (and runs on one device), instead of lowering the step a
+    second time.
     """
+    from sam_jax.training import hlo_traffic
+
     if (
-        lowered is not None
-        and remat_policy(config) is None
-        and config.train.unroll_rounds >= config.train.num_rounds
-        and not config.train.remat_rounds
+        lowered is None
+        or (mesh is not None and mesh.devices.size > 1)
+        or remat_policy(config) is not None
+        or config.train.unroll_rounds < config.train.num_rounds
+        or config.train.remat_rounds
     ):
+        flops_config = config.copy_and_resolve_references()
+        flops_config.train.unroll_rounds = config.train.num_rounds
+        flops_config.train.remat_rounds = False
+        model = build_sam(sam_config, config.dtype, config.attention_impl, None)
+        step_fn = make_train_step(model, tx, flops_config, model.param_shapes())
+        # Unsharded, for the mesh's platform: the global program, on one device.
+        plain = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t)  # noqa: E731
+        traced = jax.jit(step_fn).trace(plain(state), plain(batch))
+        platform = None if mesh is None else mesh.devices.flat[0].platform
+        lowered = traced.lower(lowering_platforms=(platform,)) if platform else traced.lower()
+    try:
+        flops = hlo_traffic.analyze(lowered.as_text(dialect="hlo")).flops
+    except Exception:  # noqa: BLE001 - a backend without HLO text: XLA's count
         return metric_writer.flops_of(lowered)
-    flops_config = config.copy_and_resolve_references()
-    flops_config.train.unroll_rounds = config.train.num_rounds
-    flops_config.train.remat_rounds = False
-    model = build_sam(sam_config, config.dtype, config.attention_impl, None)
-    step_fn = make_train_step(model, tx, flops_config, model.param_shapes())
-    return metric_writer.flops_of(jax.jit(step_fn).lower(state, batch))
+    return flops if flops > 0 else None
 
 
 def _make_validator(config: Any, sam_config: Any):
