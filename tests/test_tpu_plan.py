@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sam_jax import errors
 from sam_jax.modeling import attention_kernels
 from sam_jax.training import compile_plan, hlo_traffic
 
@@ -28,7 +29,7 @@ def test_topology_names():
     assert name == "v5:4x4x8" and kwargs["chip_config_name"] == "megacore"
     assert compile_plan.parse_topology("v6e:1x1")[2]["chips_per_host_bounds"] == (1, 1, 1)
     for bad in ("v9:2x2", "v5e", "v5e:2x2x2", "v4:4x4", "tpu"):
-        with pytest.raises(compile_plan.TopologyError, match="topology"):
+        with pytest.raises(errors.TopologyError, match="topology"):
             compile_plan.parse_topology(bad)
 
 
@@ -148,7 +149,7 @@ def test_a_refused_plan_names_its_largest_buffers():
     )
     assert not plan.fits and plan.memory["temp"] > chip.hbm_bytes
     assert plan.largest_buffers and "f32[24,8192,8192]" in plan.largest_buffers[0]
-    with pytest.raises(compile_plan.PlanDoesNotFitError, match=r"largest buffers: .*f32\[24,8192"):
+    with pytest.raises(errors.PlanDoesNotFitError, match=r"largest buffers: .*f32\[24,8192"):
         compile_plan.check_fits(plan)
 
 

@@ -35,8 +35,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sam_jax.errors import UsageError, one_line
-from sam_jax.training import hlo_traffic
+from sam_jax import functional as F
+from sam_jax import transforms
+from sam_jax.amg import masks as amg_masks
+from sam_jax.config import get_config
+from sam_jax.errors import (
+    LibtpuMissingError,
+    PlanDoesNotFitError,
+    TopologyError,
+    one_line,
+)
+from sam_jax.modeling import build_sam
+from sam_jax.training import config_checks, hlo_traffic, initialization, sharding
+from sam_jax.training.train_loop import model_flops as count_model_flops
+from sam_jax.training.train_loop import train_program
 
 GiB = 1 << 30
 
@@ -63,18 +75,6 @@ CHIPS = {
     "v6e": Chip("v6e", 32 * GiB, 918e12, 1638e9, False, "v6e"),
 }
 HBM_HEADROOM = 0.10  # a plan fits when it leaves at least this share of the chip's HBM free
-
-
-class TopologyError(UsageError, ValueError):
-    """The topology name is not one this module knows (v4, v5e, v5p, v6e with a shape)."""
-
-
-class LibtpuMissingError(ImportError):
-    """libtpu, the TPU compiler, is not installed."""
-
-
-class PlanDoesNotFitError(RuntimeError):
-    """The program needs more HBM per chip than the chip has (less the headroom)."""
 
 
 def parse_topology(name: str) -> tuple[Chip, str, dict[str, Any]]:
@@ -390,7 +390,6 @@ def _tera(x: float) -> str:
 def abstract_batch(config: Any, sam_config: Any, mesh: Any, cached: bool) -> dict[str, Any]:
     """The train iterator's global batch as ShapeDtypeStructs split over the batch axes
     (`embedding` in place of `image` when the embedding cache serves the encoder)."""
-    from sam_jax.training import sharding
 
     b, s = config.batch_size, sam_config.image_size
     m, n = sam_config.low_res_size, config.data.max_masks
@@ -419,8 +418,6 @@ def with_shardings(tree: Any, shardings: Any) -> Any:
 
 def train_plan(config: Any, topology: str, num_slices: int = 1, model_flops: bool = True) -> Plan:
     """Compiles `config`'s train step for the slice (module doc); the config is not changed."""
-    from sam_jax.training import config_checks, initialization, sharding
-    from sam_jax.training.train_loop import train_program
 
     config = config.copy_and_resolve_references()
     if config.init.type == "mae":  # the architecture is config.model's: the file is not read
@@ -442,9 +439,7 @@ def train_plan(config: Any, topology: str, num_slices: int = 1, model_flops: boo
     batch = abstract_batch(config, sam_config, mesh, cached)
     flops = None
     if model_flops:
-        from sam_jax.training.train_loop import model_flops as count
-
-        flops = count(config, sam_config, program.tx, state, batch, None, mesh)
+        flops = count_model_flops(config, sam_config, program.tx, state, batch, None, mesh)
     chips = int(mesh.devices.size)
     return compile_program(
         program.step,
@@ -478,12 +473,6 @@ def inference_plan(model_type: str, what: str, topology: str, count: int = 1) ->
     """
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
-
-    from sam_jax import functional as F
-    from sam_jax import transforms
-    from sam_jax.amg import masks as amg_masks
-    from sam_jax.config import get_config
-    from sam_jax.modeling import build_sam
 
     chip, devices = topology_devices(topology)
     mesh = Mesh(np.array(devices[:1]).reshape(1, 1), ("data", "fsdp"))

@@ -23,7 +23,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sam_jax.training.optimizer import path_str
+from sam_jax.params import param_path
 
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
@@ -93,7 +93,7 @@ def tree_shardings(
 
     def one(path, x):
         shape = tuple(getattr(x, "shape", ()))
-        return NamedSharding(mesh, spec_for(path_str(path), shape, fsdp, rules, min_fsdp_size))
+        return NamedSharding(mesh, spec_for(param_path(path), shape, fsdp, rules, min_fsdp_size))
 
     return jax.tree_util.tree_map_with_path(one, tree)
 

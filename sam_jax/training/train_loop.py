@@ -22,12 +22,17 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sam_jax import distributed, paths
+from sam_jax.checkpoints import save_converted
 from sam_jax.checkpoints import training as checkpointing
 from sam_jax.config import SamConfig
+from sam_jax.data import make_train_iterator
+from sam_jax.errors import NonFiniteLossError, WorkdirMismatchError
 from sam_jax.modeling import build_sam, lora
+from sam_jax.params import host_params
 from sam_jax.training import (
     config_checks,
     embedding_cache,
+    hlo_traffic,
     initialization,
     metric_writer,
     sharding,
@@ -39,10 +44,8 @@ from sam_jax.training.optimizer import (
 )
 from sam_jax.training.train_state import create_train_state
 from sam_jax.training.train_step import make_train_step
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss (or the update) became NaN or infinite."""
+from sam_jax.training.validation import Validator, load_examples
+from sam_jax.training.visualize import save_prediction_figure
 
 
 class PreemptionFlag:
@@ -77,7 +80,6 @@ def default_iterator(
     config: Any, sam_config: Any, start_batch: int, rows: tuple[int, ...], index_dir: str
 ) -> Iterator[dict]:
     """This process's rows of the global training batches, starting at batch `start_batch`."""
-    from sam_jax.data import make_train_iterator
 
     lsj = config.data.large_scale_jitter
     return make_train_iterator(
@@ -116,10 +118,6 @@ def _check_config(config: Any, num_devices: int) -> None:
         )
     if config.batch_size % jax.process_count():
         raise ValueError(f"batch_size {config.batch_size} not divisible by the process count")
-
-
-class WorkdirMismatchError(ValueError):
-    """The workdir holds a checkpoint of another experiment (model or train state)."""
 
 
 # Experiment fields besides the architecture (compared as SamConfigs) that decide the train
@@ -410,7 +408,6 @@ def model_flops(config, sam_config, tx, state, batch, lowered=None, mesh=None) -
     has neither remat nor a rounds loop (and runs on one device), instead of lowering the step a
     second time.
     """
-    from sam_jax.training import hlo_traffic
 
     if (
         lowered is None
@@ -439,7 +436,6 @@ def model_flops(config, sam_config, tx, state, batch, lowered=None, mesh=None) -
 def _make_validator(config: Any, sam_config: Any):
     if not config.eval.dataset:
         return None
-    from sam_jax.training.validation import Validator, load_examples
 
     examples = load_examples(config.eval.dataset, config.eval.split, config.eval.max_images)
     eval_model = build_sam(sam_config.replace(drop_path_rate=0.0), jnp.float32, "xla")
@@ -452,8 +448,6 @@ def _finish(workdir: str, sam_config: Any, params: Any, validator: Any) -> None:
     eval.py) and draws predictions on held-out images (WORKDIR/predictions.png).
 
     Every process takes part in gathering the params; process 0 alone writes."""
-    from sam_jax.checkpoints import save_converted
-    from sam_jax.training.validation import host_params
 
     params = host_params(params)
     if distributed.is_main_process():
@@ -461,8 +455,6 @@ def _finish(workdir: str, sam_config: Any, params: Any, validator: Any) -> None:
         save_converted(path, sam_config.replace(drop_path_rate=0.0), params, True)
         print(f"exported the trained model to {path}")
         if validator is not None:
-            from sam_jax.training.visualize import save_prediction_figure
-
             figure = paths.join(workdir, "predictions.png")
             save_prediction_figure(validator.model, params, validator.examples, figure)
             print(f"wrote {figure}")
