@@ -74,3 +74,15 @@ def check_bool(name: str, value: object) -> bool:
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
     raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+class TopologyError(UsageError, ValueError):
+    """The TPU topology name is not one sam_jax knows (v4, v5e, v5p, v6e with a shape)."""
+
+
+class LibtpuMissingError(ImportError):
+    """libtpu, the TPU compiler, is not installed."""
+
+
+class PlanDoesNotFitError(RuntimeError):
+    """The program needs more HBM per chip than the chip has (less the headroom)."""

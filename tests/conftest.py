@@ -12,6 +12,9 @@ for _k, _v in {
     "NO_GCE_CHECK": "true",
 }.items():
     os.environ.setdefault(_k, _v)
+# The suite runs on the CPU; with libtpu installed (the test extra: the TPU compile plans) JAX
+# would also try to start a TPU backend and print libtpu's start-up warnings on stderr.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -15,7 +15,7 @@ from sam_jax import outputs
 from sam_jax.amg.generator import SamAutomaticMaskGenerator
 from sam_jax.checkpoints import save_converted, save_pth
 from sam_jax.checkpoints.mapping import state_dict_to_params
-from sam_jax.cli import amg, predict
+from sam_jax.cli import amg, common, predict
 from sam_jax.config import tiny_config
 from sam_jax.modeling import build_sam
 from sam_jax.predictor import SamPredictor
@@ -224,3 +224,25 @@ def test_module_entry_points():
     )
     assert res.returncode == 2 and "Traceback" not in res.stderr
     _one_line_error(res.stderr, "python -m sam_jax.cli.predict", "--checkpoint")
+
+
+def test_commands_skip_an_absent_tpu(monkeypatch):
+    """libtpu installed (the tpu extra) without TPU chips: the commands run on the CPU instead of
+    probing the TPU; JAX_PLATFORMS, a TPU VM's chips or a GPU plugin leave jax's choice alone."""
+    calls = []
+    monkeypatch.setattr(common.jax.config, "update", lambda *a: calls.append(a))
+    monkeypatch.setattr(common.glob, "glob", lambda pattern: [])
+    specs = {"libtpu": object()}
+    monkeypatch.setattr(common.importlib.util, "find_spec", lambda name: specs.get(name))
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert not common.skip_absent_tpu() and calls == []  # the user's choice wins
+    monkeypatch.delenv("JAX_PLATFORMS")
+    assert common.skip_absent_tpu() and calls == [("jax_platforms", "cpu")]
+    specs["jax_cuda12_plugin"] = object()
+    assert not common.skip_absent_tpu() and len(calls) == 1  # a GPU machine: jax decides
+    del specs["jax_cuda12_plugin"]
+    monkeypatch.setattr(common.glob, "glob", lambda pattern: ["/dev/accel0"])
+    assert not common.skip_absent_tpu() and len(calls) == 1  # a TPU VM
+    monkeypatch.setattr(common.glob, "glob", lambda pattern: [])
+    del specs["libtpu"]
+    assert not common.skip_absent_tpu() and len(calls) == 1  # no libtpu: nothing to skip

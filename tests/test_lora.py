@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from sam_jax import errors
 from sam_jax.checkpoints import load_converted, params_to_state_dict
 from sam_jax.config import tiny_config
 from sam_jax.errors import ConfigError
@@ -140,7 +141,7 @@ def test_lora_resume_continues_bitwise(tmp_path):
     _, b = load_converted(f"{run}/model")
     jax.tree.map(np.testing.assert_array_equal, a, b)
     changed = _lora_config(rank=3)
-    with pytest.raises(train_loop.WorkdirMismatchError, match="lora.rank: 2 -> 3"):
+    with pytest.raises(errors.WorkdirMismatchError, match="lora.rank: 2 -> 3"):
         train_loop.train_and_evaluate(changed, run, fake_iterator)
 
 

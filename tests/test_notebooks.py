@@ -215,6 +215,11 @@ def test_tpu_training(tmp_path, monkeypatch):
     assert s["first_run_step"] == 4 and s["resumed_step"] == 8
     assert "8" in os.listdir(workdir / "checkpoints")
     assert any("fsdp" in spec for spec in s["pod_specs"].values())
+    # The pictures: the loss curve and the run's predictions on held-out images.
+    for path in s["figures"].values():
+        _check_png(tmp_path / path if not os.path.isabs(path) else Path(path))
+    # The compile plan of the notebook's config for a TPU slice (libtpu: the test extra).
+    assert s["plan"] == {"topology": "v5e:2x2", "fits": True}
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -391,13 +392,15 @@ def test_reports_and_inputs_on_gcs(gcs, tmp_path):
     buf = io.BytesIO()
     Image.fromarray(np.full((4, 6, 3), 200, np.uint8)).save(buf, format="PNG")
     paths.write_bytes(gcs.url("images", "1.png"), buf.getvalue())
-    image = detections._read_image(gcs.url("images", "1.png"))
+    image = detections.read_image_at(gcs.url("images"), {"file_name": "1.png"})
     assert image.shape == (4, 6, 3) and image[0, 0, 0] == 200
-    assert detections._read_image(gcs.url("images", "missing.png")) is None
+    assert detections.read_image_at(gcs.url("images"), {"file_name": "missing.png"}) is None
+    gt = types.SimpleNamespace(imgs={1: {}})
     with pytest.raises(ValueError, match="does not exist"):
-        detections._read_json(gcs.url("missing.json"), "detections file")
-    paths.write_text(gcs.url("dets.json"), json.dumps([{"image_id": 1}]))
-    assert detections._read_json(gcs.url("dets.json"), "detections file") == [{"image_id": 1}]
+        detections.load_detections(gcs.url("missing.json"), gt)
+    det = {"image_id": 1, "category_id": 1, "bbox": [0, 0, 2, 2], "score": 0.5}
+    paths.write_text(gcs.url("dets.json"), json.dumps([det]))
+    assert detections.load_detections(gcs.url("dets.json"), gt) == {1: [det]}
 
 
 def test_emulator_helper_settings(gcs):

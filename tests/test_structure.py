@@ -18,10 +18,17 @@ PACKAGE = ROOT / "sam_jax"
 OPTIONAL = ("sam_jax.training",)
 # Lower layers never import these (the commands and the automatic mask generator sit on top).
 # (the entry points, `__main__` modules, are the top; the automatic mask generator is used by the
-# data engine, the evaluation and the exported decoder's stability score).
+# data engine, the evaluation, the exported decoder's stability score and the TPU plans of the
+# generator's device work).
 UPPER = {
     "sam_jax.cli": (),
-    "sam_jax.amg": ("sam_jax.annotate", "sam_jax.evaluation", "sam_jax.export", "sam_jax.cli"),
+    "sam_jax.amg": (
+        "sam_jax.annotate",
+        "sam_jax.evaluation",
+        "sam_jax.export",
+        "sam_jax.training",
+        "sam_jax.cli",
+    ),
 }
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from training_fakes import fake_iterator, tiny_train_config
 
+from sam_jax import errors
 from sam_jax.training import train_loop, train_step
 from sam_jax.training.metric_writer import read_jsonl
 
@@ -122,9 +123,7 @@ def test_non_finite_loss_stops_without_saving(tmp_path, monkeypatch):
     monkeypatch.setattr(train_step, "simulate_and_loss", poisoned)
     config = tiny_train_config()
     config.checkpoint.every_steps = 1
-    with pytest.raises(
-        train_loop.NonFiniteLossError, match="at step 3.*last good checkpoint: step 2"
-    ):
+    with pytest.raises(errors.NonFiniteLossError, match="at step 3.*last good checkpoint: step 2"):
         train_loop.train_and_evaluate(config, str(tmp_path), iterator)
     steps = sorted(int(os.path.basename(p)) for p in glob.glob(f"{tmp_path}/checkpoints/*"))
     assert steps == [1, 2]
@@ -181,6 +180,6 @@ def test_workdir_of_another_experiment_is_refused(reference_run, tmp_path, chang
     before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
     config = tiny_train_config()
     change(config)
-    with pytest.raises(train_loop.WorkdirMismatchError, match=f"another experiment.*{named}"):
+    with pytest.raises(errors.WorkdirMismatchError, match=f"another experiment.*{named}"):
         train_loop.train_and_evaluate(config, workdir, fake_iterator)
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before

@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
+import glob
+import importlib.util
 import os
 import re
 import signal
@@ -24,6 +26,8 @@ import sys
 import threading
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
+
+import jax
 
 from sam_jax import distributed, paths
 from sam_jax.checkpoints import is_checkpoint_name
@@ -61,6 +65,25 @@ def _missing_module(e: ImportError, extras: str) -> str:
     return f"{one_line(e)} (the module {name!r} comes with pip install 'sam_jax[{extras}]')"
 
 
+# jax's GPU plugins: where one is installed, the platform choice is left to jax.
+GPU_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm7_plugin")
+
+
+def skip_absent_tpu() -> bool:
+    """Runs jax on the CPU when libtpu is installed (`sam_jax[tpu]`, for compile plans) on a
+    machine without TPU chips and without a GPU plugin: jax would otherwise try the TPU at its
+    first use, print libtpu's initialisation errors and look for a metadata server. JAX_PLATFORMS,
+    when set, decides instead. True when it switched to the CPU."""
+    if os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None:
+        return False
+    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):  # a TPU VM's chips
+        return False
+    if any(importlib.util.find_spec(name) for name in GPU_PLUGINS):
+        return False
+    jax.config.update("jax_platforms", "cpu")
+    return True
+
+
 def run_command(
     prog: str,
     body: Callable[[], int | None],
@@ -74,6 +97,7 @@ def run_command(
     SIGTERM is handled as Ctrl-C (status 130), so the clean-up of half-written output runs
     (training replaces this handler with its own: save a checkpoint and exit 0).
     """
+    skip_absent_tpu()
     restore = _sigterm_as_interrupt()
     try:
         code = body()

@@ -11,6 +11,14 @@ tuple (a Python literal, `(2,2)` or `1,5`, a bare word is a 1-tuple; a repeated 
 `None` clears an optional tuple), ConfigDict (a dict literal), anything else a Python literal
 (falling back to the text). An unknown field, a value of the wrong type or a config that does not
 load raises UsageError (one line, naming the closest field).
+
+Why not config_flags itself (tried, 2026-12-06, ml_collections 1.1): its override flags
+`--config.FIELD` exist only once absl has loaded `--config`, which works inside `absl.app.run`'s
+parsing of the global FLAGS but not on a private FlagValues parsed from argparse's leftovers (the
+`--config.x` flags are then unknown and refused), and its errors are absl tracebacks or
+`FATAL Flags parsing error` rather than our one line with the closest field name; the commands
+keep argparse (one `--help`, one exit-code convention), so this module stays, holding only the
+parsing and the typed-value rules above.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """sam-jax-train: train SAM, or resume a run (also `python train.py`).
 
     sam-jax-train --config FILE_OR_NAME --workdir DIR [--config.FIELD=VALUE ...]
+    sam-jax-train --config FILE_OR_NAME --compile-only --topology v5e:16x16 [--num-slices N]
 
 The config is a Python file whose get_config() returns an ml_collections.ConfigDict (fields:
 sam_jax/training/defaults.py) or the name of a shipped one (configs/ in the source tree,
@@ -10,15 +11,22 @@ Rerunning the same command resumes from the latest checkpoint; SIGTERM saves and
 WORKDIR may be a bucket (gs://...). Several processes (TPU pod, SLURM, Open MPI) join by
 themselves; an explicit launch passes --coordinator_address/--num_processes/--process_id (or
 the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment variables).
+
+--compile-only compiles the config's real train step for a TPU slice on this machine, with no TPU
+(libtpu's compiler: pip install 'sam_jax[tpu]'), prints the plan (memory per chip against its
+HBM, FLOPs and HBM traffic per step, the roofline, images/s per chip) and exits 1 when it does not
+fit; it reads no data, writes nothing and needs no --workdir.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from sam_jax import distributed
 from sam_jax.cli import common, config_overrides
+from sam_jax.errors import UsageError
 
 PROG = "sam-jax-train"
 
@@ -39,7 +47,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     shipped = ", ".join(config_overrides.shipped_configs()) or "none found"
     parser = common.ArgumentParser(
         prog=prog,
-        usage=f"{prog} --config FILE_OR_NAME --workdir DIR [--config.FIELD=VALUE ...] [options]",
+        usage=f"{prog} --config FILE_OR_NAME (--workdir DIR | --compile-only --topology NAME) "
+        "[--config.FIELD=VALUE ...] [options]",
         description=__doc__.split("\n\n", 2)[2].strip(),
         epilog=OVERRIDES_HELP.format(shipped=shipped) + common.EXIT_CODES_HELP,
         allow_abbrev=False,
@@ -51,8 +60,24 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         help="experiment config: a .py file (FILE:ARG passes ARG to get_config) or the name of "
         "a shipped config",
     )
-    parser.add_argument(
-        "--workdir", required=True, metavar="DIR", help="folder (or gs:// URL) of the run"
+    parser.add_argument("--workdir", metavar="DIR", help="folder (or gs:// URL) of the run")
+    plan = parser.add_argument_group("compile plan (no TPU needed: libtpu compiles on this host)")
+    plan.add_argument(
+        "--compile-only",
+        action="store_true",
+        help="compile the train step for --topology and print the plan instead of training",
+    )
+    plan.add_argument(
+        "--topology",
+        metavar="NAME",
+        help="TPU slice: v4:AxBxC, v5e:AxB, v5p:AxBxC or v6e:AxB (chips), e.g. v5e:16x16",
+    )
+    plan.add_argument(
+        "--num-slices",
+        type=common.positive_int,
+        default=1,
+        metavar="N",
+        help="slices joined by the data-center network (the data axis spans them; default 1)",
     )
     common.add_distributed_flags(parser)
     return parser
@@ -64,6 +89,12 @@ def parse_args(argv: list[str] | None = None, prog: str = PROG):
     overrides, rest = config_overrides.split_overrides(argv)
     parser = build_parser(prog)
     args = parser.parse_args(rest)
+    if args.compile_only and not args.topology:
+        raise UsageError("--compile-only needs --topology (e.g. v5e:16x16)")
+    if not args.compile_only and (args.topology or args.num_slices != 1):
+        raise UsageError("--topology and --num-slices go with --compile-only")
+    if not args.compile_only and not args.workdir:
+        raise UsageError("the following arguments are required: --workdir")
     config = config_overrides.load_config(args.config)
     config_overrides.apply_overrides(config, overrides)
     return args, config
@@ -81,9 +112,26 @@ def _quiet_absl() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+def compile_only(args: argparse.Namespace, config) -> int:
+    """Prints the plan of the config's train step on --topology; PlanDoesNotFitError when the
+    step does not fit the chips' HBM (exit 1)."""
+    import jax
+
+    if not os.environ.get("JAX_PLATFORMS"):  # no accelerator is used, even where one is present
+        jax.config.update("jax_platforms", "cpu")
+    from sam_jax.training import compile_plan
+
+    plan = compile_plan.train_plan(config, args.topology, args.num_slices)
+    print(compile_plan.format_plan(plan), flush=True)
+    compile_plan.check_fits(plan)
+    return common.EXIT_OK
+
+
 @common.leaves_no_empty_folders("workdir")
 def run(args: argparse.Namespace, config) -> int:
     _quiet_absl()
+    if args.compile_only:
+        return compile_only(args, config)
     common.join_job(args)
     from sam_jax.training.train_loop import train_and_evaluate
 

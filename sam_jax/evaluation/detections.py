@@ -33,6 +33,7 @@ from sam_jax.data.coco import image_entry_path
 from sam_jax.evaluation.lvis_metrics import LVIS_MAX_DETS, check_lvis_categories, lvis_mask_ap
 from sam_jax.evaluation.metrics import coco_mask_ap, encode_rle
 from sam_jax.evaluation.protocol import predict_masks
+from sam_jax.images import decode_image
 
 
 def _read_json(path: str, what: str):
@@ -107,13 +108,9 @@ def load_detections(detections, coco_gt) -> dict[int, list[dict]]:
 
 def read_image_at(images_dir: str, image: dict) -> np.ndarray | None:
     """uint8 (H, W, 3) RGB of a COCO / LVIS `images` entry; None if it cannot be read."""
-    from PIL import Image
-
     try:
-        data = paths.read_bytes(image_entry_path(images_dir, image))
-        with Image.open(io.BytesIO(data)) as im:
-            return np.asarray(im.convert("RGB"))
-    except (OSError, ValueError):
+        return decode_image(paths.read_bytes(image_entry_path(images_dir, image)))
+    except (OSError, ValueError):  # PIL's UnidentifiedImageError is an OSError
         return None
 
 

@@ -9,7 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from einops import rearrange
+from jax.sharding import PartitionSpec as P
 
+from sam_jax.modeling import attention_kernels
 from sam_jax.modeling.common import Dense, DropPath, Dtype, MLPBlock, attention, layer_norm
 
 REMAT_POLICIES = {
@@ -70,19 +72,78 @@ def decomposed_rel_pos_bias(q: jax.Array, rel_pos_h, rel_pos_w, size: tuple[int,
     return (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, heads, t, t)
 
 
-# The XLA path computes attention one block of (batch x head) items and queries at a time, with the
-# rel-pos bias added inside the block, so neither the (heads, T, T) logits nor their bias exist at
-# once. The block's float32 logits are kept to about this many bytes: on a CPU small enough to stay
-# in the cache (2 MiB L2 per core), elsewhere only bounded.
+# The XLA path computes attention one block of items (heads, windows) and queries at a time, with
+# the rel-pos bias added inside the block, so neither the (heads, T, T) logits nor their bias exist
+# at once. The block's float32 logits are kept to about this many bytes: on a CPU small enough to
+# stay in the cache (2 MiB L2 per core), elsewhere only bounded. On a CPU a block may hold items
+# of several images; elsewhere the blocks of each image are its own (`rel_pos_attention`), so that
+# a batch split over devices stays split (a loop over blocks that mix images would make every
+# device compute every image).
 LOGITS_BLOCK_BYTES = {"cpu": 8 << 20}
 LOGITS_BLOCK_BYTES_DEFAULT = 256 << 20
 
 
-def takes_blocked_path(impl: str) -> bool:
-    """Whether attention runs `blocked_rel_pos_attention`: with "xla", and with "auto" on a CPU.
-    Elsewhere "auto" leaves the choice (cuDNN on a GPU) to `jax.nn.dot_product_attention`, with
-    the rel-pos bias whole."""
-    return impl == "xla" or (impl == "auto" and jax.default_backend() == "cpu")
+def rel_pos_attention(q, k, v, rel_pos_h, rel_pos_w, size, impl: str = "xla"):
+    """Attention with the decomposed rel-pos bias, the path chosen for the platform that runs it.
+
+    q, k, v: (B, heads, T, hd) with T = h * w (B: images, or windows of images) -> (B, heads,
+    T, hd). The choice is made when the program is lowered for its platform
+    (`lax.platform_dependent`), so a program compiled ahead of time for a TPU takes the TPU path
+    on any host:
+      cpu           blocks of B * heads items sized for the cache (`blocked_rel_pos_attention`);
+      tpu, "auto"   the Pallas kernel (`attention_kernels.flash_rel_pos_attention`) when the
+                    grid suits it (the global blocks), else the per-image blocks below;
+      other / "xla" `blocked_rel_pos_attention` over each image's heads (vmapped over B);
+      other, "auto" `jax.nn.dot_product_attention` with the dense bias (cuDNN on a GPU).
+    """
+    b, heads, t, hd = q.shape
+
+    def cpu(q, k, v):
+        flat = [x.reshape(-1, t, hd) for x in (q, k, v)]
+        out = blocked_rel_pos_attention(
+            *flat, rel_pos_h, rel_pos_w, size, LOGITS_BLOCK_BYTES["cpu"]
+        )
+        return out.reshape(q.shape)
+
+    def per_image(q, k, v):
+        one = lambda q, k, v: blocked_rel_pos_attention(
+            q, k, v, rel_pos_h, rel_pos_w, size, LOGITS_BLOCK_BYTES_DEFAULT
+        )
+        return jax.vmap(one)(q, k, v)
+
+    def dense(q, k, v):
+        q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # (B, T, heads, hd)
+        bias = decomposed_rel_pos_bias(q, rel_pos_h, rel_pos_w, size)
+        return attention(q, k, v, bias=bias, impl="auto").transpose(0, 2, 1, 3)
+
+    def tpu(q, k, v):
+        if not attention_kernels.supports(size, hd):
+            return per_image(q, k, v)
+
+        def kernel(q, k, v, table_h, table_w):
+            n = q.shape[0]
+            rel_h, rel_w = rel_pos_factors(q.reshape(n, heads, *size, hd), table_h, table_w)
+            q = q * jnp.asarray(hd**-0.5, q.dtype)
+            rel_h, rel_w = rel_h.reshape(n, heads, t, size[0]), rel_w.reshape(n, heads, t, size[1])
+            return attention_kernels.flash_rel_pos_attention(q, k, v, rel_h, rel_w)
+
+        # A Pallas kernel is not partitioned by XLA: over a device mesh (the train step sets
+        # it), each device runs it on its own images (shard_map), else on all of them.
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty:
+            return kernel(q, k, v, rel_pos_h, rel_pos_w)
+        spec = P(tuple(mesh.axis_names)) if b % mesh.size == 0 else P()
+        return jax.shard_map(
+            kernel,
+            mesh=mesh,
+            in_specs=(spec, spec, spec, P(), P()),
+            out_specs=spec,
+            check_vma=False,
+        )(q, k, v, rel_pos_h, rel_pos_w)
+
+    if impl == "xla":
+        return jax.lax.platform_dependent(q, k, v, cpu=cpu, default=per_image)
+    return jax.lax.platform_dependent(q, k, v, cpu=cpu, tpu=tpu, default=dense)
 
 
 def _largest_divisor(n: int, limit: int) -> int:
@@ -180,15 +241,15 @@ class Attention(nn.Module):
         zeros = nn.initializers.zeros
         rel_pos_h = self.param("rel_pos_h", zeros, (2 * self.input_size[0] - 1, hd), jnp.float32)
         rel_pos_w = self.param("rel_pos_w", zeros, (2 * self.input_size[1] - 1, hd), jnp.float32)
-        if takes_blocked_path(self.attention_impl):
-            q, k, v = rearrange(qkv, "b h w (three n d) -> three (b n) (h w) d", three=3, n=heads)
-            out = blocked_rel_pos_attention(q, k, v, rel_pos_h, rel_pos_w, (gh, gw))
-            out = rearrange(out, "(b n) (h w) d -> b h w (n d)", n=heads, h=gh)
-        else:
+        if self.attention_impl == "cudnn":
             q, k, v = rearrange(qkv, "b h w (three n d) -> three b (h w) n d", three=3, n=heads)
             bias = decomposed_rel_pos_bias(q, rel_pos_h, rel_pos_w, (gh, gw))
             out = attention(q, k, v, bias=bias, impl=self.attention_impl)
             out = out.reshape(nb, gh, gw, c)
+        else:
+            q, k, v = rearrange(qkv, "b h w (three n d) -> three b n (h w) d", three=3, n=heads)
+            out = rel_pos_attention(q, k, v, rel_pos_h, rel_pos_w, (gh, gw), self.attention_impl)
+            out = rearrange(out, "b n (h w) d -> b h w (n d)", h=gh)
         if self.window_size > 0:
             out = window_unpartition(out, self.window_size, pad_hw, (h, w))
         return Dense(c, dtype=self.dtype, name="proj")(out)

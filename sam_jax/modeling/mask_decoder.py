@@ -15,20 +15,26 @@ class ConvTranspose2x2(nn.Module):
     """ConvTranspose2d(kernel 2, stride 2) as torch: y[2i+a, 2j+b] = x[i, j] @ W[a, b] + bias.
 
     kernel (2, 2, in, out) = torch weight (in, out, 2, 2) permuted (2, 3, 0, 1).
-    x (..., in) -> (..., 2, 2, out): the sub-pixels (a, b) of each input pixel keep their own
-    axes (`unshuffle` interleaves them), so each upscaling is one plain matmul and moves no data.
+    x (..., in) -> (..., 2, 2, out), or channels_first: x (..., in, n) -> (..., 2, 2, out, n)
+    with n the pixels (one axis). The sub-pixels (a, b) of each input pixel keep their own axes
+    (`unshuffle` interleaves them), so each upscaling is one plain matmul and moves no data.
     """
 
     features: int
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        c = x.shape[-1]
+    def __call__(self, x: jax.Array, channels_first: bool = False) -> jax.Array:
+        c = x.shape[-2] if channels_first else x.shape[-1]
         kernel = self.param(
             "kernel", nn.initializers.lecun_normal(), (2, 2, c, self.features), jnp.float32
         )
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        if channels_first:
+            w = kernel.reshape(4, c, self.features).astype(self.dtype)
+            y = jnp.einsum("...cn,acf->...afn", x.astype(self.dtype), w)
+            y = y + bias.astype(self.dtype)[:, None]
+            return y.reshape(*x.shape[:-2], 2, 2, self.features, x.shape[-1])
         w = kernel.transpose(2, 0, 1, 3).reshape(c, 4 * self.features).astype(self.dtype)
         y = (x.astype(self.dtype) @ w).reshape(*x.shape[:-1], 2, 2, self.features)
         return y + bias.astype(self.dtype)
@@ -37,6 +43,12 @@ class ConvTranspose2x2(nn.Module):
 def unshuffle(x: jax.Array) -> jax.Array:
     """(B, h, w, 2, 2, 2, 2, K), the sub-pixel axes of two ConvTranspose2x2 -> (B, K, 4h, 4w)."""
     return rearrange(x, "b h w p q r s k -> b k (h p r) (w q s)")
+
+
+def unshuffle_channels_first(x: jax.Array) -> jax.Array:
+    """(B, K, 2, 2, 2, 2, h, w), the sub-pixel axes of two channels-first ConvTranspose2x2 ->
+    (B, K, 4h, 4w)."""
+    return rearrange(x, "b k p q r s h w -> b k (h p r) (w q s)")
 
 
 class MaskDecoder(nn.Module):
@@ -87,7 +99,7 @@ class MaskDecoder(nn.Module):
 
         h, w = image_embeddings.shape[1:3]
         src = image_embeddings.astype(jnp.float32) + dense_prompt_embeddings
-        src = src.reshape(b, h * w, d)
+        src = src.astype(self.dtype).reshape(b, h * w, d)  # one copy per prompt: compute dtype
         pos_src = image_pe.reshape(1, h * w, d)
         hs, src = TwoWayTransformer(
             self.transformer_depth,
@@ -103,10 +115,6 @@ class MaskDecoder(nn.Module):
         iou_token_out = hs[:, 0]
         mask_tokens_out = hs[:, 1 : 1 + num_mask_tokens]
 
-        x = src.reshape(b, h, w, d)
-        x = ConvTranspose2x2(d // 4, self.dtype, name="output_upscaling_0")(x)
-        x = gelu(layer_norm(1e-6, "output_upscaling_1")(x)).astype(self.dtype)
-        x = gelu(ConvTranspose2x2(d // 8, self.dtype, name="output_upscaling_3")(x))
         hyper_in = jnp.stack(
             [
                 MLP(d, d // 8, 3, self.dtype, name=f"output_hypernetworks_mlps_{i}")(
@@ -116,7 +124,37 @@ class MaskDecoder(nn.Module):
             ],
             axis=1,
         )  # (B, K+1, C/8)
-        masks = jnp.einsum("bhwpqrsc,bkc->bhwpqrsk", x.astype(self.dtype), hyper_in)
+        outputs = {None: slice(None), True: slice(1, None), False: slice(0, 1)}[multimask_output]
+        up0 = ConvTranspose2x2(d // 4, self.dtype, name="output_upscaling_0")
+        norm = layer_norm(1e-6, "output_upscaling_1")
+        up3 = ConvTranspose2x2(d // 8, self.dtype, name="output_upscaling_3")
+
+        def channels_last(src, hyper_in):  # the sub-pixel axes beside the channels
+            x = up0(src.reshape(b, h, w, d))
+            x = gelu(norm(x)).astype(self.dtype)
+            x = gelu(up3(x))
+            masks = jnp.einsum("bhwpqrsc,bkc->bhwpqrsk", x.astype(self.dtype), hyper_in)
+            return unshuffle(masks[..., outputs].astype(jnp.float32))
+
+        def channels_first(src, hyper_in):
+            # (B, C, h*w), the pixels minor: every tensor of this part (one per prompt: the
+            # largest of a training round) fills whole (8, 128) memory tiles, where channels-last
+            # the 32 or 64 channels or the 64-pixel rows are padded to 128 lanes.
+            x = up0(jnp.swapaxes(src, 1, 2), channels_first=True)  # (B, 2, 2, C/4, h*w)
+            x = jnp.moveaxis(gelu(norm(jnp.moveaxis(x, -2, -1))), -1, -2).astype(self.dtype)
+            x = gelu(up3(x, channels_first=True))  # (B, 2, 2, 2, 2, C/8, h*w)
+            masks = jnp.einsum("bpqrscn,bkc->bkpqrsn", x.astype(self.dtype), hyper_in)
+            masks = masks[:, outputs].astype(jnp.float32)
+            return unshuffle_channels_first(masks.reshape(*masks.shape[:6], h, w))
+
+        # A CPU keeps its (faster there) channels-last layout; the choice is made when lowering
+        # for the platform. The params are created outside the choice (its branches are traced).
+        if self.is_initializing():
+            masks = channels_last(src, hyper_in)
+        else:
+            masks = jax.lax.platform_dependent(
+                src, hyper_in, cpu=channels_last, default=channels_first
+            )
         iou_pred = MLP(
             self.iou_head_hidden_dim,
             num_mask_tokens,
@@ -124,5 +162,4 @@ class MaskDecoder(nn.Module):
             self.dtype,
             name="iou_prediction_head",
         )(iou_token_out.astype(self.dtype)).astype(jnp.float32)
-        outputs = {None: slice(None), True: slice(1, None), False: slice(0, 1)}[multimask_output]
-        return unshuffle(masks[..., outputs].astype(jnp.float32)), iou_pred[:, outputs]
+        return masks, iou_pred[:, outputs]

@@ -13,6 +13,13 @@ class Attention(nn.Module):
     """Attention with q/k/v projections to `embedding_dim // downsample_rate` channels.
 
     q: (B, T, C), k and v: (B, S, C); key_mask: optional bool (B, S), False = ignored key.
+    Returns (B, T, C) in the compute dtype.
+
+    Off a CPU (chosen when lowering, `lax.platform_dependent`), the attentions between the few
+    prompt tokens and the h*w image tokens fold the image side's projections into the token
+    side (`_folded`): the image tokens are read as they are, and neither their projections
+    (B, h*w, C / downsample_rate) nor the attention output over them are written out. Same
+    function (associativity), other rounding.
     """
 
     embedding_dim: int
@@ -26,20 +33,90 @@ class Attention(nn.Module):
         internal = self.embedding_dim // self.downsample_rate
         if internal % self.num_heads:
             raise ValueError("num_heads must divide embedding_dim // downsample_rate")
+        heads = self.num_heads
+        dense = {
+            n: Dense(internal, dtype=self.dtype, name=n) for n in ("q_proj", "k_proj", "v_proj")
+        }
+        dense["out_proj"] = Dense(self.embedding_dim, dtype=self.dtype, name="out_proj")
 
         def project(x, name):
-            x = Dense(internal, dtype=self.dtype, name=name)(x.astype(self.dtype))
-            return x.reshape(*x.shape[:-1], self.num_heads, internal // self.num_heads)
+            x = dense[name](x.astype(self.dtype))
+            return x.reshape(*x.shape[:-1], heads, internal // heads)
 
-        q, k, v = project(q, "q_proj"), project(k, "k_proj"), project(v, "v_proj")
-        mask = None if key_mask is None else key_mask[:, None, None, :]
-        out = attention(q, k, v, mask=mask, impl=self.attention_impl)
-        out = out.reshape(*out.shape[:-2], internal)
-        return Dense(self.embedding_dim, dtype=self.dtype, name="out_proj")(out).astype(jnp.float32)
+        def standard(q, k, v, key_mask):
+            q, k, v = project(q, "q_proj"), project(k, "k_proj"), project(v, "v_proj")
+            mask = None if key_mask is None else key_mask[:, None, None, :]
+            out = attention(q, k, v, mask=mask, impl=self.attention_impl)
+            return dense["out_proj"](out.reshape(*out.shape[:-2], internal))
+
+        t, s = q.shape[1], k.shape[1]
+        fold = "kv" if s >= 8 * t else ("qo" if t >= 8 * s else None)
+        lora = bool(self.variables.get("lora")) if not self.is_initializing() else True
+        if fold is None or lora or self.attention_impl == "cudnn":
+            return standard(q, k, v, key_mask)
+
+        def folded(q, k, v, key_mask):
+            return self._folded(fold, q, k, v, key_mask, project, dense["out_proj"], internal)
+
+        return jax.lax.platform_dependent(q, k, v, key_mask, cpu=standard, default=folded)
+
+    def _folded(self, fold, q, k, v, key_mask, project, out_proj, internal):
+        """The attention with the long side's projections folded into the short side's.
+
+        fold "kv" (S >> T, the prompt tokens attend to the image): the logits are
+        k . (W_k q_h) per head and the output W_v^T (sum_s p v) (+ b_v; b_k shifts every logit
+        of a row alike). fold "qo" (T >> S, the image attends to the tokens): the logits are
+        q . (W_q k_h) + b_q . k_h and the output sum_(h, s) p (v_h W_o,h) + b_o, one matmul each.
+        """
+        heads, e = self.num_heads, internal // self.num_heads
+        f32, dt = jnp.float32, self.dtype
+        params = self.variables["params"]
+        scale = e**-0.5
+
+        def weights(name):
+            return params[name]["kernel"].astype(f32), params[name]["bias"].astype(f32)
+
+        neg = jnp.finfo(f32).min
+        if fold == "kv":
+            qh = project(q, "q_proj").astype(f32) * scale  # (B, T, H, e)
+            wk, _ = weights("k_proj")
+            wv, bv = weights("v_proj")
+            qk = jnp.einsum("bthe,che->bthc", qh, wk.reshape(-1, heads, e))  # (B, T, H, C)
+            logits = jnp.einsum(
+                "bsc,bthc->bhts", k.astype(dt), qk.astype(dt), preferred_element_type=f32
+            )
+            if key_mask is not None:
+                logits = jnp.where(key_mask[:, None, None, :], logits, neg)
+            p = jax.nn.softmax(logits, axis=-1)
+            pv = jnp.einsum(
+                "bhts,bsc->bthc", p.astype(dt), v.astype(dt), preferred_element_type=f32
+            )
+            out = jnp.einsum("bthc,che->bthe", pv, wv.reshape(-1, heads, e)) + bv.reshape(heads, e)
+            return out_proj(out.reshape(*out.shape[:2], internal).astype(dt))
+        kh = project(k, "k_proj").astype(f32) * scale  # (B, S, H, e)
+        vh = project(v, "v_proj").astype(f32)
+        wq, bq = weights("q_proj")
+        wo, bo = weights("out_proj")
+        kq = jnp.einsum("che,bshe->bchs", wq.reshape(-1, heads, e), kh)  # (B, C, H, S)
+        kb = jnp.einsum("he,bshe->bhs", bq.reshape(heads, e), kh)
+        logits = jnp.einsum(
+            "btc,bchs->bths", q.astype(dt), kq.astype(dt), preferred_element_type=f32
+        )
+        logits = logits + kb[:, None]
+        if key_mask is not None:
+            logits = jnp.where(key_mask[:, None, None, :], logits, neg)
+        p = jax.nn.softmax(logits, axis=-1)  # (B, T, H, S)
+        vo = jnp.einsum("bshe,hec->bhsc", vh, wo.reshape(heads, e, -1))  # (B, H, S, C)
+        out = jnp.einsum("bths,bhsc->btc", p.astype(dt), vo.astype(dt), preferred_element_type=f32)
+        return (out + bo).astype(dt)
 
 
 class TwoWayAttentionBlock(nn.Module):
-    """Self-attention of tokens, token->image, MLP, image->token cross-attention."""
+    """Self-attention of tokens, token->image, MLP, image->token cross-attention.
+
+    The tokens (queries) stay float32; the image tokens (keys, one copy per prompt: the largest
+    tensors of a training round) are kept in the compute dtype between blocks (float32 or
+    bfloat16), their residual sum and LayerNorm computed in float32."""
 
     embedding_dim: int
     num_heads: int
@@ -55,16 +132,17 @@ class TwoWayAttentionBlock(nn.Module):
         kw = dict(dtype=self.dtype, attention_impl=self.attention_impl)
         d, h, r = self.embedding_dim, self.num_heads, self.attention_downsample_rate
         self_attn = Attention(d, h, 1, name="self_attn", **kw)
+        f32 = jnp.float32
         if self.skip_first_layer_pe:
-            queries = self_attn(queries, queries, queries, token_mask)
+            queries = self_attn(queries, queries, queries, token_mask).astype(f32)
         else:
             q = queries + query_pe
-            queries = queries + self_attn(q, q, queries, token_mask)
+            queries = queries + self_attn(q, q, queries, token_mask).astype(f32)
         queries = layer_norm(self.layer_norm_eps, "norm1")(queries)
 
         q, k = queries + query_pe, keys + key_pe
-        queries = queries + Attention(d, h, r, name="cross_attn_token_to_image", **kw)(q, k, keys)
-        queries = layer_norm(self.layer_norm_eps, "norm2")(queries)
+        attn = Attention(d, h, r, name="cross_attn_token_to_image", **kw)
+        queries = layer_norm(self.layer_norm_eps, "norm2")(queries + attn(q, k, keys).astype(f32))
 
         mlp = MLPBlock(self.mlp_dim, d, "relu", self.dtype, name="mlp")
         queries = queries + mlp(queries.astype(self.dtype)).astype(jnp.float32)
@@ -72,8 +150,9 @@ class TwoWayAttentionBlock(nn.Module):
 
         q, k = queries + query_pe, keys + key_pe
         attn = Attention(d, h, r, name="cross_attn_image_to_token", **kw)
-        keys = keys + attn(k, q, queries, token_mask)
-        keys = layer_norm(self.layer_norm_eps, "norm4")(keys)
+        keys = keys.astype(f32) + attn(k, q, queries, token_mask).astype(f32)
+        # The image tokens (one copy per prompt) are stored in the compute dtype.
+        keys = layer_norm(self.layer_norm_eps, "norm4")(keys).astype(self.dtype)
         return queries, keys
 
 
@@ -112,6 +191,6 @@ class TwoWayTransformer(nn.Module):
             name="final_attn_token_to_image",
             **kw,
         )
-        queries = queries + final(q, k, keys)
+        queries = queries + final(q, k, keys).astype(jnp.float32)
         queries = layer_norm(1e-5, "norm_final_attn")(queries)
         return queries, keys

@@ -14,7 +14,12 @@ import numbers
 from collections.abc import Callable
 from typing import Any
 
+from sam_jax import paths
+from sam_jax.checkpoints import is_checkpoint_name
+from sam_jax.config import SamConfig
+from sam_jax.data.spec import parse_dataset_spec
 from sam_jax.errors import ConfigError
+from sam_jax.modeling.image_encoder import REMAT_POLICIES
 
 MODELS = ("vit_b", "vit_l", "vit_h", "tiny")
 DTYPES = ("bfloat16", "float32", "float16")
@@ -86,7 +91,6 @@ def int_tuple(length: int | None, low: int) -> Check:
 
 
 def remat(v: Any) -> str | None:
-    from sam_jax.modeling.image_encoder import REMAT_POLICIES
 
     choices = (None, "", "none", *REMAT_POLICIES)
     return None if v in choices else f"must be one of {choices}, got {v!r}"
@@ -206,12 +210,10 @@ def check_config(config: Any) -> None:
     _check_lora(config)
     if not config.eval.num_points:
         raise ConfigError("config field eval.num_points must list at least one click count")
-    from sam_jax.config import SamConfig
 
     unknown = sorted(set(config.model_overrides) - set(SamConfig.__dataclass_fields__))
     if unknown:
         raise ConfigError(f"config field model_overrides has unknown SamConfig fields {unknown}")
-    from sam_jax.data.spec import parse_dataset_spec
 
     for name in ("data.train", *(("eval.dataset",) if config.eval.dataset else ())):
         try:
@@ -252,7 +254,6 @@ def cache_blocker(config: Any) -> str | None:
 
 def _fetched(config: Any) -> bool:
     """init.path names a registry model or a Hub id (read_checkpoint fetches it)."""
-    from sam_jax.checkpoints import is_checkpoint_name
 
     return config.init.type == "sam" and is_checkpoint_name(config.init.path)
 
@@ -261,8 +262,6 @@ def check_inputs(config: Any, workdir: str, resuming: bool) -> None:
     """FileNotFoundError (one line) when a dataset folder or file, or the init checkpoint (not
     read on resume), does not exist; OutputOverlapsInputError when the workdir is, or lies
     inside, one of them."""
-    from sam_jax import paths
-    from sam_jax.data.spec import parse_dataset_spec
 
     inputs = {}
     for name in ("data.train", *(("eval.dataset",) if config.eval.dataset else ())):

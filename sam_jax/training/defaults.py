@@ -6,7 +6,8 @@ Every field can be overridden from the command line: `--config.optimizer.lr=1e-4
 model            "vit_b" | "vit_l" | "vit_h" | "tiny" (sam_jax.config.tiny_config)
 model_overrides  SamConfig fields to change (image_size, drop_path_rate, ...)
 dtype            compute dtype ("bfloat16" or "float32"); params and optimizer state are float32
-attention_impl   "xla" | "cudnn" | "auto"
+attention_impl   "xla" | "cudnn" | "auto" (the platform's best: a Pallas flash kernel on a TPU,
+                 cuDNN on a GPU, cache-sized blocks on a CPU; chosen when the step is lowered)
 remat_policy     encoder block remat: "none", "full", "dots_saveable", ... (jax.checkpoint_policies)
 init.type        "random" | "sam" (converted orbax dir or official .pth) | "mae" (official MAE .pth)
 init.path        checkpoint path for "sam" / "mae"
@@ -145,6 +146,9 @@ def sa1b_recipe() -> ml_collections.ConfigDict:
     c.init.type = "mae"
     c.data.train = "sa1b:"  # set the folder: --config.data.train=sa1b:PATH
     c.checkpoint.every_steps = 1000
+    # The attention each platform runs best: on a TPU the Pallas flash kernel with the rel-pos
+    # bias (the global blocks), on a GPU cuDNN, on a CPU the cache-sized blocks.
+    c.attention_impl = "auto"
     return c
 
 

@@ -29,6 +29,12 @@ import jax
 import numpy as np
 
 from sam_jax import distributed, paths
+from sam_jax.data.pipeline import frame_geometry, transform_image
+from sam_jax.data.sources import is_stream, open_source
+from sam_jax.errors import ConfigError
+from sam_jax.params import host_params
+from sam_jax.training.config_checks import cache_blocker
+from sam_jax.training.train_step import normalize_images
 
 VERSION = 1
 META = "meta.json"
@@ -36,7 +42,6 @@ META = "meta.json"
 
 def encoder_digest(params: Any) -> str:
     """sha256 of the image encoder's params (paths and bytes, in a fixed order)."""
-    from sam_jax.training.validation import host_params
 
     encoder = host_params(params["image_encoder"])
     h = hashlib.sha256()
@@ -117,7 +122,6 @@ def build(
     encode(images uint8 (n, S, S, 3), image_hw int32 (n, 2)) -> (n, g, g, D). A different saved
     key removes the old files first. Undecodable images are skipped (counted: the pipeline skips
     them too, so they are never looked up)."""
-    from sam_jax.data.pipeline import frame_geometry, transform_image
 
     saved = cache.saved_key()
     main = distributed.is_main_process()
@@ -163,7 +167,6 @@ def build(
 def frozen_encoder(model: Any, params: Any) -> Callable[[Any, Any], jax.Array]:
     """encode(images uint8 (n, S, S, 3), image_hw int32 (n, 2)) -> (n, g, g, D), jitted: what
     the train step's encoder computes on a pipeline batch (normalised, zero outside the image)."""
-    from sam_jax.training.train_step import normalize_images
 
     @jax.jit
     def encode(p, images, image_hw):
@@ -197,9 +200,6 @@ def prepare(
 ) -> EmbeddingCache | None:
     """The embedding cache of this run, built or completed; None when `config.embedding_cache`
     is "off", or "auto" and the config cannot use one (the reason is printed)."""
-    from sam_jax.data.sources import is_stream, open_source
-    from sam_jax.errors import ConfigError
-    from sam_jax.training.config_checks import cache_blocker
 
     if config.embedding_cache == "off":
         return None

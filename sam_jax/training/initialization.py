@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from sam_jax.checkpoints import read_state_dict
 from sam_jax.checkpoints.load import read_checkpoint, read_config
 from sam_jax.checkpoints.mapping import expected_leaves, flatten_params, to_flax_layout
 from sam_jax.config import SamConfig, get_config, tiny_config
@@ -83,7 +84,6 @@ def mae_to_sam_state_dict(sd: dict[str, np.ndarray], config: SamConfig) -> dict[
 
 def load_mae_params(path: str, config: SamConfig, params: Any) -> Any:
     """Copies an MAE checkpoint's encoder weights into `params` (numpy tree); returns a new tree."""
-    from sam_jax.checkpoints import read_state_dict
 
     sub = mae_to_sam_state_dict(read_state_dict(path), config)
     leaves = expected_leaves(config)

@@ -20,24 +20,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sam_jax.params import param_path
+
 TRAINABLE_CHOICES = ("all", "prompt_encoder_and_decoder", "mask_decoder", "none")
 # Buffers in the official model (never trained): the random Fourier features of the prompt PE,
 # and the running statistics of TinyViT's BatchNorms (params leaves, BN_STATISTICS).
 ALWAYS_FROZEN = re.compile(r"positional_encoding_gaussian_matrix|/(running_mean|running_var)$")
 _NO_DECAY = re.compile(r"(pos_embed|embedding|positional_encoding_gaussian_matrix)$")
-
-
-def path_str(path: tuple[Any, ...]) -> str:
-    """jax key path -> 'a/b/c'."""
-    parts = []
-    for p in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(p, attr):
-                parts.append(str(getattr(p, attr)))
-                break
-        else:
-            parts.append(str(p))
-    return "/".join(parts)
 
 
 def layer_id(path: str, num_layers: int) -> int:
@@ -55,7 +44,7 @@ def layer_id(path: str, num_layers: int) -> int:
 def layer_lr_scales(params: Any, num_layers: int, layer_decay: float) -> Any:
     """Tree of per-parameter lr multipliers `layer_decay ** (num_layers + 1 - layer_id)`."""
     return jax.tree_util.tree_map_with_path(
-        lambda p, _: float(layer_decay ** (num_layers + 1 - layer_id(path_str(p), num_layers))),
+        lambda p, _: float(layer_decay ** (num_layers + 1 - layer_id(param_path(p), num_layers))),
         params,
     )
 
@@ -72,7 +61,7 @@ def trainable_labels(params: Any, trainable: str) -> Any:
     }[trainable]
 
     def label(path, _):
-        s = path_str(path)
+        s = param_path(path)
         train = bool(prefixes) and s.startswith(prefixes) and not ALWAYS_FROZEN.search(s)
         return "train" if train else "freeze"
 
@@ -82,7 +71,7 @@ def trainable_labels(params: Any, trainable: str) -> Any:
 def weight_decay_mask(params: Any) -> Any:
     """True for parameters that get weight decay (ndim >= 2, not a position/embedding table)."""
     return jax.tree_util.tree_map_with_path(
-        lambda p, x: bool(x.ndim >= 2 and not _NO_DECAY.search(path_str(p))), params
+        lambda p, x: bool(x.ndim >= 2 and not _NO_DECAY.search(param_path(p))), params
     )
 
 

@@ -23,14 +23,20 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sam_jax.training.optimizer import path_str
+from sam_jax.params import param_path
 
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
 
 
-def make_mesh(mesh_shape: Sequence[int], devices: Sequence[Any] | None = None) -> Mesh:
-    """Mesh of shape (data, fsdp). A -1 entry takes all remaining devices (like big_vision)."""
+def make_mesh(
+    mesh_shape: Sequence[int], devices: Sequence[Any] | None = None, num_slices: int = 1
+) -> Mesh:
+    """Mesh of shape (data, fsdp). A -1 entry takes all remaining devices (like big_vision).
+
+    num_slices > 1 (a multi-slice job, slices joined by the data-center network): the data axis
+    spans the slices (only the gradient all-reduce crosses them); fsdp stays inside a slice.
+    """
     devices = list(devices if devices is not None else jax.devices())
     shape = [int(s) for s in mesh_shape]
     if len(shape) != 2:
@@ -46,6 +52,15 @@ def make_mesh(mesh_shape: Sequence[int], devices: Sequence[Any] | None = None) -
         raise ValueError(f"mesh {tuple(shape)} needs {np.prod(shape)} devices, have {len(devices)}")
     # Auto axes: XLA propagates shardings (GSPMD); the model code needs no sharding annotations.
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    if num_slices > 1:
+        if shape[0] % num_slices:
+            raise ValueError(f"the data axis {shape[0]} must split over {num_slices} slices")
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_hybrid_device_mesh(
+            (shape[0] // num_slices, shape[1]), (num_slices, 1), devices
+        )
+        return Mesh(grid, MESH_AXES, axis_types=auto)
     return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=auto, devices=devices)
 
 
@@ -78,7 +93,7 @@ def tree_shardings(
 
     def one(path, x):
         shape = tuple(getattr(x, "shape", ()))
-        return NamedSharding(mesh, spec_for(path_str(path), shape, fsdp, rules, min_fsdp_size))
+        return NamedSharding(mesh, spec_for(param_path(path), shape, fsdp, rules, min_fsdp_size))
 
     return jax.tree_util.tree_map_with_path(one, tree)
 

@@ -13,7 +13,7 @@ import math
 import signal
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,12 +22,17 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sam_jax import distributed, paths
+from sam_jax.checkpoints import save_converted
 from sam_jax.checkpoints import training as checkpointing
 from sam_jax.config import SamConfig
+from sam_jax.data import make_train_iterator
+from sam_jax.errors import NonFiniteLossError, WorkdirMismatchError
 from sam_jax.modeling import build_sam, lora
+from sam_jax.params import host_params
 from sam_jax.training import (
     config_checks,
     embedding_cache,
+    hlo_traffic,
     initialization,
     metric_writer,
     sharding,
@@ -39,10 +44,8 @@ from sam_jax.training.optimizer import (
 )
 from sam_jax.training.train_state import create_train_state
 from sam_jax.training.train_step import make_train_step
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss (or the update) became NaN or infinite."""
+from sam_jax.training.validation import Validator, load_examples
+from sam_jax.training.visualize import save_prediction_figure
 
 
 class PreemptionFlag:
@@ -77,7 +80,6 @@ def default_iterator(
     config: Any, sam_config: Any, start_batch: int, rows: tuple[int, ...], index_dir: str
 ) -> Iterator[dict]:
     """This process's rows of the global training batches, starting at batch `start_batch`."""
-    from sam_jax.data import make_train_iterator
 
     lsj = config.data.large_scale_jitter
     return make_train_iterator(
@@ -118,10 +120,6 @@ def _check_config(config: Any, num_devices: int) -> None:
         raise ValueError(f"batch_size {config.batch_size} not divisible by the process count")
 
 
-class WorkdirMismatchError(ValueError):
-    """The workdir holds a checkpoint of another experiment (model or train state)."""
-
-
 # Experiment fields besides the architecture (compared as SamConfigs) that decide the train
 # state's structure: a checkpoint written with other values cannot be restored (the mesh and batch
 # size may change: orbax reshards on restore).
@@ -160,6 +158,52 @@ def _batch_rows(mesh: Any, batch_size: int) -> tuple[int, ...]:
     index_map = sharding.batch_sharding(mesh, 1).addressable_devices_indices_map((batch_size,))
     rows = sorted({r for (sl,) in index_map.values() for r in range(*sl.indices(batch_size))})
     return tuple(rows)
+
+
+class TrainProgram(NamedTuple):
+    """What a config trains, built without allocating anything (`train_program`)."""
+
+    model: Any  # the Sam module (compute dtype, attention, encoder remat of the config)
+    tx: Any  # the optax optimizer over {"params", "adapters"}
+    param_shapes: Any  # params as ShapeDtypeStructs
+    lora_layers: dict  # adapted layers {path: (in, out)} ({} without LoRA)
+    init_state: Callable[[Any], Any]  # params or None (random init) -> TrainState
+    abstract_state: Any  # TrainState of ShapeDtypeStructs
+    state_shardings: Any  # TrainState of NamedShardings on the mesh
+    step: Any  # jax.jit(train_step): (state, batch) -> (state, metrics), state donated
+
+
+def train_program(config: Any, sam_config: Any, mesh: Any) -> TrainProgram:
+    """The model, optimizer, abstract sharded train state and jitted train step of `config` on
+    `mesh` (the real run's and the compile plan's, sam_jax.training.compile_plan)."""
+    model = build_sam(sam_config, config.dtype, config.attention_impl, remat_policy(config))
+    param_shapes = model.param_shapes()
+    lc = config.lora
+    lora_layers = lora.target_layers(param_shapes, lc.targets, lc.rank) if lc.rank > 0 else {}
+    adapter_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+    adapter_shapes = jax.eval_shape(
+        lambda k: lora.init_adapters(k, lora_layers, lc.rank), adapter_key
+    )
+    tx = make_optimizer(config, param_shapes, sam_config.encoder_depth, adapter_shapes)
+
+    def init_state(params):
+        if params is None:
+            params = model.init_params(jax.random.key(config.seed))
+        adapters = lora.init_adapters(adapter_key, lora_layers, lc.rank)
+        return create_train_state(params, tx, config.seed, adapters)
+
+    abstract_state = jax.eval_shape(init_state, None)
+    rules = [tuple(r) for r in config.sharding_rules]
+    state_shardings = sharding.tree_shardings(mesh, abstract_state, rules, config.min_fsdp_size)
+    train_step = make_train_step(model, tx, config, param_shapes, mesh)
+    step = jax.jit(
+        train_step,
+        out_shardings=(state_shardings, NamedSharding(mesh, P())),
+        donate_argnums=(0,),
+    )
+    return TrainProgram(
+        model, tx, param_shapes, lora_layers, init_state, abstract_state, state_shardings, step
+    )
 
 
 def train_and_evaluate(
@@ -223,34 +267,18 @@ def train_and_evaluate(
         sam_config = saved_sam
     else:  # 2. the init checkpoint (SAM or MAE), else 3. random
         sam_config = initialization.sam_config_from(config)
-    model = build_sam(sam_config, config.dtype, config.attention_impl, remat_policy(config))
-    param_shapes = model.param_shapes()
-    lc = config.lora
-    lora_layers = lora.target_layers(param_shapes, lc.targets, lc.rank) if lc.rank > 0 else {}
-    adapter_key = jax.random.fold_in(jax.random.key(config.seed), 1)
-    adapter_shapes = jax.eval_shape(
-        lambda k: lora.init_adapters(k, lora_layers, lc.rank), adapter_key
-    )
-    tx = make_optimizer(config, param_shapes, sam_config.encoder_depth, adapter_shapes)
-    say(trainable_summary(config, param_shapes, lora_layers))
-
-    def init_state(params):
-        if params is None:
-            params = model.init_params(jax.random.key(config.seed))
-        adapters = lora.init_adapters(adapter_key, lora_layers, lc.rank)
-        return create_train_state(params, tx, config.seed, adapters)
-
-    abstract_state = jax.eval_shape(init_state, None)
-    rules = [tuple(r) for r in config.sharding_rules]
-    state_shardings = sharding.tree_shardings(mesh, abstract_state, rules, config.min_fsdp_size)
+    program = train_program(config, sam_config, mesh)
+    model, tx, param_shapes = program.model, program.tx, program.param_shapes
+    state_shardings = program.state_shardings
+    say(trainable_summary(config, param_shapes, program.lora_layers))
     if resume_step is not None:
-        target = checkpointing.abstract_with_shardings(abstract_state, state_shardings)
+        target = checkpointing.abstract_with_shardings(program.abstract_state, state_shardings)
         state = ckpt.restore_state(target, resume_step)
         start_batch = int(meta["batches_consumed"])
         say(f"resumed from {ckpt.directory} at step {int(state.step)}")
     else:
         init_params = initialization.initial_params(config, sam_config, model)
-        state = jax.jit(init_state, out_shardings=state_shardings)(init_params)
+        state = jax.jit(program.init_state, out_shardings=state_shardings)(init_params)
         start_batch = 0
         del init_params
     step = int(state.step)
@@ -258,14 +286,7 @@ def train_and_evaluate(
     if is_main:
         paths.write_text(config_path, config.to_json(indent=2))
 
-    # The jitted train step.
-    train_step = make_train_step(model, tx, config, param_shapes)
-    replicated = NamedSharding(mesh, P())
-    jitted = jax.jit(
-        train_step,
-        out_shardings=(state_shardings, replicated),
-        donate_argnums=(0,),
-    )
+    jitted = program.step
     validator = _make_validator(config, sam_config)
     writer = metric_writer.MetricWriter(workdir, resume_step=step)
     rows = _batch_rows(mesh, config.batch_size)
@@ -289,7 +310,7 @@ def train_and_evaluate(
                 t0 = time.perf_counter()
                 lowered = jitted.lower(state, batch)
                 compiled = lowered.compile()
-                flops = model_flops(config, sam_config, tx, state, batch, lowered)
+                flops = model_flops(config, sam_config, tx, state, batch, lowered, mesh)
                 say(f"compiled the train step in {time.perf_counter() - t0:.1f} s")
                 distributed.barrier("first_step")  # every process compiled: start together
                 t_log = time.perf_counter()
@@ -376,32 +397,45 @@ def exported_params(config: Any, state: Any) -> Any:
     return lora.merge(state.params, state.adapters, lora.scale_of(config.lora))
 
 
-def model_flops(config, sam_config, tx, state, batch, lowered=None) -> float | None:
-    """Model FLOPs of one train step of `config`: XLA's count of the step lowered (not compiled)
-    without remat (no recompute) and with the rounds unrolled (XLA counts a loop body once).
+def model_flops(config, sam_config, tx, state, batch, lowered=None, mesh=None) -> float | None:
+    """Model FLOPs of one train step of `config`: the step lowered (not compiled) without remat
+    (no recompute) and with the rounds unrolled, its matmuls counted with every loop trip
+    (`hlo_traffic`: XLA's own count takes a loop body once; the encoder's attention runs in
+    loops off a CPU). The count is of the global program: lowered unsharded for the platform of
+    `mesh` (the step's device mesh), nothing is partitioned.
 
-    `lowered`: the train step as lowered for training; counted as is when it already has neither
-    remat nor a rounds loop, instead of lowering the step a second time.
+    `lowered`: the train step as lowered for training on `mesh`; counted as is when it already
+    has neither remat nor a rounds loop (and runs on one device), instead of lowering the step a
+    second time.
     """
+
     if (
-        lowered is not None
-        and remat_policy(config) is None
-        and config.train.unroll_rounds >= config.train.num_rounds
-        and not config.train.remat_rounds
+        lowered is None
+        or (mesh is not None and mesh.devices.size > 1)
+        or remat_policy(config) is not None
+        or config.train.unroll_rounds < config.train.num_rounds
+        or config.train.remat_rounds
     ):
+        flops_config = config.copy_and_resolve_references()
+        flops_config.train.unroll_rounds = config.train.num_rounds
+        flops_config.train.remat_rounds = False
+        model = build_sam(sam_config, config.dtype, config.attention_impl, None)
+        step_fn = make_train_step(model, tx, flops_config, model.param_shapes())
+        # Unsharded, for the mesh's platform: the global program, on one device.
+        plain = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t)  # noqa: E731
+        traced = jax.jit(step_fn).trace(plain(state), plain(batch))
+        platform = None if mesh is None else mesh.devices.flat[0].platform
+        lowered = traced.lower(lowering_platforms=(platform,)) if platform else traced.lower()
+    try:
+        flops = hlo_traffic.analyze(lowered.as_text(dialect="hlo")).flops
+    except Exception:  # noqa: BLE001 - a backend without HLO text: XLA's count
         return metric_writer.flops_of(lowered)
-    flops_config = config.copy_and_resolve_references()
-    flops_config.train.unroll_rounds = config.train.num_rounds
-    flops_config.train.remat_rounds = False
-    model = build_sam(sam_config, config.dtype, config.attention_impl, None)
-    step_fn = make_train_step(model, tx, flops_config, model.param_shapes())
-    return metric_writer.flops_of(jax.jit(step_fn).lower(state, batch))
+    return flops if flops > 0 else None
 
 
 def _make_validator(config: Any, sam_config: Any):
     if not config.eval.dataset:
         return None
-    from sam_jax.training.validation import Validator, load_examples
 
     examples = load_examples(config.eval.dataset, config.eval.split, config.eval.max_images)
     eval_model = build_sam(sam_config.replace(drop_path_rate=0.0), jnp.float32, "xla")
@@ -414,8 +448,6 @@ def _finish(workdir: str, sam_config: Any, params: Any, validator: Any) -> None:
     eval.py) and draws predictions on held-out images (WORKDIR/predictions.png).
 
     Every process takes part in gathering the params; process 0 alone writes."""
-    from sam_jax.checkpoints import save_converted
-    from sam_jax.training.validation import host_params
 
     params = host_params(params)
     if distributed.is_main_process():
@@ -423,8 +455,6 @@ def _finish(workdir: str, sam_config: Any, params: Any, validator: Any) -> None:
         save_converted(path, sam_config.replace(drop_path_rate=0.0), params, True)
         print(f"exported the trained model to {path}")
         if validator is not None:
-            from sam_jax.training.visualize import save_prediction_figure
-
             figure = paths.join(workdir, "predictions.png")
             save_prediction_figure(validator.model, params, validator.examples, figure)
             print(f"wrote {figure}")

@@ -191,8 +191,17 @@ def uses_cached_embeddings(batch: dict[str, Any]) -> bool:
     return "embedding" in batch
 
 
-def make_train_step(model: Any, tx: optax.GradientTransformation, config: Any, params_template):
+def make_train_step(
+    model: Any,
+    tx: optax.GradientTransformation,
+    config: Any,
+    params_template: Any,
+    mesh: Any = None,
+):
     """Returns train_step(state, batch) -> (state, metrics) (to be jitted by the caller).
+
+    mesh: the device mesh the batch is split over (sam_jax.training.sharding); when given, the
+    step is traced with it as the abstract mesh (per-device kernels run over it).
 
     With LoRA (`config.lora.rank > 0`) the adapters in `state.adapters` are applied to their
     layers without merging (y = x W + (alpha/r) (dropout(x) a) b) and trained with whatever
@@ -237,6 +246,14 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, config: Any, p
         return simulate_and_loss(model, params, emb, batch, k_sim, tc, dec, dropout > 0)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
+        if mesh is None:
+            return _train_step(state, batch)
+        # The mesh is known while tracing: per-device kernels (the encoder's Pallas attention)
+        # run over it with shard_map.
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return _train_step(state, batch)
+
+    def _train_step(state: TrainState, batch: dict[str, jax.Array]):
         key = jax.random.fold_in(state.key(), state.step)
         trainables = state.trainables
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainables, batch, key)

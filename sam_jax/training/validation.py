@@ -11,21 +11,16 @@ from typing import Any
 
 import jax
 
+from sam_jax import SamPredictor, distributed
+from sam_jax.data import iterate_examples
+from sam_jax.evaluation import evaluate_points
+from sam_jax.params import host_params
+
 
 def load_examples(spec: str, split: str, max_images: int, seed: int = 0) -> list[dict]:
     """The first max_images held-out examples of a dataset spec, kept in memory."""
-    from sam_jax.data import iterate_examples
 
     return list(iterate_examples(spec, split=split, max_images=max_images, seed=seed))
-
-
-def host_params(params: Any) -> Any:
-    """Full (unsharded) params as numpy on every process."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        return multihost_utils.process_allgather(params, tiled=True)
-    return jax.device_get(params)
 
 
 class Validator:
@@ -42,8 +37,6 @@ class Validator:
         self.batch_size = batch_size
 
     def __call__(self, params: Any) -> dict[str, float]:
-        from sam_jax import SamPredictor, distributed
-        from sam_jax.evaluation import evaluate_points
 
         predictor = SamPredictor(self.model, host_params(params))
         # Each process evaluates its share of the images; the result covers all of them.

@@ -14,14 +14,15 @@ from typing import Any
 
 import numpy as np
 
-from sam_jax import paths
+from sam_jax import SamPredictor, paths
+from sam_jax.evaluation import first_click, run_point_rounds
+from sam_jax.evaluation.metrics import mask_iou
 from sam_jax.images import tint
 
 
 def predict_with_clicks(predictor, gt: np.ndarray, num_clicks: int):
     """The evaluation clicker (`run_point_rounds`) on one mask: [(mask, clicks (k, 2), labels (k,))]
     after each of the num_clicks rounds (the last entry repeats once no error is left to click)."""
-    from sam_jax.evaluation import first_click, run_point_rounds
 
     r = run_point_rounds(
         predictor, gt[None], np.array([first_click(gt, "center")]), num_clicks, return_masks=True
@@ -51,9 +52,6 @@ def save_prediction_figure(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from sam_jax import SamPredictor
-    from sam_jax.evaluation.metrics import mask_iou
 
     predictor = SamPredictor(model, params)
     examples = [ex for ex in examples if len(ex["masks"])][:num_images]
