@@ -7,7 +7,7 @@ held-out nuclei tiles (`nuclei:test`, labelled by the classic pipeline of sam_ja
     python benchmarks/data_engine_loop.py --base workdir/demo_synthetic/model  # synthetic data
     python benchmarks/data_engine_loop.py                               # trains that first
 
-Steps: (1) the base model: `--base` (a converted checkpoint), else `configs/demo.py` trained into
+Steps: (1) the base model: `--base` (a checkpoint), else `configs/demo_synthetic.py` trained into
 WORK/demo (about 15 minutes on a 2-core CPU); (2) `--unseen` images of the synthetic generator
 with another seed than the demo's training stream, written as PNGs (their masks are not used);
 (3) `sam_jax.annotate.auto` over them with the paper's settings, or `--points-per-side` /
