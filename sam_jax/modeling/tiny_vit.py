@@ -42,7 +42,6 @@ from sam_jax.modeling.common import Dense, DropPath, Dtype, attention, layer_nor
 from sam_jax.modeling.image_encoder import (
     LOGITS_BLOCK_BYTES_DEFAULT,
     REMAT_POLICIES,
-    takes_blocked_path,
     window_partition,
     window_unpartition,
 )
@@ -307,10 +306,14 @@ class Attention(nn.Module):
         qkv = windows.reshape(-1, ws * ws, heads, 3, hd)
         q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]  # (B', N, heads, hd)
         bias = biases[:, jnp.asarray(idx)]  # (heads, N, N)
-        if takes_blocked_path(self.attention_impl):
-            out = blocked_window_attention(q, k, v, bias)
+        blocked = lambda q, k, v: blocked_window_attention(q, k, v, bias)
+        whole = lambda q, k, v: attention(q, k, v, bias=bias[None], impl=self.attention_impl)
+        if self.attention_impl == "xla":
+            out = blocked(q, k, v)
+        elif self.attention_impl == "auto":  # chosen when lowered for the platform
+            out = jax.lax.platform_dependent(q, k, v, cpu=blocked, default=whole)
         else:
-            out = attention(q, k, v, bias=bias[None], impl=self.attention_impl)
+            out = whole(q, k, v)
         out = out.reshape(-1, ws, ws, c)
         out = window_unpartition(out, ws, (h + pad_h, w + pad_w), (h, w))
         return Dense(c, dtype=self.dtype, name="proj")(out)
