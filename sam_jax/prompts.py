@@ -561,7 +561,7 @@ def bucketed_tokens(
     pts, labs = pack_input_prompts(coords, prompts.point_labels, boxes, pad_to)
     if pts.shape[0] != prompts.num:  # no sparse prompt: the same all-padding tokens for each
         pts, labs = np.repeat(pts, prompts.num, axis=0), np.repeat(labs, prompts.num, axis=0)
-        if prompts.text_embeddings is not None:  # text alone: then the padding point
-            labs[:, 0] = NOT_A_POINT_LABEL
+    if coords is None and boxes is None and prompts.text_embeddings is not None:
+        labs[:, 0] = NOT_A_POINT_LABEL  # a text alone: then the padding point
     size = bucket_size(prompts.num, min_bucket)
     return pad_rows(pts, size), pad_rows(labs, size), size
