@@ -394,3 +394,21 @@ def test_find_phrase_keeps_masks_by_clip_similarity(encoder):
     assert (np.diff(got) <= 0).all()
     kept = find_phrase(generator, encoder, image, "red ring", margin=0.01)
     assert [r["text_similarity"] for r in kept] == [s for s in got if s >= got[0] - 0.01]
+
+
+def test_sam_checkpoint_gains_a_text_path(sam):
+    """init.type "sam" with model_overrides.text_embed_dim: the checkpoint's params as they are,
+    plus a fresh projection of the model's shapes (a text checkpoint keeps its own)."""
+    from sam_jax.training.initialization import with_text_projection
+
+    model, params = sam
+    plain = {**params, "prompt_encoder": dict(params["prompt_encoder"])}
+    del plain["prompt_encoder"]["text_projection"]
+    out = with_text_projection(jax.device_get(plain), SAM_CONFIG, seed=0)
+    want = jax.eval_shape(model.init_params, jax.random.key(0))
+    assert jax.tree.map(np.shape, out) == jax.tree.map(lambda x: x.shape, want)
+    np.testing.assert_array_equal(out["mask_decoder"]["iou_token"]["embedding"],
+                                  params["mask_decoder"]["iou_token"]["embedding"])  # fmt: skip
+    assert float(np.abs(out["prompt_encoder"]["text_projection"]["kernel"]).max()) > 0
+    assert with_text_projection(params, SAM_CONFIG, seed=0) is params
+    assert with_text_projection(plain, SAM_CONFIG.replace(text_embed_dim=0), seed=0) is plain
