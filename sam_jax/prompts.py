@@ -357,7 +357,7 @@ class ImagePrompts:
         if not sizes:
             if allow_none:
                 return cls(None, None, None, None, 1, input_frame)
-            raise ValueError(f"{who} needs point_coords, boxes, mask_input or texts")
+            raise ValueError(f"{who} needs point_coords, boxes or mask_input (or texts)")
         num = next(iter(sizes.values()))
         if num == 0:
             raise ValueError(f"{who} got an empty batch (B = 0)")
