@@ -246,7 +246,7 @@ def test_train_step_uses_text_prompts(sam, encoder):
 
     model, params = sam
     tc = base_config().train
-    tc.num_rounds = 3
+    tc.num_rounds = 2
     tc.text_prob = 1.0
     tc.text_min_area = 20 * 20  # input pixels (128 px input, 32 px low-res masks: 4 x 4 each)
     masks = np.zeros((1, 2, 32, 32), np.uint8)
@@ -356,7 +356,7 @@ def test_text_evaluation_task(sam, encoder):
     results = evaluate_checkpoint(predictor, [spec], EvalSettings(task="text", max_images=2))
     entry = results["datasets"][spec]
     assert entry["task"] == "text" and entry["num_images"] == 2
-    assert set(entry["text_miou"]) == {"text", "text_oracle", "point", "text+point"}
+    assert set(entry["text_miou"]) == {"text", "text_oracle", "point", "text+point", "region"}
     assert entry["text_miou"]["text_oracle"] >= entry["text_miou"]["text"]
     ious = []
     from sam_jax.data.synthetic import SyntheticConfig

@@ -7,6 +7,9 @@ same masks and model: the centre point alone (paper D.1's first click: farthest 
 boundary) and the name with that point (the paper's figure 12: a point fixes a text prompt's
 failures). Multimask output for one prompt (text or point), the most confident mask scored, as
 the points protocol at one click; `text_oracle` is the best of the three against the ground truth.
+`region` prompts with the CLIP *image* embedding of the mask's own crop (what training gives,
+without its random expansion and zeroing): the gap between `region` and `text` is what the
+image-text gap of the CLIP costs.
 Masks whose name appears twice in an image cannot be told apart by name: they are skipped and
 counted.
 """
@@ -20,10 +23,12 @@ from typing import Any
 
 import numpy as np
 
+from sam_jax import functional as F
 from sam_jax.evaluation.clicks import first_click
 from sam_jax.evaluation.metrics import mask_iou, mean_iou
+from sam_jax.prompts import ImagePrompts
 
-PROMPTS = ("text", "text_oracle", "point", "text+point")
+PROMPTS = ("text", "text_oracle", "point", "text+point", "region")
 
 
 def evaluate_text(
@@ -74,6 +79,17 @@ def evaluate_text(
                 points, labels, texts=names, multimask_output=False
             )
             ious["text+point"] += mask_iou(masks[:, 0], gt).tolist()
+            regions = predictor.text_encoder.embed_regions(ex["image"], gt)
+            prompts = ImagePrompts.batch(
+                predictor.low_res_size, text_embeddings=regions, who="evaluate_text"
+            )
+            masks, iou, _ = F.decode_image_prompts(
+                predictor.model, predictor.params, predictor.features, prompts,
+                predictor.original_size, predictor.input_size, True, False,
+                predictor.min_batch_bucket,
+            )  # fmt: skip
+            region_iou = mask_iou(masks, gt[:, None])
+            ious["region"] += region_iou[np.arange(len(rows)), np.argmax(iou, axis=1)].tolist()
         if first_image_seconds is None:
             first_image_seconds = time.perf_counter() - t0
     seconds = time.perf_counter() - t0
