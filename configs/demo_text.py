@@ -1,14 +1,20 @@
-"""SAM's text path on the synthetic shapes (docs/text_prompts.md): configs/demo_synthetic.py's tiny
-SAM, trained from scratch, whose masks' first prompt is, half of the time, the CLIP image
-embedding of the mask's region (SAM paper D.5) from the small CLIP of configs/clip_synthetic.py:
+"""SAM's text path on the synthetic shapes (docs/text_prompts.md, with the measured numbers):
+configs/demo_synthetic.py's tiny SAM, trained from scratch, whose masks' first prompt is, half of
+the time, the CLIP image embedding of the mask's region (SAM paper D.5) from the small CLIP of
+configs/clip_synthetic.py:
 
-    python -m sam_jax.training.clip_train --config configs/clip_synthetic.py --workdir W
-    python train.py --config configs/demo_text.py --workdir W/sam \
-        --config.model_overrides.text_encoder=W/clip
-    sam-jax-eval --task text --checkpoint W/sam/model --dataset synthetic:test
+    python -m sam_jax.training.clip_train --config configs/clip_synthetic.py \
+        --workdir workdir/text_demo
+    python train.py --config configs/demo_text.py --workdir workdir/text_demo/sam
+    python train.py --config configs/demo_text.py --workdir workdir/text_demo/sam_ft \
+        --config.init.type=sam --config.init.path=workdir/text_demo/sam/model \
+        --config.total_steps=2000 --config.optimizer.lr=2e-3 --config.train.text_prob=0.7
+    sam-jax-eval --task text --checkpoint workdir/text_demo/sam_ft/model \
+        --dataset synthetic:test --output workdir/text_demo/eval_ft
 
-The paper's CLIP instead: --config.model_overrides.text_encoder=openai/clip-vit-large-patch14-336
---config.model_overrides.text_embed_dim=768 (and text_min_area 100^2 at a 1024-px input).
+Another CLIP: --config.model_overrides.text_encoder=FOLDER_OR_HUB_ID with
+--config.model_overrides.text_embed_dim=ITS_WIDTH (the paper's,
+openai/clip-vit-large-patch14-336: 768).
 """
 
 import importlib.util
