@@ -65,6 +65,12 @@ class SamConfig:
     # Fourier matrix at random init (a fixed buffer; 1.0 as official, checkpoints carry its value).
     drop_path_rate: float = 0.0
     pe_scale: float = 1.0
+    # Text prompts (SAM paper 7.5, D.5): the width of the CLIP embeddings the prompt encoder
+    # projects into one more sparse token (0: no text path, as every released SAM), and the CLIP
+    # checkpoint those embeddings come from (a transformers CLIPModel folder or Hub id; what the
+    # projection's weights mean, and what `SamPredictor.predict(text=...)` loads by default).
+    text_embed_dim: int = 0
+    text_encoder: str = ""
 
     def __post_init__(self):
         for name in _TUPLE_FIELDS:
@@ -91,6 +97,8 @@ class SamConfig:
             problems.append(f"global attention indexes {bad} outside 0..{self.encoder_depth - 1}")
         if self.window_size < 0:
             problems.append(f"window_size must be >= 0, got {self.window_size}")
+        if self.text_embed_dim < 0:
+            problems.append("text_embed_dim must be >= 0 (0: no text path)")
         if self.prompt_embed_dim % self.decoder_num_heads:
             problems.append("prompt_embed_dim must be divisible by decoder_num_heads")
         if problems:

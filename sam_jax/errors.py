@@ -29,6 +29,10 @@ class OutputOverlapsInputError(UsageError, ValueError):
     """An output path is, contains (when it would be replaced) or lies inside an input path."""
 
 
+class NoTextPathError(UsageError, ValueError):
+    """A text prompt for a SAM without a text path (SamConfig.text_embed_dim 0)."""
+
+
 class CheckpointError(ValueError):
     """A checkpoint is damaged, incomplete or unreadable, or holds params that are refused
     (non-finite values); the message is one line naming the checkpoint and the file or array."""

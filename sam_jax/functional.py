@@ -46,6 +46,7 @@ from sam_jax.prompts import (
     pad_rows,
     stack_prompts,
 )
+from sam_jax.text import check_text_path
 from sam_jax.transforms import MASK_SIZE_MULTIPLE
 
 __all__ = [
@@ -191,8 +192,11 @@ def map_prompt_chunks(fn, args: Sequence, axis: int, chunk: int):
 
 
 @functools.partial(jax.jit, static_argnames=("model", "multimask_output", "chunk"))
-def _decode(model, params, emb, points, labels, mask_input, has_mask, multimask_output, chunk):
-    def decode(points, labels, mask_input, has_mask):
+def _decode(
+    model, params, emb, points, labels, mask_input, has_mask, multimask_output, chunk,
+    text=None, has_text=None,
+):  # fmt: skip
+    def decode(points, labels, mask_input, has_mask, text, has_text):
         return model.apply(
             {"params": params},
             emb,
@@ -201,10 +205,13 @@ def _decode(model, params, emb, points, labels, mask_input, has_mask, multimask_
             mask_input,
             has_mask,
             multimask_output,
+            text,
+            has_text,
             method=model.decode,
         )
 
-    return map_prompt_chunks(decode, (points, labels, mask_input, has_mask), 1, chunk)
+    args = (points, labels, mask_input, has_mask, text, has_text)
+    return map_prompt_chunks(decode, args, 1, chunk)
 
 
 def decode_prompts(
@@ -216,6 +223,8 @@ def decode_prompts(
     mask_input: jax.Array | None = None,
     has_mask: jax.Array | None = None,
     multimask_output: bool | None = True,
+    text_embeddings: jax.Array | None = None,
+    has_text: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Prompt encoder + mask decoder for P prompts on each of B images.
 
@@ -223,14 +232,34 @@ def decode_prompts(
     (B, P, N) int32; mask_input (B, P, m, m) float32 logits or None; has_mask (B, P) bool or None
     (None: every prompt has its mask). multimask_output: True (C = 3 masks), False (C = 1) or None
     (C = 4 from one decoder pass: the single-mask output, then the three multimask outputs).
-    Returns low_res (B, P, C, m, m) logits and iou (B, P, C).
+    text_embeddings (B, P, E) CLIP embeddings (`sam_jax.text.TextEncoder.embed_texts`) for a
+    model with a text path (config.text_embed_dim = E), has_text (B, P) bool or None (all):
+    one more token per prompt (a text-only prompt is points of the padding point alone, label
+    -1, as `pack_image_prompts` makes it). Returns low_res (B, P, C, m, m) logits and iou (B, P, C).
     """
     _check_decode_inputs(model, image_embeddings, points, labels, mask_input, has_mask)
+    _check_text_inputs(model, labels, text_embeddings, has_text)
     if multimask_output is not None:
         check_bool("multimask_output", multimask_output)
     return _decode_prompts(
-        model, params, image_embeddings, points, labels, mask_input, has_mask, multimask_output
-    )
+        model, params, image_embeddings, points, labels, mask_input, has_mask, multimask_output,
+        text_embeddings, has_text,
+    )  # fmt: skip
+
+
+def _check_text_inputs(model, labels, text_embeddings, has_text) -> None:
+    if text_embeddings is None:
+        if has_text is not None:
+            raise ValueError("has_text given without text_embeddings")
+        return
+    check_text_path(model)
+    e = model.config.text_embed_dim
+    if tuple(text_embeddings.shape) != (*labels.shape[:2], e):
+        raise ValueError(
+            f"text_embeddings must be {(*labels.shape[:2], e)}, got {tuple(text_embeddings.shape)}"
+        )
+    if has_text is not None and tuple(has_text.shape) != tuple(labels.shape[:2]):
+        raise ValueError(f"has_text must be {tuple(labels.shape[:2])}, got {has_text.shape}")
 
 
 def _check_decode_inputs(model, image_embeddings, points, labels, mask_input, has_mask) -> None:
@@ -257,8 +286,9 @@ def _check_decode_inputs(model, image_embeddings, points, labels, mask_input, ha
 
 
 def _decode_prompts(
-    model, params, image_embeddings, points, labels, mask_input, has_mask, multimask_output
-):
+    model, params, image_embeddings, points, labels, mask_input, has_mask, multimask_output,
+    text=None, has_text=None,
+):  # fmt: skip
     """`decode_prompts` without checks: the shapes must be those its docstring gives."""
     points = jnp.asarray(points, jnp.float32)
     labels = jnp.asarray(labels, jnp.int32)
@@ -266,6 +296,9 @@ def _decode_prompts(
         mask_input = jnp.asarray(mask_input, jnp.float32)
     if has_mask is not None:
         has_mask = jnp.asarray(has_mask, bool)
+    if text is not None:
+        text = jnp.asarray(text, jnp.float32)
+        has_text = None if has_text is None else jnp.asarray(has_text, bool)
     return _decode(
         model,
         params,
@@ -276,6 +309,8 @@ def _decode_prompts(
         has_mask,
         None if multimask_output is None else bool(multimask_output),
         prompt_chunk(),
+        text,
+        has_text,
     )
 
 
@@ -303,7 +338,8 @@ def decode_image_prompts(
     with prompts.input_frame, the input frame). Token counts are padded to power-of-two buckets
     and P to bucket_size(P, min_bucket) (padded rows are dropped), and prompts without a mask
     get the official no-mask embedding, so prompts of many kinds and counts share a few compiled
-    decoders. Returns numpy masks (P, C, H, W) (bool, or float32 logits with return_logits),
+    decoders. prompts.text_embeddings (a model with a text path only) add the text token.
+    Returns numpy masks (P, C, H, W) (bool, or float32 logits with return_logits),
     iou (P, C) and low-res logits (P, C, m, m); C = 3 with multimask_output, else 1.
     """
     multimask_output = check_bool("multimask_output", multimask_output)
@@ -317,6 +353,10 @@ def decode_image_prompts(
     else:
         mask_in = pad_rows(prompts.mask_input, size)[None]
         has_mask = np.ones((1, size), bool)
+    text = None
+    if prompts.text_embeddings is not None:
+        check_text_path(model)
+        text = pad_rows(prompts.text_embeddings, size)[None]
     low_res, iou = _decode_prompts(
         model,
         params,
@@ -326,6 +366,7 @@ def decode_image_prompts(
         mask_in,
         has_mask,
         multimask_output,
+        text,
     )
     # Padded post-processing: images of similar sizes share one compiled version.
     out = _postprocess_masks_padded(

@@ -87,6 +87,7 @@ def write_prediction(
     points: Sequence[tuple[float, float, int]],
     box: Sequence[float] | None,
     multimask_output: bool,
+    text: str | None = None,
 ) -> dict:
     """Writes the masks, overlay.png and scores.json under output_dir; returns scores.json's
     content ({"masks": [{"file", "predicted_iou", "area"}, ...], "best": index, ...})."""
@@ -105,6 +106,7 @@ def write_prediction(
         "points": [[x, y] for x, y, _ in points],
         "labels": [label for _, _, label in points],
         "box": None if box is None else list(box),
+        **({} if text is None else {"text": text}),
         "multimask_output": multimask_output,
         "masks": records,
         "best": best,

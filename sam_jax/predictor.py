@@ -17,7 +17,7 @@ import numpy as np
 
 from sam_jax import functional as F
 from sam_jax import tiling, transforms
-from sam_jax.errors import check_bool
+from sam_jax.errors import NoTextPathError, check_bool
 from sam_jax.prompts import (
     DEFAULT_MIN_BUCKET,
     Box,
@@ -29,6 +29,7 @@ from sam_jax.prompts import (
     refuse_resized,
 )
 from sam_jax.sam_model import device_of, unbind
+from sam_jax.text import TextEncoder, check_text_path, load_text_encoder
 from sam_jax.transforms import to_host
 
 
@@ -51,6 +52,11 @@ class SamPredictor:
     back as mask_input only with prompts decoded in the same tile. A prompt needs a point or a
     box; `predict_torch` and `set_torch_image` (resized-frame inputs) are refused. An image
     within one tile gives exactly the untiled results.
+
+    Text prompts (a SAM trained with a text path, `docs/text_prompts.md`): `predict(text=...)`,
+    `predict_batch(texts=...)`. text_encoder: a `sam_jax.text.TextEncoder`, or a CLIP folder or
+    Hub id; by default the CLIP the model's config names (`text_encoder`), loaded at the first
+    text prompt. A model without a text path refuses text prompts (NoTextPathError, one line).
     """
 
     def __init__(
@@ -61,9 +67,11 @@ class SamPredictor:
         *,
         tile_shape=None,
         halo=None,
+        text_encoder: TextEncoder | str | None = None,
     ):
         model, params = unbind(model, params, "SamPredictor")
         self.model = model
+        self._text_encoder = text_encoder
         self.min_batch_bucket = int(min_batch_bucket)
         self.tiling = tiling.check_tiling(tile_shape, halo)  # None: untiled
         # Host (numpy) leaves go to the device once, not on every call.
@@ -153,6 +161,29 @@ class SamPredictor:
 
     # ----------------------------------------------------------------------- prompts
 
+    @property
+    def text_encoder(self) -> TextEncoder:
+        """The CLIP of text prompts (loaded at first use; see the class docstring)."""
+        check_text_path(self.model)
+        enc = self._text_encoder
+        if enc is None:
+            enc = self.model.config.text_encoder
+            if not enc:
+                raise NoTextPathError(
+                    "this checkpoint's config names no CLIP (text_encoder): pass "
+                    "SamPredictor(..., text_encoder=CLIP_FOLDER_OR_HUB_ID)"
+                )
+        if not isinstance(enc, TextEncoder):
+            enc = load_text_encoder(enc)
+        check_text_path(self.model, enc)
+        self._text_encoder = enc
+        return enc
+
+    def embed_texts(self, texts: str | Sequence[str]) -> np.ndarray:
+        """Phrases -> the (P, E) CLIP text embeddings the text path takes."""
+        check_text_path(self.model)
+        return self.text_encoder.embed_texts(texts)
+
     def predict(
         self,
         point_coords: np.ndarray | None = None,
@@ -161,6 +192,7 @@ class SamPredictor:
         mask_input: np.ndarray | None = None,
         multimask_output: bool = True,
         return_logits: bool = False,
+        text: str | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Masks for one prompt on the current image (official `SamPredictor.predict`).
 
@@ -170,10 +202,18 @@ class SamPredictor:
         return_logits), iou (C,) and low-res logits (C, m, m); C = 3 or 1. multimask_output and
         return_logits must be bools (TypeError). As officially, points outside the image and a
         call without any prompt are accepted (the latter decodes the no-prompt embedding).
+        text: a phrase (SAM's text prompt; alone, or with points, box and mask_input), for a
+        model with a text path.
         """
         self._require_image()
+        emb = None
+        if text is not None:
+            if not isinstance(text, str):
+                raise TypeError(f"text must be a string, got {type(text).__name__}")
+            self._refuse_tiled_text()
+            emb = self.embed_texts([text])[0]
         prompts = ImagePrompts.single(
-            self.low_res_size, point_coords, point_labels, box, mask_input
+            self.low_res_size, point_coords, point_labels, box, mask_input, emb
         )
         out = self._predict(prompts, 1, multimask_output, return_logits)
         return tuple(o[0] for o in out)
@@ -186,19 +226,28 @@ class SamPredictor:
         mask_input: np.ndarray | None = None,
         multimask_output: bool = True,
         return_logits: bool = False,
+        texts: Sequence[str] | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """B prompts on the current image in one call, in original-image pixels like `predict`
         (`predict_torch` takes the same prompts in the resized input frame).
 
         point_coords (B, N, 2), point_labels (B, N); boxes (B, 4) XYXY; mask_input (B, 1, m, m)
-        (or (B, m, m)). Returns masks (B, C, H, W), iou (B, C), low-res logits (B, C, m, m).
+        (or (B, m, m)); texts: B phrases (a model with a text path). Returns masks (B, C, H, W),
+        iou (B, C), low-res logits (B, C, m, m).
         """
         self._require_image()
         refuse_resized(point_coords, "point_coords", "predict_batch")
         refuse_resized(boxes, "boxes", "predict_batch")
+        emb = None
+        if texts is not None:
+            if isinstance(texts, str):
+                raise TypeError("texts must be a list of strings (one per prompt), not a string")
+            self._refuse_tiled_text()
+            emb = self.embed_texts(list(texts)) if len(texts) else np.zeros((0, 1), np.float32)
         prompts = ImagePrompts.batch(
-            self.low_res_size, point_coords, point_labels, boxes, mask_input, "predict_batch"
-        )
+            self.low_res_size, point_coords, point_labels, boxes, mask_input, "predict_batch",
+            text_embeddings=emb,
+        )  # fmt: skip
         return self._predict(prompts, self.min_batch_bucket, multimask_output, return_logits)
 
     def predict_torch(
@@ -237,6 +286,10 @@ class SamPredictor:
     def _require_image(self) -> None:
         if not self.is_image_set:
             raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
+
+    def _refuse_tiled_text(self) -> None:
+        if self.tiling is not None:
+            raise ValueError("text prompts are not placed in a tile: use an untiled predictor")
 
     def _refuse_tiled(self, method: str, instead: str) -> None:
         if self.tiling is not None:
@@ -290,21 +343,29 @@ def segment(
     multimask_output: bool | None = None,
     tile_shape=None,
     halo=None,
+    text: str | None = None,
+    text_encoder: TextEncoder | str | None = None,
 ) -> tuple[np.ndarray, np.ndarray, bool]:
     """(masks bool (C, H, W), predicted IoU (C,), multimask_output) for the prompts (tiled with
-    tile_shape and halo, see `SamPredictor`)."""
-    if not points and box is None:
-        raise ValueError("give at least one point or a box")
+    tile_shape and halo, see `SamPredictor`); text: a phrase, for a SAM with a text path (its
+    CLIP: text_encoder, else the one its config names)."""
+    if not points and box is None and text is None:
+        raise ValueError("give at least one point, a box or a text")
+    if text is not None:
+        check_text_path(model)  # before the image is encoded
     if multimask_output is None:
-        multimask_output = default_multimask(points, box)
+        multimask_output = default_multimask(points, box, text is not None)
     coords = np.array([p[:2] for p in points], np.float64) if points else None
     labels = np.array([p[2] for p in points], np.int32) if points else None
-    predictor = SamPredictor(model, params, tile_shape=tile_shape, halo=halo)
+    predictor = SamPredictor(
+        model, params, tile_shape=tile_shape, halo=halo, text_encoder=text_encoder
+    )
     predictor.set_image(image)
     masks, scores, _ = predictor.predict(
         point_coords=coords,
         point_labels=labels,
         box=None if box is None else np.array(box, np.float64),
         multimask_output=multimask_output,
+        text=text,
     )
     return np.asarray(masks, bool), np.asarray(scores, np.float64), multimask_output

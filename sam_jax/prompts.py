@@ -263,9 +263,11 @@ class ImagePrompts:
     """P checked prompts on one image (every field agrees on P; None where the kind is absent).
 
     point_coords (P, N, 2) float64 xy and point_labels (P, N) int32; boxes (P, 4) float64 XYXY;
-    mask_input (P, m, m) float32 logits. Coordinates are original-image pixels, or with
+    mask_input (P, m, m) float32 logits; text_embeddings (P, E) float32 CLIP embeddings (text
+    prompts, for a SAM with a text path). Coordinates are original-image pixels, or with
     input_frame already in the resized model-input frame. Without points and boxes every prompt
-    is the official "no sparse prompt" (a mask-only or prompt-free decode).
+    is the official "no sparse prompt" (a mask-only or prompt-free decode); a text prompt
+    without a box is followed by the padding point, as points are (and as SAM was trained).
     """
 
     point_coords: np.ndarray | None
@@ -274,21 +276,27 @@ class ImagePrompts:
     mask_input: np.ndarray | None
     num: int
     input_frame: bool = False
+    text_embeddings: np.ndarray | None = None
 
     @property
     def num_tokens(self) -> int:
-        """Decoder tokens of each prompt (points, padding point or box corners)."""
+        """Decoder tokens of each prompt (points, padding point or box corners; the text token
+        is apart)."""
         if self.point_coords is None:
-            return 0 if self.boxes is None else 2
+            if self.boxes is None:
+                return 0 if self.text_embeddings is None else 1
+            return 2
         return self.point_coords.shape[1] + (1 if self.boxes is None else 2)
 
     @classmethod
     def single(
-        cls, low_res_size: int, point_coords=None, point_labels=None, box=None, mask_input=None
-    ) -> ImagePrompts:
+        cls, low_res_size: int, point_coords=None, point_labels=None, box=None, mask_input=None,
+        text_embedding=None,
+    ) -> ImagePrompts:  # fmt: skip
         """One prompt as the official `SamPredictor.predict` takes it: point_coords (N, 2) xy
-        pixels with point_labels (N,) in {0, 1}; box (4,) XYXY; mask_input (1, m, m) logits.
-        As officially, no prompt at all is accepted (the prompt-free embedding)."""
+        pixels with point_labels (N,) in {0, 1}; box (4,) XYXY; mask_input (1, m, m) logits;
+        text_embedding (E,) a CLIP embedding. As officially, no prompt at all is accepted (the
+        prompt-free embedding)."""
         refuse_resized(point_coords, "point_coords", "predict")
         refuse_resized(box, "boxes", "predict")
         coords = labels = boxes = masks = None
@@ -301,7 +309,10 @@ class ImagePrompts:
             boxes = check_boxes(box, batch=False)
         if mask_input is not None:
             masks = check_mask_input(mask_input, low_res_size, (1,), "(1, {m}, {m})")
-        return cls(coords, labels, boxes, masks, 1)
+        text = None
+        if text_embedding is not None:
+            text = check_text_embeddings(text_embedding, None).reshape(1, -1)
+        return cls(coords, labels, boxes, masks, 1, text_embeddings=text)
 
     @classmethod
     def batch(
@@ -314,6 +325,7 @@ class ImagePrompts:
         who: str = "predict_batch",
         input_frame: bool = False,
         allow_none: bool = False,
+        text_embeddings=None,
     ) -> ImagePrompts:
         """B prompts: point_coords (B, N, 2) with point_labels (B, N), boxes (B, 4), mask_input
         (B, 1, m, m) or (B, m, m), agreeing on B. input_frame (the official `predict_torch` and
@@ -336,16 +348,20 @@ class ImagePrompts:
             m = check_mask_input(m, low_res_size, (m.shape[0], 1), "(B, 1, {m}, {m})")
             masks = m[:, 0]
             sizes["mask_input"] = masks.shape[0]
+        text = None
+        if text_embeddings is not None:
+            text = check_text_embeddings(text_embeddings, "B")
+            sizes["texts"] = text.shape[0]
         if len(set(sizes.values())) > 1:
             raise ValueError(f"{who} inputs disagree on the batch size: {sizes}")
         if not sizes:
             if allow_none:
                 return cls(None, None, None, None, 1, input_frame)
-            raise ValueError(f"{who} needs point_coords, boxes or mask_input")
+            raise ValueError(f"{who} needs point_coords, boxes or mask_input (or texts)")
         num = next(iter(sizes.values()))
         if num == 0:
             raise ValueError(f"{who} got an empty batch (B = 0)")
-        return cls(coords, labels, box_arr, masks, num, input_frame)
+        return cls(coords, labels, box_arr, masks, num, input_frame, text)
 
     def select(self, rows: np.ndarray, offset: np.ndarray | None = None) -> ImagePrompts:
         """The prompts `rows`, with (x, y) `offset` subtracted from their coordinates (a tile's
@@ -362,12 +378,24 @@ class ImagePrompts:
             pick(self.mask_input),
             len(rows),
             self.input_frame,
+            pick(self.text_embeddings),
         )
 
 
-def default_multimask(points: Sequence[Point], box: Box | None) -> bool:
-    """Three masks for a single point without a box (an ambiguous prompt), else one."""
-    return len(points) == 1 and box is None
+def default_multimask(points: Sequence[Point], box: Box | None, text: bool = False) -> bool:
+    """Three masks for a single point or a text alone (an ambiguous prompt), else one."""
+    return len(points) + bool(text) == 1 and box is None
+
+
+def check_text_embeddings(x, lead: str | None) -> np.ndarray:
+    """CLIP embeddings: (E,) without lead, else (lead, E) -> float32."""
+    arr = as_float_array(x, "text_embeddings")
+    if arr.ndim != (1 if lead is None else 2) or arr.shape[-1] == 0:
+        want = "(E,)" if lead is None else f"({lead}, E)"
+        raise ValueError(f"text embeddings must have shape {want}, got {arr.shape}")
+    if not np.all(np.isfinite(arr)) or np.any(np.linalg.norm(arr, axis=-1) == 0):
+        raise ValueError("text embeddings must be finite and non-zero")
+    return arr.astype(np.float32)
 
 
 # --------------------------------------------------------------------------- packing
@@ -533,5 +561,7 @@ def bucketed_tokens(
     pts, labs = pack_input_prompts(coords, prompts.point_labels, boxes, pad_to)
     if pts.shape[0] != prompts.num:  # no sparse prompt: the same all-padding tokens for each
         pts, labs = np.repeat(pts, prompts.num, axis=0), np.repeat(labs, prompts.num, axis=0)
+    if coords is None and boxes is None and prompts.text_embeddings is not None:
+        labs[:, 0] = NOT_A_POINT_LABEL  # a text alone: then the padding point
     size = bucket_size(prompts.num, min_bucket)
     return pad_rows(pts, size), pad_rows(labs, size), size

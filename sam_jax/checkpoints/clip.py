@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,7 +21,13 @@ from flax import traverse_util
 
 from sam_jax import paths
 from sam_jax.checkpoints import hf
-from sam_jax.checkpoints.mapping import Leaf, describe_mismatch, flax_path, to_flax_layout
+from sam_jax.checkpoints.mapping import (
+    Leaf,
+    describe_mismatch,
+    flax_path,
+    to_flax_layout,
+    to_torch_layout,
+)
 from sam_jax.errors import CheckpointError, one_line  # noqa: F401 - CheckpointError re-exported
 from sam_jax.modeling.clip import ClipConfig
 
@@ -105,6 +111,67 @@ def hf_to_params(sd: Mapping[str, Any], config: ClipConfig, where: str = "the ch
     return traverse_util.unflatten_dict(flat)
 
 
+def params_to_hf(params: Mapping[str, Any], config: ClipConfig) -> dict[str, np.ndarray]:
+    """Our params -> transformers CLIPModel tensors (float32 numpy), the inverse of
+    `hf_to_params`."""
+    flat = traverse_util.flatten_dict(dict(params))
+    return {
+        k: np.array(to_torch_layout(np.asarray(flat[leaf.flax_path], np.float32), leaf.layout))
+        for k, leaf in clip_leaves(config).items()
+    }
+
+
+def config_to_hf(config: ClipConfig) -> dict[str, Any]:
+    """The transformers CLIP config.json (a dict) of `config` (`config_from_hf` reads it back)."""
+    c = config
+    common = {"hidden_act": c.hidden_act, "layer_norm_eps": c.layer_norm_eps}
+    return {
+        "model_type": "clip",
+        "architectures": ["CLIPModel"],
+        "projection_dim": c.embed_dim,
+        "logit_scale_init_value": 2.6592,
+        "vision_config": {
+            **common,
+            "model_type": "clip_vision_model",
+            "image_size": c.image_size,
+            "patch_size": c.patch_size,
+            "hidden_size": c.vision_width,
+            "num_hidden_layers": c.vision_layers,
+            "num_attention_heads": c.vision_heads,
+            "intermediate_size": c.vision_mlp_dim,
+            "projection_dim": c.embed_dim,
+        },
+        "text_config": {
+            **common,
+            "model_type": "clip_text_model",
+            "vocab_size": c.vocab_size,
+            "max_position_embeddings": c.context_length,
+            "hidden_size": c.text_width,
+            "num_hidden_layers": c.text_layers,
+            "num_attention_heads": c.text_heads,
+            "intermediate_size": c.text_mlp_dim,
+            "projection_dim": c.embed_dim,
+            "eos_token_id": 2 if c.eos_token_id is None else c.eos_token_id,
+            "bos_token_id": c.vocab_size - 2,  # OpenAI's order: start, then end of text last
+            "pad_token_id": c.vocab_size - 1,
+        },
+    }
+
+
+def save_hf_clip(folder: str | os.PathLike, config: ClipConfig, params: Mapping[str, Any]) -> None:
+    """Writes a transformers CLIPModel folder (config.json, model.safetensors) that
+    `load_hf_clip` and transformers' `CLIPModel.from_pretrained` read; tokenizer files are the
+    caller's to add."""
+    from safetensors.numpy import save_file
+
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    tensors = params_to_hf(params, config)
+    save_file(tensors, os.path.join(folder, hf.SAFETENSORS), metadata={"format": "pt"})
+    with open(os.path.join(folder, hf.CONFIG_FILE), "w", encoding="utf-8") as f:
+        json.dump(config_to_hf(config), f, indent=2, sort_keys=True)
+
+
 def config_from_hf(doc: Mapping[str, Any], where: str = hf.CONFIG_FILE) -> ClipConfig:
     """The ClipConfig of a transformers CLIP config.json (a dict)."""
     if not isinstance(doc, Mapping) or doc.get("model_type") != "clip":
@@ -137,10 +204,27 @@ def config_from_hf(doc: Mapping[str, Any], where: str = hf.CONFIG_FILE) -> ClipC
         raise CheckpointError(f"bad CLIP config in {where}: {one_line(e)}") from None
 
 
+# A CLIP folder's tokenizer files (transformers' names; a Hub download fetches them too).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+)
+
+
+def clip_folder(path: str | os.PathLike) -> str:
+    """The local folder of a transformers CLIP: a folder as it is, a Hub id through the Hugging
+    Face cache (config, weights and tokenizer files; `hf.download_hf`)."""
+    name = os.fspath(path)
+    return paths.resolve(name) if paths.isdir(name) else hf.download_hf(name, TOKENIZER_FILES)
+
+
 def load_hf_clip(path: str | os.PathLike) -> tuple[ClipConfig, dict[str, Any]]:
     """A transformers CLIPModel folder or Hub id -> (config, params as float32 numpy)."""
     name = os.fspath(path)
-    folder = paths.resolve(name) if paths.isdir(name) else hf.download_hf(name)
+    folder = clip_folder(name)
     config_file = paths.join(folder, hf.CONFIG_FILE)
     if not paths.isfile(config_file):
         raise CheckpointError(f"{name} is not a transformers checkpoint: it has no config.json")
@@ -244,3 +328,52 @@ def config_from_open_clip(
         )
     except (KeyError, ValueError, IndexError) as e:
         raise CheckpointError(f"not an open_clip CLIP state_dict: {one_line(e)}") from None
+
+
+class ClipTokenizer:
+    """CLIP's tokenizer as transformers has it (`AutoTokenizer` of a CLIP folder: OpenAI's BPE,
+    lower-cased, start and end-of-text tokens), padded and truncated to `context_length`.
+
+    tokenizer(texts) -> (B, context_length) int32 ids for `Clip.encode_text`. Truncation keeps
+    the end-of-text token last, as open_clip's `tokenize` does."""
+
+    def __init__(self, tokenizer: Any, context_length: int):
+        self.tokenizer, self.context_length = tokenizer, int(context_length)
+
+    def __call__(self, texts: str | Sequence[str]) -> np.ndarray:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise ValueError(f"texts must be a string or a non-empty list of strings: {texts!r}")
+        out = self.tokenizer(
+            texts, padding="max_length", truncation=True, max_length=self.context_length
+        )
+        ids = np.asarray(out["input_ids"], np.int32)
+        eos = self.tokenizer.eos_token_id
+        if eos is not None:  # a truncated text still ends with its end-of-text token
+            cut = ~(ids == eos).any(axis=1)
+            ids[cut, -1] = eos
+        return ids
+
+
+def load_clip_tokenizer(path: str | os.PathLike, context_length: int = 77) -> ClipTokenizer:
+    """The tokenizer of a transformers CLIP folder or Hub id (transformers, imported here: the
+    `text` extra). CheckpointError, one line, when the folder has no tokenizer files."""
+    folder = clip_folder(path)
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as e:
+        raise ImportError(
+            f"CLIP's tokenizer needs transformers (pip install 'sam_jax[text]'): {one_line(e)}"
+        ) from None
+    if not any(paths.isfile(paths.join(folder, f)) for f in TOKENIZER_FILES):
+        raise CheckpointError(
+            f"{os.fspath(path)} has no tokenizer: a CLIP folder holds tokenizer.json, or "
+            "vocab.json with merges.txt"
+        )
+    try:
+        tok = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(
+            f"cannot read the tokenizer of {os.fspath(path)}: {one_line(e)}"
+        ) from None
+    return ClipTokenizer(tok, context_length)

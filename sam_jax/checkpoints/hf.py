@@ -34,7 +34,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -435,9 +435,10 @@ def hf_to_state_dict(
     return {key: tensors[names[key]] for key in leaves}
 
 
-def download_hf(repo_id: str) -> str:
-    """The local snapshot folder of a Hub model (config and weights only; the cache is reused,
-    and is all there is with HF_HUB_OFFLINE=1). CheckpointError, one line, when it cannot be had."""
+def download_hf(repo_id: str, extra_files: Sequence[str] = ()) -> str:
+    """The local snapshot folder of a Hub model (config and weights only, plus `extra_files`
+    such as a tokenizer's; the cache is reused, and is all there is with HF_HUB_OFFLINE=1).
+    CheckpointError, one line, when it cannot be had."""
     try:
         from huggingface_hub import constants, snapshot_download
         from huggingface_hub.errors import (
@@ -454,11 +455,14 @@ def download_hf(repo_id: str) -> str:
     cache = constants.HF_HUB_CACHE
     folder = os.path.join(cache, "models--" + repo_id.replace("/", "--"))
     try:
+        extra = list(extra_files)
         path = snapshot_download(
-            repo_id, allow_patterns=[CONFIG_FILE, "*.safetensors", SAFETENSORS_INDEX]
+            repo_id, allow_patterns=[CONFIG_FILE, "*.safetensors", SAFETENSORS_INDEX, *extra]
         )
         if not _weight_files(path) and paths.isfile(paths.join(path, CONFIG_FILE)):
-            path = snapshot_download(repo_id, allow_patterns=[CONFIG_FILE, "*.bin", BIN_INDEX])
+            path = snapshot_download(
+                repo_id, allow_patterns=[CONFIG_FILE, "*.bin", BIN_INDEX, *extra]
+            )
         return path
     except GatedRepoError:
         reason = "is gated: accept its terms on the Hub and log in (`hf auth login`)"
@@ -529,6 +533,11 @@ def save_hf(
         raise CheckpointError(
             f"transformers has no SAM with a {config.encoder_type} image encoder (MobileSAM): "
             "write it as a converted checkpoint or a .pth instead"
+        )
+    if config.text_embed_dim:
+        raise CheckpointError(
+            "transformers' SamModel has no text prompts: write a SAM with a text path as a "
+            "converted checkpoint or a .pth instead"
         )
     text = json.dumps(config_to_hf(config), indent=2, sort_keys=True) + "\n"
     processor = json.dumps(processor_to_hf(config), indent=2, sort_keys=True) + "\n"

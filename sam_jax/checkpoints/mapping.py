@@ -89,6 +89,10 @@ def flax_path(torch_key: str, leaf_name: str | None = None) -> tuple[str, ...]:
 # ----------------------------------------------------------------------------------------------
 # The module table.
 
+# The text prompt's projection (SAM paper D.5; Meta released no text path, so no official key):
+# `prompt_encoder.text_projection.{weight (D, E), bias (D,)}` in .pth files we write and read.
+TEXT_PROJECTION = "text_projection"
+
 
 def _linear(prefix: str, n_in: int, n_out: int, bias: bool = True):
     yield prefix + ".weight", (n_out, n_in), "kernel", "linear"
@@ -257,6 +261,8 @@ def _module_table(c: SamConfig):
     yield from _norm(f"{p}.mask_downscaling.4", m)
     yield from _conv(f"{p}.mask_downscaling.6", m, d, 1)
     yield from _embedding(f"{p}.no_mask_embed", 1, d)
+    if c.text_embed_dim:  # the text path (D.5): no official tensor; our name, after the rest
+        yield from _linear(f"{p}.{TEXT_PROJECTION}", c.text_embed_dim, d)
     # Mask decoder.
     p, rate, n_tokens = "mask_decoder", c.attention_downsample_rate, c.num_multimask_outputs + 1
     t = f"{p}.transformer"
@@ -568,8 +574,10 @@ def infer_config(sd: Mapping[str, Any], decoder_num_heads: int | None = None) ->
             f"decoder_num_heads {heads} does not divide the decoder attention width {internal} "
             "(the number of heads is not stored in the weights: pass it explicitly)"
         )
+    text = f"prompt_encoder.{TEXT_PROJECTION}.weight"
     return SamConfig(
         **encoder,
+        text_embed_dim=_shape(sd, text)[1] if text in sd else 0,
         prompt_embed_dim=d,
         mask_in_chans=mask_in_chans,
         decoder_depth=layers[-1] + 1 if layers else 0,

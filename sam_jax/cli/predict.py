@@ -1,8 +1,8 @@
 """sam-jax-predict: prompted segmentation of one image; also `python -m sam_jax.cli.predict`.
 
     sam-jax-predict --checkpoint CKPT --image IMAGE --output DIR \\
-        [--point X,Y[,LABEL] ...] [--box X0,Y0,X1,Y1] [--no-multimask-output] \\
-        [--tile-shape H,W --halo H,W]
+        [--point X,Y[,LABEL] ...] [--box X0,Y0,X1,Y1] [--text PHRASE [--clip CLIP]] \\
+        [--no-multimask-output] [--tile-shape H,W --halo H,W]
 
 Points are in pixels of the original image; LABEL is 1 (foreground, the default) or 0
 (background). Writes DIR/mask_<i>.png (0/255) for every output mask, DIR/overlay.png (the image
@@ -10,6 +10,9 @@ with the best mask tinted and the prompts drawn) and DIR/scores.json (predicted 
 mask, the best mask and the prompts). Multimask output defaults to on for a single point without
 a box, as the official notebooks recommend. With --tile-shape and --halo a large image is
 encoded per tile (micro_sam's tiling) and the prompt decoded in the tile that holds it best.
+--text gives a phrase as the prompt (alone or with points and a box) to a SAM trained with a
+text path (docs/text_prompts.md); its CLIP is the one the checkpoint names, or --clip (a
+transformers CLIP folder or Hub id). A checkpoint without a text path refuses it in one line.
 """
 
 from __future__ import annotations
@@ -96,6 +99,10 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         "--point", type=parse_point, action="append", default=[], help="X,Y[,LABEL]; repeatable."
     )
     parser.add_argument("--box", type=parse_box, default=None, help="X0,Y0,X1,Y1.")
+    parser.add_argument("--text", default=None, help="A phrase (a SAM with a text path).")
+    parser.add_argument(
+        "--clip", default=None, help="The CLIP folder or Hub id of --text (default: the model's)."
+    )
     parser.add_argument(
         "--multimask-output",
         action=argparse.BooleanOptionalAction,
@@ -110,8 +117,12 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 def parse_args(argv=None, prog: str = PROG) -> argparse.Namespace:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
-    if not args.point and args.box is None:
-        parser.error("give at least one --point or a --box")
+    if not args.point and args.box is None and args.text is None:
+        parser.error("give at least one --point, a --box or a --text")
+    if args.clip is not None and args.text is None:
+        parser.error("--clip is the CLIP of --text: give a --text")
+    if args.text is not None and args.tile_shape is not None:
+        parser.error("--text is not placed in a tile: leave out --tile-shape")
 
     check_tiling(args.tile_shape, args.halo)  # ConfigError, a usage error
     return args
@@ -134,9 +145,11 @@ def run(args: argparse.Namespace) -> int:
             args.multimask_output,
             args.tile_shape,
             args.halo,
+            text=args.text,
+            text_encoder=args.clip,
         )
     summary = write_prediction(
-        args.output, args.image, image, masks, scores, args.point, args.box, multimask
+        args.output, args.image, image, masks, scores, args.point, args.box, multimask, args.text
     )
     for r in summary["masks"]:
         print(f"{r['file']}: predicted_iou={r['predicted_iou']:.4f} area={r['area']}")

@@ -21,6 +21,14 @@ SPLITS = ("train", "val", "test")
 _SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 SHAPES = ("ellipse", "rectangle", "polygon", "ring")
 TEXTURES = ("solid", "stripes", "noise", "gradient", "checker")
+# Colour names of the hue wheel, each covering a sixth of it centred on its hue (red at 0): an
+# object is named "<colour> <shape>" (e.g. "red ring"), what the text-prompt demo learns.
+COLOR_NAMES = ("red", "yellow", "green", "cyan", "blue", "magenta")
+
+
+def color_name(hue: float) -> str:
+    """The name of a hue in [0, 1) (COLOR_NAMES, nearest)."""
+    return COLOR_NAMES[int(np.floor((hue % 1.0) * len(COLOR_NAMES) + 0.5)) % len(COLOR_NAMES)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,6 +192,7 @@ def synthetic_example(
 
     Returns {"image": uint8 (H, W, 3), "masks": bool (M, H, W) visible instance masks, M >= 1,
     "parents": int32 (M,) index of the mask this one is a part of (-1 for none),
+    "names": list of M str, each mask's colour and shape ("red ring", `color_name`),
     "image_id": str}. Part masks lie inside their parent mask; other masks do not overlap.
     """
     config = config or SyntheticConfig()
@@ -195,13 +204,14 @@ def synthetic_example(
     h, w = hw
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     while True:  # redraw (deterministically) in the rare case no mask is visible enough
-        image, masks, parents = _draw(rng, config, hw, yy, xx)
+        image, masks, parents, names = _draw(rng, config, hw, yy, xx)
         if masks:
             break
     return {
         "image": image,
         "masks": np.stack(masks),
         "parents": np.asarray(parents, dtype=np.int32),
+        "names": names,
         "image_id": f"synthetic-{config.seed}-{split}-{int(index)}",
     }
 
@@ -209,7 +219,7 @@ def synthetic_example(
 def _draw(rng, config: SyntheticConfig, hw, yy, xx):
     h, w = hw
     image = _background(rng, hw, yy, xx)
-    objects = []  # (whole shape, part shape or None)
+    objects = []  # (whole shape, part shape or None, whole's name, part's name or None)
     for _ in range(int(rng.integers(config.min_objects, config.max_objects + 1))):
         area_frac = np.exp(rng.uniform(np.log(config.min_area), np.log(config.max_area)))
         kind = SHAPES[int(rng.integers(len(SHAPES)))]
@@ -218,41 +228,44 @@ def _draw(rng, config: SyntheticConfig, hw, yy, xx):
         hue = rng.uniform()
         color = _hsv(hue, rng.uniform(0.6, 1.0), rng.uniform(0.65, 1.0))
         image[whole] = _texture(rng, color, hw, yy, xx, config.texture_strength)[whole]
-        part = None
+        part = part_name = None
         if area_frac >= 0.1 and rng.uniform() < config.part_prob and whole.any():
             ys, xs = np.nonzero(whole)
             j = int(rng.integers(len(ys)))  # centre the part on a random pixel of the whole
             part_kind = SHAPES[int(rng.integers(3))]  # no rings for parts
             part_area = rng.uniform(0.15, 0.35) * whole.sum()
             part = _shape_mask(rng, part_kind, xs[j], ys[j], part_area, hw) & whole
-            pcolor = _hsv(
-                hue + rng.uniform(0.3, 0.7), rng.uniform(0.6, 1.0), rng.uniform(0.65, 1.0)
-            )
+            part_hue = hue + rng.uniform(0.3, 0.7)
+            pcolor = _hsv(part_hue, rng.uniform(0.6, 1.0), rng.uniform(0.65, 1.0))
             image[part] = _texture(rng, pcolor, hw, yy, xx, config.texture_strength)[part]
-        objects.append((whole, part))
-    masks, parents = [], []
+            part_name = f"{color_name(part_hue)} {part_kind}"
+        objects.append((whole, part, f"{color_name(hue)} {kind}", part_name))
+    masks, parents, names = [], [], []
     covered = np.zeros(hw, dtype=bool)  # union of the objects painted later
     min_pixels = max(4, int(config.min_visible * h * w))
-    for whole, part in reversed(objects):
+    for whole, part, whole_name, part_name in reversed(objects):
         vis_whole = whole & ~covered
         whole_idx = -1
         if vis_whole.sum() >= min_pixels:
             masks.append(vis_whole)
             parents.append(-1)
+            names.append(whole_name)
             whole_idx = len(masks) - 1
         if part is not None:
             vis_part = part & ~covered
             if vis_part.sum() >= min_pixels:
                 masks.append(vis_part)
                 parents.append(whole_idx)
+                names.append(part_name)
         covered |= whole
     image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
     # masks were collected top-down; return them in painting order (parts after their whole)
     order = _painting_order(parents)
     remap = {old: new for new, old in enumerate(order)}
     masks = [masks[i] for i in order]
+    names = [names[i] for i in order]
     parents = [remap[parents[i]] if parents[i] >= 0 else -1 for i in order]
-    return image, masks, parents
+    return image, masks, parents, names
 
 
 def _painting_order(parents: list[int]) -> list[int]:

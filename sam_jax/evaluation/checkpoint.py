@@ -16,6 +16,8 @@ Tasks (`TASK_TABLE`, one `Task` each: the dataset kinds it runs on and its runne
   instances  mask AP of a detector's boxes with D.4's refinement pass (7.4; COCO or LVIS)
   edges      BSDS500 ODS / OIS / AP / R50 of SAM's edge maps (7.2, D.2)
   proposals  mask AR@1000 of automatic masks (7.3, D.3; COCO or LVIS with frequency groups)
+  text       mIoU from each mask's name alone (7.5, D.5; a SAM with a text path, on the named
+             synthetic shapes), beside the centre point and name + point on the same masks
 A new task (e.g. text prompts) is one runner `(predictor, spec, settings, progress) -> entry`
 and one `Task` added to TASK_TABLE; the command's --task choices follow the table.
 """
@@ -35,6 +37,8 @@ from sam_jax import distributed, paths
 from sam_jax.amg import SamAutomaticMaskGenerator
 from sam_jax.checkpoints import load
 from sam_jax.data import DatasetSpec, iterate_examples, parse_dataset_spec
+from sam_jax.data.sources import synthetic_config
+from sam_jax.data.synthetic import SyntheticDataset
 from sam_jax.errors import NoMasksError, UsageError, one_line
 from sam_jax.evaluation import boundaries, edges, proposals
 from sam_jax.evaluation.detections import evaluate_detections
@@ -46,7 +50,9 @@ from sam_jax.evaluation.protocol import (
     MULTIMASK_MODES,
     evaluate_points,
 )
+from sam_jax.evaluation.text_prompts import evaluate_text
 from sam_jax.predictor import SamPredictor
+from sam_jax.text import check_text_path
 
 DTYPES = ("float32", "bfloat16")
 MASK_KINDS = ("synthetic", "nuclei", "sa1b", "coco", "lvis", "tfds")  # datasets with masks
@@ -396,6 +402,18 @@ def _run_proposals(predictor, spec: DatasetSpec, s: EvalSettings, progress: bool
     return entry
 
 
+def _run_text(predictor, spec: DatasetSpec, s: EvalSettings, progress: bool) -> dict:
+    """Task text (7.5, D.5) on a synthetic: dataset (its objects are named). Every process
+    evaluates every image (the data is small and generated)."""
+    check_text_path(predictor.model)
+    split = spec.split or s.split
+    dataset = SyntheticDataset(split, synthetic_config(spec, split))
+    n = len(dataset) if s.max_images is None else min(len(dataset), s.max_images)
+    entry = evaluate_text(predictor, (dataset[i] for i in range(n)), s.batch_size, progress)
+    entry["protocol"] = {"split": split, "clip": predictor.text_encoder.name}
+    return entry
+
+
 @dataclasses.dataclass(frozen=True)
 class Task:
     """One evaluation task: the dataset kinds it runs on and its runner, `run(predictor, spec,
@@ -414,6 +432,7 @@ TASK_TABLE: dict[str, Task] = {
         Task("instances", ("coco", "lvis"), _run_instances),
         Task("edges", ("bsds",), _run_edges),
         Task("proposals", ("coco", "lvis"), _run_proposals),
+        Task("text", ("synthetic",), _run_text),
     )
 }
 TASKS = tuple(TASK_TABLE)

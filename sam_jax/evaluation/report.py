@@ -77,6 +77,7 @@ METRIC_TABLES = {
     ),
     "edges": ("edges", "", ("ODS", "OIS", "AP", "R50")),
     "proposals": ("proposals", "mask ", ("AR", "ARs", "ARm", "ARl", "ARf", "ARc", "ARr")),
+    "text": ("text_miou", "mIoU ", ("text", "text_oracle", "point", "text+point", "region")),
 }
 PAPER_ROW = "paper (SAM ViT-H)"
 

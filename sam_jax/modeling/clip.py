@@ -102,7 +102,8 @@ class ClipAttention(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, causal: bool):
+    def __call__(self, x, causal: bool, mask=None):
+        """mask: None or (B, 1, T, T) bool, where a query may attend (besides causal)."""
         b, t, d = x.shape
         hd = d // self.heads
 
@@ -110,7 +111,9 @@ class ClipAttention(nn.Module):
             return nn.Dense(d, dtype=self.dtype, name=name)(x).reshape(b, t, self.heads, hd)
 
         q, k, v = proj("q_proj"), proj("k_proj"), proj("v_proj")
-        mask = jnp.tril(jnp.ones((t, t), bool))[None, None] if causal else None
+        if causal:
+            tril = jnp.tril(jnp.ones((t, t), bool))[None, None]
+            mask = tril if mask is None else mask & tril
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=hd**-0.5)
         return nn.Dense(d, dtype=self.dtype, name="out_proj")(out.reshape(b, t, d))
 
@@ -126,9 +129,10 @@ class ClipEncoderLayer(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, causal: bool):
+    def __call__(self, x, causal: bool, mask=None):
         h = _layer_norm(self.eps, "layer_norm1")(x).astype(self.dtype)
-        x = x + ClipAttention(self.width, self.heads, self.dtype, name="self_attn")(h, causal)
+        attn = ClipAttention(self.width, self.heads, self.dtype, name="self_attn")
+        x = x + attn(h, causal, mask)
         h = _layer_norm(self.eps, "layer_norm2")(x).astype(self.dtype)
         h = nn.Dense(self.mlp_dim, dtype=self.dtype, name="fc1")(h)
         h = nn.Dense(self.width, dtype=self.dtype, name="fc2")(ACTIVATIONS[self.hidden_act](h))
@@ -145,23 +149,37 @@ class ClipEncoder(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, causal: bool = False):
+    def __call__(self, x, causal: bool = False, last_mask=None):
+        """last_mask: None or (B, 1, T, T) bool, the attention mask of the last layer only."""
         for i in range(self.layers):
             x = ClipEncoderLayer(
                 self.width, self.heads, self.mlp_dim, self.hidden_act, self.eps, self.dtype,
                 name=f"layers_{i}",
-            )(x, causal)  # fmt: skip
+            )(x, causal, last_mask if i == self.layers - 1 else None)  # fmt: skip
         return x
 
 
+def region_attention_mask(region: jax.Array) -> jax.Array:
+    """(B, g*g) bool patches of a region -> (B, 1, 1 + g*g, 1 + g*g) bool: the class token (the
+    output) attends only to itself and the region's patches (SAM D.5's masked attention in the
+    last layer); the other tokens attend everywhere. An empty region restricts nothing."""
+    b, n = region.shape
+    region = region | ~region.any(axis=-1, keepdims=True)
+    cls_row = jnp.concatenate([jnp.ones((b, 1), bool), region], axis=1)
+    mask = jnp.ones((b, 1 + n, 1 + n), bool).at[:, 0].set(cls_row)
+    return mask[:, None]
+
+
 class ClipVision(nn.Module):
-    """images (B, S, S, 3) -> pooled (B, vision_width): the class token after post_layernorm."""
+    """images (B, S, S, 3) -> pooled (B, vision_width): the class token after post_layernorm.
+    region: None or (B, g*g) bool patches (row-major): the class token's attention in the last
+    layer is restricted to them (`region_attention_mask`)."""
 
     config: ClipConfig
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, images):
+    def __call__(self, images, region=None):
         c = self.config
         p, w = c.patch_size, c.vision_width
         patches = nn.Conv(
@@ -177,7 +195,7 @@ class ClipVision(nn.Module):
         x = ClipEncoder(
             w, c.vision_heads, c.vision_mlp_dim, c.vision_layers, c.hidden_act,
             c.layer_norm_eps, self.dtype, name="encoder",
-        )(x)  # fmt: skip
+        )(x, last_mask=None if region is None else region_attention_mask(region))  # fmt: skip
         return _layer_norm(c.layer_norm_eps, "post_layernorm")(x[:, 0])
 
 
@@ -220,9 +238,10 @@ class Clip(nn.Module):
         self.text_projection = nn.Dense(c.embed_dim, use_bias=False, dtype=self.dtype)
         self.logit_scale = self.param("logit_scale", nn.initializers.constant(2.6592), ())
 
-    def encode_image(self, images: jax.Array) -> jax.Array:
-        """images (B, S, S, 3) normalised -> image embeddings (B, E) float32."""
-        return self.visual_projection(self.vision_model(images)).astype(jnp.float32)
+    def encode_image(self, images: jax.Array, region: jax.Array | None = None) -> jax.Array:
+        """images (B, S, S, 3) normalised -> image embeddings (B, E) float32. region: None or
+        (B, grid*grid) bool patches the output token attends to in the last layer (D.5)."""
+        return self.visual_projection(self.vision_model(images, region)).astype(jnp.float32)
 
     def encode_text(self, ids: jax.Array) -> jax.Array:
         """token ids (B, L) -> text embeddings (B, E) float32."""

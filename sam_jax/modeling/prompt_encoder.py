@@ -1,4 +1,5 @@
-"""Prompt encoder of SAM (official `prompt_encoder.py`): points, boxes and mask prompts."""
+"""Prompt encoder of SAM (official `prompt_encoder.py`): points, boxes and mask prompts, and
+(SAM paper 7.5, D.5; never released) text: a CLIP embedding as one more sparse token."""
 
 from __future__ import annotations
 
@@ -60,6 +61,7 @@ class PromptEncoder(nn.Module):
     pe_scale: float = 1.0
     dtype: Dtype = jnp.float32
     layer_norm_eps: float = 1e-6  # the mask downscaling's LayerNorm2d
+    text_embed_dim: int = 0  # width of the CLIP embeddings taken as prompts (0: no text path)
 
     def setup(self):
         self.pe_layer = PositionEmbeddingRandom(self.embed_dim // 2, scale=self.pe_scale)
@@ -75,6 +77,8 @@ class PromptEncoder(nn.Module):
         )
         self.mask_downscaling_4 = layer_norm(self.layer_norm_eps)
         self.mask_downscaling_6 = nn.Conv(self.embed_dim, (1, 1), dtype=self.dtype)
+        if self.text_embed_dim:
+            self.text_projection = nn.Dense(self.embed_dim, dtype=jnp.float32)
 
     def get_dense_pe(self) -> jax.Array:
         """Positional encoding of the image-embedding grid: (h, w, C)."""
@@ -92,6 +96,13 @@ class PromptEncoder(nn.Module):
         for i in range(4):
             emb = emb + jnp.where(labels == i, self.point_embeddings[i].embedding[0], 0.0)
         return emb, labels[..., 0] != PAD_LABEL
+
+    def embed_text(self, clip_embeddings: jax.Array) -> jax.Array:
+        """CLIP embeddings (image or text) (..., E) -> sparse tokens (..., C): l2-normalised (as
+        D.5 uses them), then a linear projection (its bias is the token's learned "text" type)."""
+        x = clip_embeddings.astype(jnp.float32)
+        x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
+        return self.text_projection(x)
 
     def embed_masks(self, masks: jax.Array) -> jax.Array:
         """Mask logits (..., 4h, 4w) -> dense embeddings (..., h, w, C)."""

@@ -86,6 +86,7 @@ class Sam(nn.Module):
             pe_scale=c.pe_scale,
             dtype=self.dtype,
             layer_norm_eps=c.prompt_layer_norm_eps,
+            text_embed_dim=c.text_embed_dim,
         )
         self.mask_decoder = MaskDecoder(
             transformer_dim=c.prompt_embed_dim,
@@ -113,12 +114,18 @@ class Sam(nn.Module):
         mask_input: jax.Array | None = None,
         has_mask: jax.Array | None = None,
         multimask_output: bool | None = True,
+        text: jax.Array | None = None,
+        has_text: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array]:
         """Decodes P prompts for each of B images.
 
         image_embeddings (B, g, g, D); points (B, P, N, 2) xy in the S x S input frame; labels
         (B, P, N) int (1 fg, 0 bg, -1 not-a-point, 2/3 box corners, PAD_LABEL ignored);
         mask_input (B, P, 4g, 4g) logits or None; has_mask (B, P) bool or None.
+        text (B, P, E) CLIP embeddings (of a phrase, or in training of a mask's region) or None,
+        with has_text (B, P) bool or None (all): one more sparse token before the points, masked
+        out of attention where has_text is False. Only a model with config.text_embed_dim = E
+        takes it; without text the decoder computes exactly what it did before.
         Returns low-res mask logits (B, P, K, 4g, 4g) and IoU predictions (B, P, K), float32,
         with K = num_multimask_outputs if multimask_output else 1; multimask_output=None returns
         all num_multimask_outputs + 1 outputs (index 0 is the single-mask output), in one pass.
@@ -129,6 +136,16 @@ class Sam(nn.Module):
         b, p, n = labels.shape
         g, d = self.config.embedding_size, self.config.prompt_embed_dim
         sparse, token_mask = self.prompt_encoder.embed_points(points, labels)
+        if text is not None:
+            if text.shape[-1] != self.config.text_embed_dim:
+                raise ValueError(
+                    f"this model takes text embeddings of width {self.config.text_embed_dim} "
+                    f"(0: no text path), got {text.shape[-1]}"
+                )
+            has_text = jnp.ones((b, p), bool) if has_text is None else has_text
+            sparse = jnp.concatenate([self.prompt_encoder.embed_text(text)[:, :, None], sparse], 2)
+            token_mask = jnp.concatenate([has_text[..., None], token_mask], axis=2)
+            n += 1
         dense = self.prompt_encoder.dense_embeddings((b, p), mask_input, has_mask)
         src = jnp.broadcast_to(image_embeddings[:, None], (b, p, g, g, d))
         masks, iou = self.mask_decoder(
@@ -141,10 +158,10 @@ class Sam(nn.Module):
         )
         return masks.reshape(b, p, *masks.shape[1:]), iou.reshape(b, p, -1)
 
-    def __call__(self, images, points, labels, mask_input=None, multimask_output=True):
+    def __call__(self, images, points, labels, mask_input=None, multimask_output=True, text=None):
         """Encode + decode in one call (used to initialise all parameters)."""
         emb = self.encode(images)
-        return self.decode(emb, points, labels, mask_input, None, multimask_output)
+        return self.decode(emb, points, labels, mask_input, None, multimask_output, text)
 
     def init_params(self, rng: jax.Array) -> dict:
         """Initialises a float32 params pytree without running the model."""
@@ -155,7 +172,9 @@ class Sam(nn.Module):
             jax.ShapeDtypeStruct((1, 1, 2), jnp.int32),
             jax.ShapeDtypeStruct((1, 1, m, m), jnp.float32),
         )
-        return jax.jit(lambda r: self.lazy_init(r, *shapes)["params"])(rng)
+        e = self.config.text_embed_dim
+        text = {"text": jax.ShapeDtypeStruct((1, 1, e), jnp.float32)} if e else {}
+        return jax.jit(lambda r: self.lazy_init(r, *shapes, **text)["params"])(rng)
 
     def param_shapes(self) -> dict:
         """The params pytree as jax.ShapeDtypeStruct leaves (no allocation)."""

@@ -306,15 +306,14 @@ class Attention(nn.Module):
         qkv = windows.reshape(-1, ws * ws, heads, 3, hd)
         q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]  # (B', N, heads, hd)
         bias = biases[:, jnp.asarray(idx)]  # (heads, N, N)
-        dense = lambda q, k, v, bias: attention(q, k, v, bias=bias[None], impl=self.attention_impl)  # noqa: E731
+        blocked = lambda q, k, v: blocked_window_attention(q, k, v, bias)
+        whole = lambda q, k, v: attention(q, k, v, bias=bias[None], impl=self.attention_impl)
         if self.attention_impl == "xla":
-            out = blocked_window_attention(q, k, v, bias)
-        elif self.attention_impl == "auto":  # blocked on a CPU, chosen when lowered for it
-            out = jax.lax.platform_dependent(
-                q, k, v, bias, cpu=lambda *a: blocked_window_attention(*a), default=dense
-            )
+            out = blocked(q, k, v)
+        elif self.attention_impl == "auto":  # chosen when lowered for the platform
+            out = jax.lax.platform_dependent(q, k, v, cpu=blocked, default=whole)
         else:
-            out = dense(q, k, v, bias)
+            out = whole(q, k, v)
         out = out.reshape(-1, ws, ws, c)
         out = window_unpartition(out, ws, (h + pad_h, w + pad_w), (h, w))
         return Dense(c, dtype=self.dtype, name="proj")(out)

@@ -50,7 +50,9 @@ class Attention(nn.Module):
             return dense["out_proj"](out.reshape(*out.shape[:-2], internal))
 
         t, s = q.shape[1], k.shape[1]
-        fold = "kv" if s >= 8 * t else ("qo" if t >= 8 * s else None)
+        fold = None
+        if isinstance(t, int) and isinstance(s, int):  # symbolic sizes (jax.export) stay standard
+            fold = "kv" if s >= 8 * t else ("qo" if t >= 8 * s else None)
         lora = bool(self.variables.get("lora")) if not self.is_initializing() else True
         if fold is None or lora or self.attention_impl == "cudnn":
             return standard(q, k, v, key_mask)

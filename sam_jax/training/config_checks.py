@@ -161,6 +161,8 @@ RULES: dict[str, Check] = {
     "train.supervise_all_iou": boolean,
     "train.max_mask_area_fraction": real(0.0, 1.0, low_open=True),
     "train.mask_prompt_prob": real(0.0, 1.0),
+    "train.text_prob": real(0.0, 1.0),
+    "train.text_min_area": real(0.0),
     "train.unroll_rounds": integer(1),
     "train.remat_rounds": boolean,
     "mesh_shape": int_tuple(2, -1),

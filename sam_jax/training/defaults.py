@@ -37,7 +37,11 @@ train.*          num_rounds (11), box_prob, box_noise_std (fraction of side), bo
                  rounds without a click always get them),
                  unroll_rounds (lax.scan unroll of the rounds: faster steps, longer compile),
                  remat_rounds (recompute each round's decoder pass in the backward pass: memory
-                 of one round instead of num_rounds, for about a third more decoder compute)
+                 of one round instead of num_rounds, for about a third more decoder compute),
+                 text_prob (chance that a mask's first prompt is the CLIP image embedding of its
+                 region, SAM D.5; needs model_overrides.text_embed_dim and .text_encoder, a CLIP
+                 folder or Hub id; 0 = no text prompts), text_min_area (masks under this many
+                 input-frame pixels never get one; D.5's 100^2 at 1024 px)
 mesh_shape       (data, fsdp); -1 takes the remaining devices
 sharding_rules   ((regex, spec tuple), ...) overrides; min_fsdp_size: smaller arrays replicate
 checkpoint.*     every_steps, max_to_keep, async_save
@@ -110,6 +114,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.mask_prompt_prob = 1.0
     c.train.unroll_rounds = 1
     c.train.remat_rounds = True
+    c.train.text_prob = 0.0
+    c.train.text_min_area = 100.0 * 100.0
 
     c.mesh_shape = (-1, 1)
     c.sharding_rules = ()

@@ -3,7 +3,8 @@
 - "random": `model.init_params(key)`.
 - "sam": a converted sam_jax checkpoint directory or an official SAM .pth (`sam_jax.checkpoints`);
   the architecture comes from the checkpoint (config.model is ignored, model_overrides such as
-  drop_path_rate still apply).
+  drop_path_rate still apply; a text path added by model_overrides.text_embed_dim starts with a
+  random projection, `with_text_projection`).
 - "mae": an official MAE pre-training or fine-tuning .pth (facebookresearch/mae layout, `model`
   key holding `patch_embed.proj.*`, `pos_embed` (1, 1 + n*n, C) with a cls slot, `blocks.i.{norm1,
   attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}.*`). The ViT blocks and patch embedding are copied
@@ -97,6 +98,20 @@ def load_mae_params(path: str, config: SamConfig, params: Any) -> Any:
     return traverse_util.unflatten_dict(flat)
 
 
+def with_text_projection(params: Any, sam_config: SamConfig, seed: int) -> Any:
+    """A SAM checkpoint without a text path trained with one (model_overrides.text_embed_dim):
+    the prompt encoder's text projection starts as `nn.Dense` would (LeCun-normal kernel, zero
+    bias); everything else is the checkpoint's."""
+    pe = params["prompt_encoder"]
+    if not sam_config.text_embed_dim or "text_projection" in pe:
+        return params
+    e, d = sam_config.text_embed_dim, sam_config.prompt_embed_dim
+    key = jax.random.fold_in(jax.random.key(seed), 0x7E47)
+    kernel = np.asarray(jax.nn.initializers.lecun_normal()(key, (e, d)), np.float32)
+    projection = {"kernel": kernel, "bias": np.zeros((d,), np.float32)}
+    return {**params, "prompt_encoder": {**pe, "text_projection": projection}}
+
+
 def initial_params(config: Any, sam_config: SamConfig, model: Any) -> Any | None:
     """Host (numpy) params for init.type 'sam' / 'mae'; None for 'random' (init on device)."""
     kind = config.init.type
@@ -105,7 +120,7 @@ def initial_params(config: Any, sam_config: SamConfig, model: Any) -> Any | None
     if kind == "sam":
         # a converted directory, a .pth, a transformers folder, a registry name or a hub id
         _, params = read_checkpoint(config.init.path)
-        return params
+        return with_text_projection(params, sam_config, config.seed)
     if kind == "mae":
         if not config.init.path:
             raise ValueError("init.type='mae' needs init.path")

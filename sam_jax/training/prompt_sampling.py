@@ -133,6 +133,21 @@ def initial_prompts(
     return {"points": points, "labels": labels, "num_clicks": num_clicks, "is_box": is_box}
 
 
+def text_first(prompts: dict[str, jax.Array], use_text: jax.Array) -> dict[str, jax.Array]:
+    """Where use_text (B, M): the first prompt is the mask's text token (SAM D.5; the decoder
+    gets it apart from these slots) instead of a point or box: no click yet, no box, the
+    official padding point; the correction clicks then fill the slots from 0."""
+    labels = prompts["labels"]
+    k = labels.shape[-1] - 3
+    text_labels = jnp.full_like(labels, PAD_LABEL).at[..., k].set(-1)
+    return {
+        **prompts,
+        "labels": jnp.where(use_text[..., None], text_labels, labels),
+        "num_clicks": jnp.where(use_text, 0, prompts["num_clicks"]),
+        "is_box": prompts["is_box"] & ~use_text,
+    }
+
+
 def add_correction_click(
     key: jax.Array,
     prompts: dict[str, jax.Array],

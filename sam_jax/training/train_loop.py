@@ -36,6 +36,7 @@ from sam_jax.training import (
     initialization,
     metric_writer,
     sharding,
+    text_prompts,
 )
 from sam_jax.training.optimizer import (
     lr_schedule_from_config,
@@ -294,6 +295,7 @@ def train_and_evaluate(
         config, sam_config, model, state.params, workdir, len(rows), say
     )
     batches = make_iterator(config, sam_config, start_batch, rows, paths.join(workdir, "index"))
+    batches = text_prompts.wrap(config, sam_config, batches, start_batch, say)
     if cache is not None:  # the train step skips the frozen encoder
         batches = embedding_cache.CachedBatches(batches, cache)
     peak = metric_writer.peak_flops_per_device(config.peak_tflops_per_device)

@@ -16,6 +16,11 @@ uses the 3-output head with the minimum-loss rule; any other prompt (a box, seve
 points) uses the single output (SAM 2's rule, a box counting as two points). The fed-back mask is
 the most confident output (highest predicted IoU). Fed-back logits and sampled points carry no
 gradient; the losses of all rounds are summed; per-mask losses are averaged over valid masks.
+
+Text prompts (D.5): a batch carrying `text_embedding` (B, M, E), the CLIP image embeddings of
+each mask's region (`sam_jax.training.text_prompts`), makes the first prompt of a mask of at
+least train.text_min_area input pixels that text token instead, with probability
+train.text_prob (a text alone counts as one prompt: 3 outputs); correction clicks follow.
 """
 
 from __future__ import annotations
@@ -66,8 +71,9 @@ def _select(x: jax.Array, idx: jax.Array) -> jax.Array:
 
 
 def decode_all_outputs(
-    model, params, emb, points, labels, mask_input, has_mask, lora=None, lora_key=None
-):
+    model, params, emb, points, labels, mask_input, has_mask, lora=None, lora_key=None,
+    text=None, has_text=None,
+):  # fmt: skip
     """All four decoder outputs in one pass: logits (B, P, 4, m, m) and IoU (B, P, 4), float32.
 
     Output 0 is what `decode(multimask_output=False)` returns, outputs 1..3 what
@@ -76,7 +82,9 @@ def decode_all_outputs(
     (`lora.lora_variables`) or None; lora_key: the key of LoRA dropout (None: no dropout).
     """
     if not lora:
-        return F.decode_prompts(model, params, emb, points, labels, mask_input, has_mask, None)
+        return F.decode_prompts(
+            model, params, emb, points, labels, mask_input, has_mask, None, text, has_text
+        )
     rngs = {} if lora_key is None else {"lora_dropout": lora_key}
     return model.apply(
         {"params": params, "lora": lora},
@@ -86,6 +94,8 @@ def decode_all_outputs(
         mask_input,
         has_mask,
         None,
+        text,
+        has_text,
         rngs=rngs,
         method=model.decode,
     )
@@ -130,6 +140,7 @@ def simulate_and_loss(
         focal_gamma=tc.focal_gamma,
     )
     k_init, k_sched, k_rounds, k_mask = jax.random.split(key, 4)
+    k_text = jax.random.fold_in(key, 5)
     prompts = prompt_sampling.initial_prompts(
         k_init,
         gt,
@@ -140,6 +151,12 @@ def simulate_and_loss(
         tc.box_noise_std,
         tc.box_noise_max,
     )
+    text, use_text = batch.get("text_embedding"), None
+    if text is not None:  # D.5: the region's CLIP embedding first, for large enough masks
+        cell = (image_size / m) ** 2
+        large = gt.sum(axis=(-2, -1)) * cell >= tc.text_min_area
+        use_text = large & jax.random.bernoulli(k_text, tc.text_prob, (b, n_masks))
+        prompts = prompt_sampling.text_first(prompts, use_text)
     # Round 0 adds no click; rounds 1.. follow the paper's schedule.
     add = jnp.concatenate(
         [
@@ -155,10 +172,13 @@ def simulate_and_loss(
         prompts = jax.lax.stop_gradient(prompts)
         drop_key = jax.random.fold_in(k, 1) if lora_dropout else None
         logits, iou = decode_all_outputs(
-            model, params, emb, prompts["points"], prompts["labels"], prev, has_mask, lora, drop_key
-        )
-        # One point (no box): 3 outputs, back-propagate the min-loss one; otherwise output 0.
-        multi = (prompts["num_clicks"] == 1) & ~prompts["is_box"]
+            model, params, emb, prompts["points"], prompts["labels"], prev, has_mask, lora,
+            drop_key, text, use_text,
+        )  # fmt: skip
+        # One point or a text alone (no box): 3 outputs, back-propagate the min-loss one;
+        # otherwise output 0.
+        sparse = prompts["num_clicks"] + (0 if use_text is None else use_text.astype(jnp.int32))
+        multi = (sparse == 1) & ~prompts["is_box"]
         l3 = losses.sam_round_loss(logits[:, :, 1:], iou[:, :, 1:], gt, **loss_kw)
         l1 = losses.sam_round_loss(logits[:, :, :1], iou[:, :, :1], gt, **loss_kw)
         out = jax.tree.map(lambda a, c: jnp.where(multi, a, c), l3, l1)
@@ -183,6 +203,9 @@ def simulate_and_loss(
     metrics["iou_first_round"] = ious[0]
     metrics["iou_last_round"] = ious[-1]
     metrics["num_valid_masks"] = valid.sum()
+    if use_text is not None:
+        metrics["iou_first_round_text"] = losses.masked_mean(per_round["iou"][0], valid & use_text)
+        metrics["text_prompt_fraction"] = (valid & use_text).sum() / jnp.maximum(valid.sum(), 1)
     return metrics["loss"], metrics
 
 
