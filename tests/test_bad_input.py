@@ -201,7 +201,7 @@ CASES = [
         "predict",
         "--checkpoint {ckpt} --image {image} --output {new}",
         2,
-        ["at least one --point or a --box"],
+        ["at least one --point, a --box or a --text"],
     ),
     (
         "predict-missing-checkpoint",

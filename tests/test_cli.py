@@ -198,7 +198,7 @@ def test_predict_bad_input(setup, tmp_path, capsys):
         (["--point", "3,4,2"], "label must be 0 or 1"),
         (["--box", "5,5,1,1"], "X0 <= X1"),
         (["--point", "a,b"], "bad point"),
-        ([], "give at least one --point or a --box"),
+        ([], "give at least one --point, a --box or a --text"),
     ):
         assert predict.main(base + ["--image", good] + bad) == 2
         _one_line_error(capsys.readouterr().err, "sam-jax-predict", fragment)
