@@ -299,6 +299,18 @@ class PatchEmbed(nn.Module):
         return conv(x.astype(self.dtype))
 
 
+def neck(x: jax.Array, out_chans: int, dtype: Dtype) -> jax.Array:
+    """SAM's encoder neck, called inside an encoder's compact `__call__` (its params are the
+    caller's neck_0..neck_3): (B, h, w, C) -> 1x1 conv, LayerNorm2d, 3x3 conv, LayerNorm2d ->
+    (B, h, w, out_chans)."""
+    x = nn.Conv(out_chans, (1, 1), use_bias=False, dtype=dtype, name="neck_0")(x.astype(dtype))
+    x = layer_norm(1e-6, "neck_1")(x)
+    x = nn.Conv(
+        out_chans, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=dtype, name="neck_2"
+    )(x.astype(dtype))
+    return layer_norm(1e-6, "neck_3")(x)
+
+
 class ImageEncoderViT(nn.Module):
     """images (B, S, S, 3) normalised -> embeddings (B, S/p, S/p, out_chans), float32."""
 
@@ -351,16 +363,4 @@ class ImageEncoderViT(nn.Module):
                 attention_impl=self.attention_impl,
                 name=f"blocks_{i}",
             )(x, deterministic)
-        x = nn.Conv(self.out_chans, (1, 1), use_bias=False, dtype=self.dtype, name="neck_0")(
-            x.astype(self.dtype)
-        )
-        x = layer_norm(1e-6, "neck_1")(x)
-        x = nn.Conv(
-            self.out_chans,
-            (3, 3),
-            padding=((1, 1), (1, 1)),
-            use_bias=False,
-            dtype=self.dtype,
-            name="neck_2",
-        )(x.astype(self.dtype))
-        return layer_norm(1e-6, "neck_3")(x)
+        return neck(x, self.out_chans, self.dtype)

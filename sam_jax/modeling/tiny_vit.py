@@ -42,6 +42,7 @@ from sam_jax.modeling.common import Dense, DropPath, Dtype, attention, layer_nor
 from sam_jax.modeling.image_encoder import (
     LOGITS_BLOCK_BYTES_DEFAULT,
     REMAT_POLICIES,
+    neck,
     window_partition,
     window_unpartition,
 )
@@ -459,16 +460,4 @@ class TinyViT(nn.Module):
                 remat_policy=self.remat_policy,
                 name=f"layers_{i}",
             )(x, deterministic)
-        x = nn.Conv(self.out_chans, (1, 1), use_bias=False, dtype=self.dtype, name="neck_0")(
-            x.astype(self.dtype)
-        )
-        x = layer_norm(1e-6, "neck_1")(x)
-        x = nn.Conv(
-            self.out_chans,
-            (3, 3),
-            padding=((1, 1), (1, 1)),
-            use_bias=False,
-            dtype=self.dtype,
-            name="neck_2",
-        )(x.astype(self.dtype))
-        return layer_norm(1e-6, "neck_3")(x)
+        return neck(x, self.out_chans, self.dtype)

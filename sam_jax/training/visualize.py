@@ -15,27 +15,9 @@ from typing import Any
 import numpy as np
 
 from sam_jax import SamPredictor, paths
-from sam_jax.evaluation import first_click, run_point_rounds
+from sam_jax.evaluation.figures import predict_with_clicks
 from sam_jax.evaluation.metrics import mask_iou
 from sam_jax.images import tint
-
-
-def predict_with_clicks(predictor, gt: np.ndarray, num_clicks: int):
-    """The evaluation clicker (`run_point_rounds`) on one mask: [(mask, clicks (k, 2), labels (k,))]
-    after each of the num_clicks rounds (the last entry repeats once no error is left to click)."""
-
-    r = run_point_rounds(
-        predictor, gt[None], np.array([first_click(gt, "center")]), num_clicks, return_masks=True
-    )
-    placed = int(r["num_clicks"][0])
-    return [
-        (
-            r["masks"][0, t],
-            r["clicks"][0, : min(t + 1, placed)],
-            r["labels"][0, : min(t + 1, placed)],
-        )
-        for t in range(num_clicks)
-    ]
 
 
 def save_prediction_figure(
