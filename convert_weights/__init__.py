@@ -12,13 +12,28 @@ conversion itself lives in sam_jax.checkpoints.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
+from sam_jax.cli import interrupts
+
 PROG = "python -m convert_weights"
+EXIT_INTERRUPTED = 130  # sam_jax.cli.common's: that module imports jax
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Returns the exit status (0 ok, 1 conversion error, 2 usage error)."""
-    from sam_jax.cli.convert import main as convert_main
+    """Returns the exit status (0 ok, 1 conversion error, 2 usage error, 130 interrupted).
 
-    return convert_main(argv, prog=PROG)
+    SIGTERM is Ctrl-C from the first line on: one that comes while jax, orbax and torch are
+    imported (a third of a small conversion) ends in one line, as one during the work does."""
+    restore = interrupts.sigterm_as_interrupt()
+    try:
+        from sam_jax.cli.convert import main as convert_main  # the heavy imports
+
+        return convert_main(argv, prog=PROG)
+    except KeyboardInterrupt:  # during the imports (the command handles its own)
+        print(f"{PROG}: interrupted", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    finally:
+        if restore is not None:
+            restore()

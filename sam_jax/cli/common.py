@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import argparse
 import functools
-import gc
 import glob
 import importlib.util
 import os
 import re
-import signal
 import sys
-import threading
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 
@@ -31,6 +28,7 @@ import jax
 
 from sam_jax import distributed, paths
 from sam_jax.checkpoints import is_checkpoint_name
+from sam_jax.cli import interrupts
 from sam_jax.errors import UsageError, one_line
 from sam_jax.sam_model import resolve_device
 
@@ -98,7 +96,7 @@ def run_command(
     (training replaces this handler with its own: save a checkpoint and exit 0).
     """
     skip_absent_tpu()
-    restore = _sigterm_as_interrupt()
+    restore = interrupts.sigterm_as_interrupt()
     try:
         code = body()
     except UsageError as e:
@@ -122,59 +120,6 @@ def run_command(
         if restore is not None:
             restore()
     return EXIT_OK if code is None else int(code)
-
-
-# An interrupt that lands where Python drops exceptions is raised again this much later.
-_INTERRUPT_RETRY_S = 0.02
-
-
-def _raise_interrupt(signum, frame):
-    """SIGTERM (and SIGALRM, its retry) -> KeyboardInterrupt, except inside a garbage-collection
-    callback or a __del__, where Python would drop it with a traceback on stderr: there the
-    interrupt is tried again a moment later, once that code is over."""
-    del signum
-    if _in_finalizer(frame):
-        signal.setitimer(signal.ITIMER_REAL, _INTERRUPT_RETRY_S)
-        return
-    raise KeyboardInterrupt
-
-
-def _in_finalizer(frame) -> bool:
-    callbacks = {getattr(cb, "__code__", None) for cb in gc.callbacks}
-    while frame is not None:
-        if frame.f_code in callbacks or frame.f_code.co_name == "__del__":
-            return True
-        frame = frame.f_back
-    return False
-
-
-def _sigterm_as_interrupt():
-    """Installs the SIGTERM -> KeyboardInterrupt handler (`_raise_interrupt`; SIGALRM is its
-    retry), and an unraisable hook that retries an interrupt Python dropped anyway (one raised
-    inside C code's callbacks, a weakref finalizer, ...). Returns what to restore (None when not
-    on the main thread, where handlers cannot be set)."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    previous_hook = sys.unraisablehook
-    active = [True]  # until the command ends (a hook installed after ours may keep it in place)
-
-    def retry_dropped_interrupts(unraisable) -> None:
-        if active[0] and isinstance(unraisable.exc_value, KeyboardInterrupt):
-            signal.setitimer(signal.ITIMER_REAL, _INTERRUPT_RETRY_S)
-        else:
-            previous_hook(unraisable)
-
-    def restore() -> None:
-        active[0] = False
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
-        if sys.unraisablehook is retry_dropped_interrupts:  # else another hook chains to ours
-            sys.unraisablehook = previous_hook
-
-    sys.unraisablehook = retry_dropped_interrupts
-    handlers = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGTERM, signal.SIGALRM)}
-    return restore
 
 
 def leaves_no_empty_folders(*attrs: str):
