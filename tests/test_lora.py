@@ -11,7 +11,7 @@ import torch
 
 from sam_jax import errors
 from sam_jax.checkpoints import load_converted, params_to_state_dict
-from sam_jax.config import tiny_config
+from sam_jax.config import get_config, tiny_config
 from sam_jax.errors import ConfigError
 from sam_jax.modeling import build_sam, lora
 from sam_jax.training import initialization, train_loop
@@ -52,6 +52,27 @@ def test_unmerged_adapters_equal_the_merged_model():
     for u, m, b in zip(unmerged, merged, base, strict=True):
         np.testing.assert_allclose(u, m, rtol=2e-5, atol=2e-5)
         assert not np.allclose(u, b, atol=1e-3)  # the adapters do change the model
+
+
+def test_tiny_vit_encoder_adapters_equal_the_merged_model():
+    """MobileSAM's TinyViT: the encoder targets find its attention and MLP layers (10 qkv, 10
+    proj, 20 fc in vit_t) and the adapted encoder equals the merged one."""
+    config = get_config("vit_t", image_size=256)
+    model = build_sam(config)
+    params = model.init_params(jax.random.key(0))
+    layers = lora.target_layers(model.param_shapes(), ("qkv", "proj", "mlp"), 3)
+    assert len(layers) == 40
+    assert "image_encoder/layers_2/blocks_5/mlp/fc2" in layers
+    adapters = _random_adapters(model.param_shapes(), ("qkv", "proj", "mlp"), rank=3)
+    images = jnp.asarray(np.random.default_rng(1).normal(size=(1, 256, 256, 3)), jnp.float32)
+
+    def encode(variables):
+        return model.apply(variables, images, method=model.encode)
+
+    unmerged = encode({"params": params, "lora": lora.lora_variables(adapters, 0.5)})
+    merged = encode({"params": lora.merge(params, adapters, 0.5)})
+    np.testing.assert_allclose(unmerged, merged, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(unmerged, encode({"params": params}), atol=1e-3)
 
 
 def _lora_config(trainable="none", targets=("qkv", "decoder_attn"), rank=2):

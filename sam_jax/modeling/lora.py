@@ -8,10 +8,12 @@ SAM params tree (what training exports, so the predictor, AMG, eval, the convert
 not know adapters exist). `a` starts as kaiming-uniform, `b` as zeros (the adapted model starts
 equal to the base, as in the paper and peft).
 
-Targets (names for `config.lora.targets`):
+Targets (names for `config.lora.targets`), in either image encoder: SAM's ViT
+(`blocks_{i}`) or MobileSAM's TinyViT (`layers_{i}/blocks_{j}`, its attention stages only; the
+first stage's MBConv blocks are convolutions):
     qkv           image encoder attention qkv projection     (SAMed: rank 4 on these)
     proj          image encoder attention output projection
-    mlp           image encoder MLP lin1 and lin2
+    mlp           image encoder MLP (ViT lin1 and lin2, TinyViT fc1 and fc2)
     decoder_attn  the two-way transformer's q/k/v/out projections (every attention)
 """
 
@@ -27,10 +29,11 @@ import numpy as np
 
 from sam_jax.errors import ConfigError
 
+_ENCODER_BLOCK = r"^image_encoder/(layers_\d+/)?blocks_\d+"  # ViT | TinyViT
 TARGETS = {
-    "qkv": re.compile(r"^image_encoder/blocks_\d+/attn/qkv$"),
-    "proj": re.compile(r"^image_encoder/blocks_\d+/attn/proj$"),
-    "mlp": re.compile(r"^image_encoder/blocks_\d+/mlp/lin[12]$"),
+    "qkv": re.compile(_ENCODER_BLOCK + r"/attn/qkv$"),
+    "proj": re.compile(_ENCODER_BLOCK + r"/attn/proj$"),
+    "mlp": re.compile(_ENCODER_BLOCK + r"/mlp/(lin[12]|fc[12])$"),
     "decoder_attn": re.compile(r"^mask_decoder/transformer/.+/(q|k|v|out)_proj$"),
 }
 
