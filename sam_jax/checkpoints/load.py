@@ -218,6 +218,9 @@ def _read_registered(name: str, verify: bool, allow_nonfinite: bool):
         config, params = pth.load_pth(source, model.model_type)
     if not allow_nonfinite:
         check_finite(params, source)
-    with contextlib.suppress(FileExistsError):  # another process converted it meanwhile
-        converted.save_converted(cached, config, params)
+    # A folder there that is no conversion (an older cache layout kept the npm package at this
+    # path) is replaced; a conversion another process finished meanwhile is kept.
+    stale = os.path.isdir(cached)
+    with contextlib.suppress(FileExistsError):
+        converted.save_converted(cached, config, params, overwrite=stale)
     return config, params
