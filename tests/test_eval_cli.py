@@ -461,3 +461,28 @@ def test_baseline_may_be_a_registry_name_but_a_missing_path_is_one_line(capsys, 
         SYNTHETIC, "--output", tmp_path / "o",
     )  # fmt: skip
     assert_one_line_error(rc, err, "--baseline", "nope", "does not exist")
+
+
+def test_every_flag_reaches_its_setting():
+    """settings_of maps each flag to the EvalSettings field of its name (or its negation)."""
+    from sam_jax.cli.eval import parse_args, settings_of
+    from sam_jax.evaluation.checkpoint import EvalSettings
+
+    args = parse_args([
+        "--checkpoint", "c", "--output", "o", "--dataset", "coco:a.json:i", "--split", "test",
+        "--max-masks", "7", "--max-images", "3", "--num-points", "3,1", "--first-point", "random",
+        "--feed-mask", "--multimask", "always", "--no-boxes", "--detections", "d.json",
+        "--no-refine", "--group-by", "gender", "--points-per-side", "5", "--nms-thresh", "0.5",
+        "--max-proposals", "9", "--edge-thresholds", "11", "--edge-matcher", "exact",
+        "--seed", "4", "--batch-size", "6", "--dtype", "bfloat16",
+    ])  # fmt: skip
+    assert settings_of(args) == EvalSettings(
+        task="points", split="test", num_points=(1, 3), first_point="random", feed_mask=True,
+        multimask="always", gt_boxes=False, max_masks=7, max_images=3, seed=4, batch_size=6,
+        dtype="bfloat16", detections="d.json", group_by="gender", refine=False,
+        points_per_side=5, nms_thresh=0.5, max_proposals=9, edge_thresholds=11,
+        edge_matcher="exact",
+    )  # fmt: skip
+    assert settings_of(parse_args(["--checkpoint", "c", "--output", "o", "--dataset", "x"])) == (
+        EvalSettings()
+    )

@@ -21,6 +21,7 @@ the same numbers as one process; process 0 writes the reports.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from sam_jax import distributed, paths
@@ -202,30 +203,22 @@ def parse_args(argv=None, prog: str = PROG) -> argparse.Namespace:
     return args
 
 
+# EvalSettings fields whose flag has another name or meaning (the rest are their flag as is)
+_SETTINGS_FROM_FLAGS = {
+    "num_points": lambda a: tuple(a.num_points),
+    "gt_boxes": lambda a: not a.no_boxes,
+    "refine": lambda a: not a.no_refine,
+}
+
+
 def settings_of(args: argparse.Namespace) -> EvalSettings:
-    """The evaluation protocol the flags ask for (UsageError for a bad combination)."""
-    return EvalSettings(
-        task=args.task,
-        split=args.split,
-        num_points=tuple(args.num_points),
-        first_point=args.first_point,
-        feed_mask=args.feed_mask,
-        multimask=args.multimask,
-        gt_boxes=not args.no_boxes,
-        max_masks=args.max_masks,
-        max_images=args.max_images,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        dtype=args.dtype,
-        detections=args.detections,
-        group_by=args.group_by,
-        refine=not args.no_refine,
-        points_per_side=args.points_per_side,
-        nms_thresh=args.nms_thresh,
-        max_proposals=args.max_proposals,
-        edge_thresholds=args.edge_thresholds,
-        edge_matcher=args.edge_matcher,
-    )
+    """The evaluation protocol the flags ask for (UsageError for a bad combination): every
+    EvalSettings field from its flag of the same name, or by `_SETTINGS_FROM_FLAGS`."""
+    kwargs = {}
+    for field in dataclasses.fields(EvalSettings):
+        convert = _SETTINGS_FROM_FLAGS.get(field.name)
+        kwargs[field.name] = convert(args) if convert else getattr(args, field.name)
+    return EvalSettings(**kwargs)
 
 
 @common.leaves_no_empty_folders("output")

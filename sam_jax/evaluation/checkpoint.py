@@ -347,6 +347,18 @@ def _run_instances(predictor, spec: DatasetSpec, s: EvalSettings, progress: bool
     return det
 
 
+def _image_share(s: EvalSettings, progress: bool) -> dict:
+    """The keywords of the per-image evaluations (edges, proposals): this process's share of
+    the images (at most s.max_images), the progress bar, and the gather of every share."""
+    return {
+        "max_images": s.max_images,
+        "progress": progress,
+        "process_index": jax.process_index(),
+        "process_count": jax.process_count(),
+        "all_gather": distributed.all_gather,
+    }
+
+
 def _run_edges(predictor, spec: DatasetSpec, s: EvalSettings, progress: bool) -> dict:
     """Task edges (7.2, D.2) on a bsds: dataset."""
     pps = s.points_per_side or edges.EDGE_POINTS_PER_SIDE
@@ -361,11 +373,7 @@ def _run_edges(predictor, spec: DatasetSpec, s: EvalSettings, progress: bool) ->
         spec.split or s.split,
         num_thresholds=s.edge_thresholds,
         matcher=s.edge_matcher,
-        max_images=s.max_images,
-        progress=progress,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        all_gather=distributed.all_gather,
+        **_image_share(s, progress),
     )
     entry["protocol"].update(points_per_side=pps, nms_thresh=nms)
     return entry
@@ -392,11 +400,7 @@ def _run_proposals(predictor, spec: DatasetSpec, s: EvalSettings, progress: bool
         spec.images_dir,
         lvis=spec.kind == "lvis",
         max_proposals=s.max_proposals,
-        max_images=s.max_images,
-        progress=progress,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        all_gather=distributed.all_gather,
+        **_image_share(s, progress),
     )
     entry["protocol"].update(points_per_side=pps, nms_thresh=nms)
     return entry
