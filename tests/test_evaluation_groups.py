@@ -67,7 +67,7 @@ def test_group_labels_line_up_with_the_readers_masks(tmp_path):
     assert group_labels(spec, "category_id")["1"] == ["1", "2"]
     with pytest.raises(ValueError, match="no field 'age'"):
         group_labels(spec, "age")
-    with pytest.raises(ValueError, match="coco or lvis"):
+    with pytest.raises(ValueError, match="coco, lvis, sa1b"):
         group_labels(parse_dataset_spec("synthetic"), "gender")
 
 
