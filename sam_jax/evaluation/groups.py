@@ -99,11 +99,12 @@ def bin_values(
     kind, arg = _bin_rule(bins)
     if kind == "quantiles":
         edges = np.unique(np.quantile(x, np.linspace(0, 1, arg + 1))) if len(x) else np.zeros(1)
+        edges = np.repeat(edges, 2) if len(edges) == 1 else edges  # one value: one bin
         inner = edges[1:-1]
         labels = [
             f"q{k + 1} [{_number(edges[k])}, {_number(edges[k + 1])}"
             + ("]" if k == len(edges) - 2 else ")")
-            for k in range(max(1, len(edges) - 1))
+            for k in range(len(edges) - 1)
         ]
     else:
         inner = np.asarray(COCO_AREAS if kind == "coco" else arg)
