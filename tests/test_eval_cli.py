@@ -409,7 +409,7 @@ def test_points_grouped_by_sa1b_fields(tmp_path, checkpoint, capsys):
 
     rows = list(csv.reader((tmp_path / "a" / "groups.csv").read_text().splitlines()))
     assert [r[2] for r in rows[1:]] == list(groups["groups"])  # quoted: a label holds a comma
-    assert "mIoU by area" in stdout and "| large [9216, inf) | 2 |" in stdout
+    assert "mIoU by area in bins coco (95%" in stdout and "| large [9216, inf) | 2 |" in stdout
     results, _, _ = _run_ok(capsys, checkpoint, tmp_path / "c", *common, "--group-by", "crop_box")
     groups = results["datasets"][spec]["groups"]["groups"]
     assert {k: g["num_masks"] for k, g in groups.items()} == {
