@@ -38,8 +38,6 @@ from sam_jax import distributed, paths
 from sam_jax.amg import SamAutomaticMaskGenerator
 from sam_jax.checkpoints import load
 from sam_jax.data import DatasetSpec, iterate_examples, parse_dataset_spec
-from sam_jax.data.sources import synthetic_config
-from sam_jax.data.synthetic import SyntheticDataset
 from sam_jax.errors import NoMasksError, UsageError, one_line
 from sam_jax.evaluation import boundaries, edges, proposals
 from sam_jax.evaluation.detections import evaluate_detections
@@ -51,11 +49,10 @@ from sam_jax.evaluation.protocol import (
     MULTIMASK_MODES,
     evaluate_points,
 )
-from sam_jax.evaluation.text_prompts import evaluate_text
+from sam_jax.evaluation.text_prompts import default_template, evaluate_text, named_examples
 from sam_jax.predictor import SamPredictor
 
 DTYPES = ("float32", "bfloat16")
-COCO_TEMPLATE = "a photo of a {}."  # CLIP's zero-shot prompt (Radford et al. 2021, sec. 3.1.4)
 MASK_KINDS = ("synthetic", "nuclei", "sa1b", "coco", "lvis", "tfds")  # datasets with masks
 
 
@@ -432,47 +429,13 @@ def _run_proposals(predictor, spec: DatasetSpec, s: EvalSettings, progress: bool
     return entry
 
 
-def default_template(kind: str) -> str:
-    """The text task's phrase of a name on a dataset kind: the synthetic shapes' names as they
-    are (their CLIP was trained on them), CLIP's standard "a photo of a {}." on COCO / LVIS."""
-    return "{}" if kind == "synthetic" else COCO_TEMPLATE
-
-
-def phrase(template: str, name: str) -> str:
-    """A category name in its template; LVIS's underscores ("baseball_bat") become spaces."""
-    return template.replace("{}", str(name).replace("_", " "))
-
-
-def _named_examples(spec: DatasetSpec, s: EvalSettings, template: str, stats: dict):
-    """The examples of a synthetic, coco or lvis dataset with "names" (M phrases), every image
-    on every process: the synthetic shapes' names, or each COCO / LVIS mask's category name
-    (lined up with the masks the reader keeps) in `template`."""
-    if spec.kind == "synthetic":
-        split = spec.split or s.split
-        dataset = SyntheticDataset(split, synthetic_config(spec, split))
-        n = len(dataset) if s.max_images is None else min(len(dataset), s.max_images)
-        for i in range(n):
-            ex = dataset[i]
-            yield {**ex, "names": [phrase(template, name) for name in ex["names"]]}
-        return
-    names = group_values(spec, "name")
-    for ex in iterate_examples(spec, split=s.split, max_images=s.max_images, stats=stats):
-        image_names = names.get(ex["image_id"], [])
-        if len(image_names) != len(ex["masks"]):
-            raise ValueError(
-                f"the category names of image {ex['image_id']} do not line up with its masks "
-                "(the annotation file changed during the evaluation?)"
-            )
-        yield {**ex, "names": [phrase(template, name) for name in image_names]}
-
-
 def _run_text(predictor, spec: DatasetSpec, s: EvalSettings, progress: bool) -> dict:
     """Task text (7.5, D.5) on a synthetic: dataset (its objects are named) or a coco: / lvis:
     one (its masks named by category). Every process evaluates every image."""
     encoder = predictor.text_encoder  # refuses a SAM without a text path, or a CLIP's width
     template = s.text_template or default_template(spec.kind)
     stats: dict = {}
-    examples = _named_examples(spec, s, template, stats)
+    examples = named_examples(spec, spec.split or s.split, template, s.max_images, stats)
     entry = evaluate_text(predictor, examples, s.batch_size, progress)
     entry["skipped_images"] = int(stats.get("skipped_images", 0))
     entry["data_stats"] = stats
