@@ -513,3 +513,6 @@ def test_every_flag_reaches_its_setting():
     assert settings_of(parse_args(["--checkpoint", "c", "--output", "o", "--dataset", "x"])) == (
         EvalSettings()
     )
+    text = ["--task", "text", "--clip", "C", "--text-template", "{} here"]
+    args = parse_args(["--checkpoint", "c", "--output", "o", "--dataset", "x", *text])
+    assert settings_of(args) == EvalSettings(task="text", clip="C", text_template="{} here")
