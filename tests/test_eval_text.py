@@ -85,6 +85,10 @@ def test_clip_flag_replaces_the_checkpoints_clip(files, tmp_path, capsys):
     rc, _, err = run(capsys, *base, "--output", tmp_path / "n", "--clip", files["narrow"])
     one_line(rc, err, 2, "8-wide", "takes 16")
     assert not (tmp_path / "n").exists()
+    # A CLIP that is not there: one line, exit 1.
+    rc, _, err = run(capsys, *base, "--output", tmp_path / "n", "--clip", tmp_path / "no_clip")
+    one_line(rc, err, 1, "no_clip")
+    assert not (tmp_path / "n").exists()
     # --clip or --text-template without --task text; a template without its {}.
     for extra, fragment in (
         (["--clip", files["b"]], "--clip is for --task text"),

@@ -95,9 +95,12 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     text = parser.add_argument_group(
         "All instances of a phrase", "Keep the masks whose CLIP region embedding shows --text."
     )
-    text.add_argument("--text", default=None, help="The phrase, e.g. 'a wheel'.")
+    text.add_argument("--text", default=None, metavar="PHRASE", help="The phrase, e.g. 'a wheel'.")
     text.add_argument(
-        "--clip", default=None, help="The CLIP folder or Hub id (default: the checkpoint's)."
+        "--clip",
+        default=None,
+        metavar="FOLDER_OR_HUB_ID",
+        help="The CLIP folder or Hub id (default: the checkpoint's).",
     )
     keep = text.add_mutually_exclusive_group()
     keep.add_argument(
@@ -107,10 +110,14 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         help=f"Keep masks within this similarity of the best one (default {DEFAULT_MARGIN}).",
     )
     keep.add_argument(
-        "--min-similarity", type=float, default=None, help="Keep masks at least this similar."
+        "--min-similarity",
+        type=float,
+        default=None,
+        metavar="COSINE",
+        help="Keep masks at least this similar.",
     )
     text.add_argument(
-        "--top-k", type=common.positive_int, default=None, help="Keep at most K masks."
+        "--top-k", type=common.positive_int, default=None, metavar="K", help="Keep at most K masks."
     )
     return parser
 
