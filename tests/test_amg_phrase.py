@@ -74,6 +74,7 @@ def test_amg_text_writes_what_find_phrase_keeps(setup, tmp_path, capsys):
     )  # fmt: skip
     assert rc == 0, err
     assert "2 of 2 images processed, 0 failed" in stdout
+    assert sorted(p.name for p in out.iterdir()) == ["0", "1"]  # no temporary left beside them
     for name in ("0.png", "1.png"):
         want = setup["expected"](name, margin=0.02)
         every = setup["expected"](name, min_similarity=-2.0)
@@ -94,6 +95,7 @@ def test_amg_text_writes_what_find_phrase_keeps(setup, tmp_path, capsys):
         "--convert-to-rle", "--no-progress", *AMG_FLAGS,
     )  # fmt: skip
     assert rc == 0, err
+    assert [p.name for p in out.iterdir()] == ["1.json"]
     records = json.loads((out / "1.json").read_text())
     want = setup["expected"]("1.png", min_similarity=-1.0)[:3]
     assert len(records) == 3
