@@ -392,13 +392,40 @@ def test_points_grouped_by_an_annotation_field(tmp_path, checkpoint, capsys):
     assert "mIoU by gender" in stdout and "bootstrap" in stdout
 
 
+def test_points_grouped_by_sa1b_fields(tmp_path, checkpoint, capsys):
+    """--group-by on an SA-1B layout: area in COCO's ranges (the default bins), crop_box (a list
+    field) by its value; groups.csv and the markdown carry them."""
+    from test_evaluation_groups import write_grouped_sa1b
+
+    spec = write_grouped_sa1b(tmp_path / "sa1b")
+    common = ["--dataset", spec, "--num-points", "1", "--no-boxes"]
+    results, stdout, _ = _run_ok(capsys, checkpoint, tmp_path / "a", *common, "--group-by", "area")
+    groups = results["datasets"][spec]["groups"]
+    assert {k: g["num_masks"] for k, g in groups["groups"].items()} == {
+        "small [0, 1024)": 2, "medium [1024, 9216)": 2, "large [9216, inf)": 2,
+    }  # fmt: skip
+    assert groups["bins"] == {"bins": "coco", "edges": [0.0, 1024.0, 9216.0, None]}
+    import csv
+
+    rows = list(csv.reader((tmp_path / "a" / "groups.csv").read_text().splitlines()))
+    assert [r[2] for r in rows[1:]] == list(groups["groups"])  # quoted: a label holds a comma
+    assert "mIoU by area in bins coco (95%" in stdout and "| large [9216, inf) | 2 |" in stdout
+    results, _, _ = _run_ok(capsys, checkpoint, tmp_path / "c", *common, "--group-by", "crop_box")
+    groups = results["datasets"][spec]["groups"]["groups"]
+    assert {k: g["num_masks"] for k, g in groups.items()} == {
+        "[0, 0, 120, 120]": 4, "[0, 0, 80, 80]": 2,
+    }  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "extra, fragments",
     [
         (["--task", "edges"], ["--task edges runs on bsds:"]),
         (["--task", "proposals"], ["--task proposals runs on coco:, lvis:"]),
         (["--task", "instances"], ["needs detections"]),
-        (["--group-by", "gender"], ["--group-by reads annotation fields"]),
+        (["--group-by", "gender"], ["--group-by reads annotation fields", "sa1b"]),
+        (["--group-by", "area:q1"], ["quantile bins must be q2 .. q20, got 'q1'"]),
+        (["--group-by", "area:0.9,0.1"], ["bins must be coco, qN"]),
         (["--task", "edges", "--group-by", "x"], ["group_by is for the points task"]),
         (["--nms-thresh", "1.5"], ["--nms-thresh must be in (0, 1]"]),
         (["--edge-matcher", "fuzzy"], ["--edge-matcher"]),
@@ -461,3 +488,31 @@ def test_baseline_may_be_a_registry_name_but_a_missing_path_is_one_line(capsys, 
         SYNTHETIC, "--output", tmp_path / "o",
     )  # fmt: skip
     assert_one_line_error(rc, err, "--baseline", "nope", "does not exist")
+
+
+def test_every_flag_reaches_its_setting():
+    """settings_of maps each flag to the EvalSettings field of its name (or its negation)."""
+    from sam_jax.cli.eval import parse_args, settings_of
+    from sam_jax.evaluation.checkpoint import EvalSettings
+
+    args = parse_args([
+        "--checkpoint", "c", "--output", "o", "--dataset", "coco:a.json:i", "--split", "test",
+        "--max-masks", "7", "--max-images", "3", "--num-points", "3,1", "--first-point", "random",
+        "--feed-mask", "--multimask", "always", "--no-boxes", "--detections", "d.json",
+        "--no-refine", "--group-by", "gender", "--points-per-side", "5", "--nms-thresh", "0.5",
+        "--max-proposals", "9", "--edge-thresholds", "11", "--edge-matcher", "exact",
+        "--seed", "4", "--batch-size", "6", "--dtype", "bfloat16",
+    ])  # fmt: skip
+    assert settings_of(args) == EvalSettings(
+        task="points", split="test", num_points=(1, 3), first_point="random", feed_mask=True,
+        multimask="always", gt_boxes=False, max_masks=7, max_images=3, seed=4, batch_size=6,
+        dtype="bfloat16", detections="d.json", group_by="gender", refine=False,
+        points_per_side=5, nms_thresh=0.5, max_proposals=9, edge_thresholds=11,
+        edge_matcher="exact",
+    )  # fmt: skip
+    assert settings_of(parse_args(["--checkpoint", "c", "--output", "o", "--dataset", "x"])) == (
+        EvalSettings()
+    )
+    text = ["--task", "text", "--clip", "C", "--text-template", "{} here"]
+    args = parse_args(["--checkpoint", "c", "--output", "o", "--dataset", "x", *text])
+    assert settings_of(args) == EvalSettings(task="text", clip="C", text_template="{} here")

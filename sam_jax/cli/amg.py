@@ -10,6 +10,14 @@ status is 1 when any image failed. Flags and outputs follow the official script;
 --crop-overlap-ratio takes a float (the official script declares it as an int by mistake).
 --tile-shape H,W and --halo H,W run the generator per tile of a large image (micro_sam's tiled
 AMG) and merge masks across tile seams.
+
+--text PHRASE keeps only the masks that show the phrase, best first (all instances of a phrase,
+`sam_jax.amg.phrase.find_phrase`): each mask's D.5 crop is embedded by CLIP's image tower and
+kept when its cosine similarity with the phrase's text embedding is within --margin of the best
+mask's (default 0.05), or at least --min-similarity; --top-k caps the count. The CLIP is --clip
+(a transformers CLIP folder or Hub id) or the one the checkpoint names; any SAM serves. The
+files are those above, the masks in order of similarity; the RLE records also carry
+"text_similarity".
 """
 
 from __future__ import annotations
@@ -19,12 +27,14 @@ import sys
 
 from sam_jax import checkpoints, paths
 from sam_jax.amg.generator import SamAutomaticMaskGenerator
+from sam_jax.amg.phrase import DEFAULT_MARGIN, find_phrase, with_output_mode
 from sam_jax.cli import common
 from sam_jax.cli.predict import add_tiling_flags
 from sam_jax.config import MODEL_TYPES
 from sam_jax.images import list_images, load_image
 from sam_jax.outputs import output_stems
 from sam_jax.outputs import write_masks as write
+from sam_jax.text import load_text_encoder
 
 PROG = "sam-jax-amg"
 AMG_FLAGS = {  # flag -> (type, help)
@@ -82,16 +92,58 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     for name, (kind, help_text) in AMG_FLAGS.items():
         group.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=help_text)
     add_tiling_flags(parser)
+    text = parser.add_argument_group(
+        "All instances of a phrase", "Keep the masks whose CLIP region embedding shows --text."
+    )
+    text.add_argument("--text", default=None, metavar="PHRASE", help="The phrase, e.g. 'a wheel'.")
+    text.add_argument(
+        "--clip",
+        default=None,
+        metavar="FOLDER_OR_HUB_ID",
+        help="The CLIP folder or Hub id (default: the checkpoint's).",
+    )
+    keep = text.add_mutually_exclusive_group()
+    keep.add_argument(
+        "--margin",
+        type=float,
+        default=None,
+        help=f"Keep masks within this similarity of the best one (default {DEFAULT_MARGIN}).",
+    )
+    keep.add_argument(
+        "--min-similarity",
+        type=float,
+        default=None,
+        metavar="COSINE",
+        help="Keep masks at least this similar.",
+    )
+    text.add_argument(
+        "--top-k", type=common.positive_int, default=None, metavar="K", help="Keep at most K masks."
+    )
     return parser
 
 
 def parse_args(argv=None, prog: str = PROG) -> argparse.Namespace:
     """The flags; the generator settings are checked here, before any model is loaded."""
 
-    args = build_parser(prog).parse_args(argv)
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    if args.text is None:
+        given = [
+            f for f in ("clip", "margin", "min_similarity", "top_k") if getattr(args, f) is not None
+        ]
+        if given:
+            parser.error(f"--{given[0].replace('_', '-')} is for --text: give a --text")
+    elif not args.text.strip():
+        parser.error("--text must be a non-empty phrase")
+    if args.margin is not None and not args.margin >= 0:
+        parser.error(f"--margin must be >= 0, got {args.margin}")
+    if args.min_similarity is not None and not -1.0 <= args.min_similarity <= 1.0:
+        parser.error(f"--min-similarity must be in [-1, 1] (a cosine), got {args.min_similarity}")
     args.amg_kwargs = {k: getattr(args, k) for k in AMG_FLAGS if getattr(args, k) is not None}
     args.amg_kwargs.update(tile_shape=args.tile_shape, halo=args.halo)
     args.output_mode = "coco_rle" if args.convert_to_rle else "binary_mask"
+    # find_phrase embeds bool masks; they are written in args.output_mode afterwards
+    args.generator_mode = "binary_mask" if args.text is not None else args.output_mode
     try:  # the constructor checks every setting and does not touch the model
         SamAutomaticMaskGenerator(None, None, output_mode=args.output_mode, **args.amg_kwargs)
     except ValueError as e:
@@ -109,8 +161,9 @@ def run(args: argparse.Namespace) -> int:
         print("Loading model...", flush=True)
         model, params = checkpoints.load(args.checkpoint, model_type=args.model_type)
         generator = SamAutomaticMaskGenerator(
-            model, params, output_mode=args.output_mode, **args.amg_kwargs
+            model, params, output_mode=args.generator_mode, **args.amg_kwargs
         )
+        generate = generator.generate if args.text is None else _phrase_finder(args, generator)
     failures = []
     items, log = common.progress(
         list(zip(targets, output_stems(targets), strict=True)),
@@ -126,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
                 failures.append(path)
                 continue
             try:
-                masks = generator.generate(image)
+                masks = generate(image)
             except ValueError as e:
                 log(f"Could not process '{path}': {common.one_line(e)}, skipping...")
                 failures.append(path)
@@ -141,9 +194,29 @@ def run(args: argparse.Namespace) -> int:
     return common.EXIT_FAILED if failures else common.EXIT_OK
 
 
+def _phrase_finder(args: argparse.Namespace, generator: SamAutomaticMaskGenerator):
+    """image -> the records of the masks that show args.text, in args.output_mode (the CLIP
+    loaded here: --clip, else the one the checkpoint's config names; UsageError without)."""
+    clip = args.clip or generator.model.config.text_encoder
+    if not clip:
+        raise common.UsageError(
+            "--text needs a CLIP: give --clip FOLDER_OR_HUB_ID (this checkpoint names none)"
+        )
+    encoder = load_text_encoder(clip)
+    margin = DEFAULT_MARGIN if args.margin is None else args.margin
+
+    def generate(image):
+        records = find_phrase(
+            generator, encoder, image, args.text, args.min_similarity, margin, args.top_k
+        )
+        return with_output_mode(records, args.output_mode)
+
+    return generate
+
+
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     """The sam-jax-amg command; returns the exit status (0, 1 any image failed, 2 usage)."""
-    return common.run_command(prog, lambda: run(parse_args(argv, prog)), extras="amg,convert")
+    return common.run_command(prog, lambda: run(parse_args(argv, prog)), extras="amg,convert,text")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ Tasks: points (default; mIoU after 1, 2, 3, 5, 9 points with RITM clicks and the
 mask, oracle mIoU at 1 point, box mIoU from ground-truth boxes; --group-by FIELD adds mIoU per
 annotation-field value with 95% bootstrap intervals; with --detections, COCO mask AP on the coco:
 dataset), boxes, instances (mask AP of --detections' boxes, COCO or LVIS), edges (BSDS500 ODS,
-OIS, AP, R50) and proposals (mask AR@1000, COCO or LVIS). The paper's numbers are printed beside
+OIS, AP, R50), proposals (mask AR@1000, COCO or LVIS) and text (mIoU from each mask's name alone,
+a SAM with a text path: synthetic shapes, or COCO / LVIS masks named by their category; --clip
+replaces the checkpoint's CLIP). The paper's numbers are printed beside
 ours where the task and dataset are the paper's. Writes DIR/results.json, results.md,
 results.csv (and miou_vs_points.png, groups.csv where they apply), and prints the table. CKPT,
 DIR and the data may be bucket paths (gs://...). Several processes (a pod, SLURM, or
@@ -21,6 +23,7 @@ the same numbers as one process; process 0 writes the reports.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from sam_jax import distributed, paths
@@ -65,7 +68,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         default="points",
         help="points: mIoU after N clicks and from ground-truth boxes (default); boxes: from "
         "ground-truth boxes only; instances: mask AP from --detections' boxes (coco: or lvis:); "
-        "edges: BSDS500 ODS/OIS/AP/R50 (bsds:); proposals: mask AR@1000 (coco: or lvis:)",
+        "edges: BSDS500 ODS/OIS/AP/R50 (bsds:); proposals: mask AR@1000 (coco: or lvis:); "
+        "text: mIoU from each mask's name (synthetic:, coco: or lvis:; a SAM with a text path)",
     )
     p.add_argument(
         "--dataset",
@@ -134,10 +138,25 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--group-by",
-        metavar="FIELD",
-        help="points: mIoU per value of this annotation field (or of the annotation's category, "
-        "e.g. name, frequency) with 95%% bootstrap confidence intervals (paper Table 2 used "
-        "--first-point random and 1 and 3 points)",
+        metavar="FIELD[:BINS]",
+        help="points: mIoU per value of this annotation field (coco:/lvis: or the annotation's "
+        "category, e.g. name, frequency; sa1b: e.g. area, predicted_iou, stability_score, "
+        "crop_box) with 95%% bootstrap confidence intervals (paper Table 2 used --first-point "
+        "random and 1 and 3 points). Numbers are binned by BINS: coco (area small/medium/large), "
+        "qN (N quantiles), e1,e2,... (edges) or values (as they are); default coco for area, q4 "
+        "for predicted_iou and stability_score, values otherwise",
+    )
+    p.add_argument(
+        "--clip",
+        metavar="FOLDER_OR_HUB_ID",
+        help="text: the CLIP of the text prompts instead of the one the checkpoint names (a "
+        "transformers CLIP folder or Hub id; its embedding width must be the model's)",
+    )
+    p.add_argument(
+        "--text-template",
+        metavar="TEMPLATE",
+        help="text: the phrase of a category name, {} where the name goes (default: the name "
+        "as is on synthetic:, 'a photo of a {}.' on coco: and lvis:)",
     )
     p.add_argument(
         "--points-per-side",
@@ -199,33 +218,28 @@ def parse_args(argv=None, prog: str = PROG) -> argparse.Namespace:
         p.error("--num-points values must be >= 1")
     if args.nms_thresh is not None and not 0.0 < args.nms_thresh <= 1.0:
         p.error(f"--nms-thresh must be in (0, 1], got {args.nms_thresh}")
+    for flag in ("clip", "text_template"):
+        if getattr(args, flag) is not None and args.task != "text":
+            p.error(f"--{flag.replace('_', '-')} is for --task text, not --task {args.task}")
     return args
 
 
+# EvalSettings fields whose flag has another name or meaning (the rest are their flag as is)
+_SETTINGS_FROM_FLAGS = {
+    "num_points": lambda a: tuple(a.num_points),
+    "gt_boxes": lambda a: not a.no_boxes,
+    "refine": lambda a: not a.no_refine,
+}
+
+
 def settings_of(args: argparse.Namespace) -> EvalSettings:
-    """The evaluation protocol the flags ask for (UsageError for a bad combination)."""
-    return EvalSettings(
-        task=args.task,
-        split=args.split,
-        num_points=tuple(args.num_points),
-        first_point=args.first_point,
-        feed_mask=args.feed_mask,
-        multimask=args.multimask,
-        gt_boxes=not args.no_boxes,
-        max_masks=args.max_masks,
-        max_images=args.max_images,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        dtype=args.dtype,
-        detections=args.detections,
-        group_by=args.group_by,
-        refine=not args.no_refine,
-        points_per_side=args.points_per_side,
-        nms_thresh=args.nms_thresh,
-        max_proposals=args.max_proposals,
-        edge_thresholds=args.edge_thresholds,
-        edge_matcher=args.edge_matcher,
-    )
+    """The evaluation protocol the flags ask for (UsageError for a bad combination): every
+    EvalSettings field from its flag of the same name, or by `_SETTINGS_FROM_FLAGS`."""
+    kwargs = {}
+    for field in dataclasses.fields(EvalSettings):
+        convert = _SETTINGS_FROM_FLAGS.get(field.name)
+        kwargs[field.name] = convert(args) if convert else getattr(args, field.name)
+    return EvalSettings(**kwargs)
 
 
 @common.leaves_no_empty_folders("output")
@@ -237,6 +251,7 @@ def run(args: argparse.Namespace) -> int:
     specs = parse_specs(args.dataset, settings)  # all specs checked before any work
     inputs = {
         "--checkpoint": args.checkpoint,
+        "--clip": args.clip if args.clip and paths.exists(args.clip) else None,
         "--baseline": args.baseline,
         "--detections": args.detections,
     }
@@ -251,8 +266,11 @@ def run(args: argparse.Namespace) -> int:
     if args.baseline:
         runs = {"before": args.baseline, **runs}
     predictors, results = {}, {}
+    for label, checkpoint in runs.items():  # every model (and CLIP) loads before any evaluation
+        predictors[label] = load_predictor(checkpoint, settings.dtype, settings.clip)
+        if settings.task == "text":
+            predictors[label].text_encoder  # noqa: B018 - loads and checks the CLIP (one line)
     for label, checkpoint in runs.items():
-        predictors[label] = load_predictor(checkpoint, settings.dtype)
         results[label] = evaluate_checkpoint(
             predictors[label],
             specs,

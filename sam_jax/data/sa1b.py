@@ -160,6 +160,26 @@ class SA1BSource:
             raise IndexError(f"SA1BSource index {i} out of range [0, {len(self)})")
         return int(i)
 
+    def metadata(self, i: int) -> dict:
+        """Image i's SA-1B JSON ({"image": {...}, "annotations": [{segmentation, area, bbox,
+        predicted_iou, stability_score, point_coords, crop_box, ...}]}), read without its jpg.
+        Raises ValueError (one line) when it cannot be read or is not such a JSON."""
+        i = self._check(i)
+        try:
+            if i < len(self.index):
+                x = self.index
+                data = paths.read_bytes(
+                    x.tars[x.tar_id[i]], int(x.json_offset[i]), int(x.json_size[i])
+                )
+            else:
+                data = paths.read_bytes(self.pairs[i - len(self.index)][2])
+            meta = json.loads(data)
+            if not isinstance(meta.get("annotations"), list):
+                raise ValueError("it has no 'annotations' list")
+        except Exception as e:  # noqa: BLE001 - OSError, JSON errors, a JSON that is not a dict
+            raise ValueError(f"sa1b: the JSON of {self.image_id(i)} is unreadable ({e})") from None
+        return meta
+
     def load(self, i: int, stats: dict | None = None) -> Record | None:
         """Record of image i; None (counted in stats, logged) if it cannot be read or decoded."""
         i = self._check(i)

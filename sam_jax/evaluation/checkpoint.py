@@ -16,8 +16,9 @@ Tasks (`TASK_TABLE`, one `Task` each: the dataset kinds it runs on and its runne
   instances  mask AP of a detector's boxes with D.4's refinement pass (7.4; COCO or LVIS)
   edges      BSDS500 ODS / OIS / AP / R50 of SAM's edge maps (7.2, D.2)
   proposals  mask AR@1000 of automatic masks (7.3, D.3; COCO or LVIS with frequency groups)
-  text       mIoU from each mask's name alone (7.5, D.5; a SAM with a text path, on the named
-             synthetic shapes), beside the centre point and name + point on the same masks
+  text       mIoU from each mask's name alone (7.5, D.5; a SAM with a text path): the named
+             synthetic shapes, or COCO / LVIS masks named by their category through a template
+             ("a photo of a {}."), beside the centre point and name + point on the same masks
 A new task (e.g. text prompts) is one runner `(predictor, spec, settings, progress) -> entry`
 and one `Task` added to TASK_TABLE; the command's --task choices follow the table.
 """
@@ -37,12 +38,10 @@ from sam_jax import distributed, paths
 from sam_jax.amg import SamAutomaticMaskGenerator
 from sam_jax.checkpoints import load
 from sam_jax.data import DatasetSpec, iterate_examples, parse_dataset_spec
-from sam_jax.data.sources import synthetic_config
-from sam_jax.data.synthetic import SyntheticDataset
 from sam_jax.errors import NoMasksError, UsageError, one_line
 from sam_jax.evaluation import boundaries, edges, proposals
 from sam_jax.evaluation.detections import evaluate_detections
-from sam_jax.evaluation.groups import GROUP_KINDS, group_labels, group_miou
+from sam_jax.evaluation.groups import GROUP_KINDS, group_miou, group_values, parse_group_by
 from sam_jax.evaluation.paper import paper_numbers
 from sam_jax.evaluation.protocol import (
     DEFAULT_NUM_POINTS,
@@ -50,9 +49,8 @@ from sam_jax.evaluation.protocol import (
     MULTIMASK_MODES,
     evaluate_points,
 )
-from sam_jax.evaluation.text_prompts import evaluate_text
+from sam_jax.evaluation.text_prompts import default_template, evaluate_text, named_examples
 from sam_jax.predictor import SamPredictor
-from sam_jax.text import check_text_path
 
 DTYPES = ("float32", "bfloat16")
 MASK_KINDS = ("synthetic", "nuclei", "sa1b", "coco", "lvis", "tfds")  # datasets with masks
@@ -66,13 +64,18 @@ class EvalSettings:
     the boundary) or "random" (a uniform interior pixel, figure 9d and Table 2). multimask:
     "first", "always" or "never" (3 outputs at the first click only, at every click, or never).
     max_masks: a seeded sample of at most this many masks per dataset; max_images: read at most
-    this many images. group_by: an annotation field (points task, coco/lvis datasets): mIoU per
-    value with bootstrap confidence intervals. detections: a COCO results JSON of boxes (task
+    this many images. group_by: an annotation field, "FIELD" or "FIELD:BINS" (points task,
+    coco / lvis / sa1b datasets; `evaluation.groups`): mIoU per value, or per bin of a numeric
+    field, with bootstrap confidence intervals. detections: a COCO results JSON of boxes (task
     instances; with task points, also mask AP on the coco: dataset). refine: D.4's refinement
     pass for detector boxes. points_per_side / nms_thresh: the grid and NMS threshold of edges
     (default 16, 0.7) and proposals (64, 0.9); max_proposals: proposals per image (1000).
     edge_thresholds / edge_matcher: the BSDS evaluation's thresholds (99) and matcher ("bsds",
-    the benchmark's, or "exact").
+    the benchmark's, or "exact"). clip: the CLIP (folder or Hub id) of the text task instead of
+    the one the checkpoint's config names (a ready SamPredictor keeps its own). text_template:
+    the phrase of a category name in the text task, "{}" where the name goes (default
+    `default_template`: the name as is on synthetic data, CLIP's "a photo of a {}." on COCO
+    and LVIS).
     """
 
     task: str = "points"
@@ -95,6 +98,8 @@ class EvalSettings:
     max_proposals: int = proposals.MAX_PROPOSALS
     edge_thresholds: int = boundaries.DEFAULT_THRESHOLDS
     edge_matcher: str = "bsds"
+    clip: str | None = None
+    text_template: str | None = None
 
     def __post_init__(self):
         problems = []
@@ -115,6 +120,10 @@ class EvalSettings:
         if self.detections is not None and self.task not in ("points", "instances"):
             problems.append(f"detections are for the instances task, not {self.task!r}")
         if self.group_by is not None:
+            try:
+                parse_group_by(self.group_by)
+            except ValueError as e:
+                problems.append(str(e))
             if self.task != "points":
                 problems.append(f"group_by is for the points task, not {self.task!r}")
             elif not self.num_points:
@@ -123,6 +132,16 @@ class EvalSettings:
             problems.append(f"points_per_side must be >= 1, got {self.points_per_side}")
         if self.nms_thresh is not None and not 0.0 < self.nms_thresh <= 1.0:
             problems.append(f"nms_thresh must be in (0, 1], got {self.nms_thresh}")
+        if self.clip is not None and self.task != "text":
+            problems.append(f"clip is the CLIP of the text task, not of {self.task!r}")
+        if self.text_template is not None:
+            if self.task != "text":
+                problems.append(f"text_template is for the text task, not {self.task!r}")
+            elif self.text_template.count("{}") != 1 or "{" in self.text_template.replace("{}", ""):
+                problems.append(
+                    f"text_template must hold one {{}} (where the name goes), got "
+                    f"{self.text_template!r}"
+                )
         if self.max_proposals < 1 or self.edge_thresholds < 1:
             problems.append("max_proposals and edge_thresholds must be >= 1")
         if problems:
@@ -160,7 +179,7 @@ def parse_specs(texts: Sequence[str | DatasetSpec], settings: EvalSettings) -> l
             )
         if settings.group_by and spec.kind not in GROUP_KINDS:
             raise UsageError(
-                f"--group-by reads annotation fields of {' or '.join(GROUP_KINDS)} datasets, "
+                f"--group-by reads annotation fields of {', '.join(GROUP_KINDS)} datasets, "
                 f"not {spec.text!r}"
             )
     if settings.detections:
@@ -185,10 +204,13 @@ def dataset_names(specs: Sequence[DatasetSpec]) -> list[str]:
     return names
 
 
-def load_predictor(checkpoint: str, dtype: str = "float32") -> SamPredictor:
-    """A `SamPredictor` of any checkpoint `sam_jax.load` reads, in compute `dtype`."""
+def load_predictor(
+    checkpoint: str, dtype: str = "float32", clip: str | None = None
+) -> SamPredictor:
+    """A `SamPredictor` of any checkpoint `sam_jax.load` reads, in compute `dtype`; its text
+    prompts go through `clip` (a CLIP folder or Hub id; default: the one its config names)."""
     model, params = load(checkpoint, dtype=getattr(jnp, dtype))
-    return SamPredictor(model, params)
+    return SamPredictor(model, params, text_encoder=clip)
 
 
 def evaluate_checkpoint(
@@ -212,7 +234,7 @@ def evaluate_checkpoint(
     specs = parse_specs(datasets, settings)
     predictor = checkpoint
     if not isinstance(checkpoint, SamPredictor):
-        predictor = load_predictor(checkpoint, settings.dtype)
+        predictor = load_predictor(checkpoint, settings.dtype, settings.clip)
     results = {
         "checkpoint": paths.resolve(checkpoint) if isinstance(checkpoint, str) else None,
         "seed": settings.seed,
@@ -313,9 +335,10 @@ def _run_points(predictor, spec: DatasetSpec, s: EvalSettings, progress: bool) -
         + int(stats.get("skipped_masks", 0))
     )
     if s.group_by is not None:
+        field, bins = parse_group_by(s.group_by)
         per_mask = entry.pop("per_mask")
-        labels = group_labels(spec, s.group_by)
-        entry["groups"] = group_miou(per_mask, labels, s.num_points, s.group_by, s.seed)
+        values = group_values(spec, field, image_ids=per_mask["image_id"])
+        entry["groups"] = group_miou(per_mask, values, s.num_points, field, s.seed, bins=bins)
     entry["mask_ap"] = None
     if s.detections and spec.kind == "coco":
         det = _detections(predictor, spec, s, progress)
@@ -347,6 +370,18 @@ def _run_instances(predictor, spec: DatasetSpec, s: EvalSettings, progress: bool
     return det
 
 
+def _image_share(s: EvalSettings, progress: bool) -> dict:
+    """The keywords of the per-image evaluations (edges, proposals): this process's share of
+    the images (at most s.max_images), the progress bar, and the gather of every share."""
+    return {
+        "max_images": s.max_images,
+        "progress": progress,
+        "process_index": jax.process_index(),
+        "process_count": jax.process_count(),
+        "all_gather": distributed.all_gather,
+    }
+
+
 def _run_edges(predictor, spec: DatasetSpec, s: EvalSettings, progress: bool) -> dict:
     """Task edges (7.2, D.2) on a bsds: dataset."""
     pps = s.points_per_side or edges.EDGE_POINTS_PER_SIDE
@@ -361,11 +396,7 @@ def _run_edges(predictor, spec: DatasetSpec, s: EvalSettings, progress: bool) ->
         spec.split or s.split,
         num_thresholds=s.edge_thresholds,
         matcher=s.edge_matcher,
-        max_images=s.max_images,
-        progress=progress,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        all_gather=distributed.all_gather,
+        **_image_share(s, progress),
     )
     entry["protocol"].update(points_per_side=pps, nms_thresh=nms)
     return entry
@@ -392,25 +423,27 @@ def _run_proposals(predictor, spec: DatasetSpec, s: EvalSettings, progress: bool
         spec.images_dir,
         lvis=spec.kind == "lvis",
         max_proposals=s.max_proposals,
-        max_images=s.max_images,
-        progress=progress,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        all_gather=distributed.all_gather,
+        **_image_share(s, progress),
     )
     entry["protocol"].update(points_per_side=pps, nms_thresh=nms)
     return entry
 
 
 def _run_text(predictor, spec: DatasetSpec, s: EvalSettings, progress: bool) -> dict:
-    """Task text (7.5, D.5) on a synthetic: dataset (its objects are named). Every process
-    evaluates every image (the data is small and generated)."""
-    check_text_path(predictor.model)
-    split = spec.split or s.split
-    dataset = SyntheticDataset(split, synthetic_config(spec, split))
-    n = len(dataset) if s.max_images is None else min(len(dataset), s.max_images)
-    entry = evaluate_text(predictor, (dataset[i] for i in range(n)), s.batch_size, progress)
-    entry["protocol"] = {"split": split, "clip": predictor.text_encoder.name}
+    """Task text (7.5, D.5) on a synthetic: dataset (its objects are named) or a coco: / lvis:
+    one (its masks named by category). Every process evaluates every image."""
+    encoder = predictor.text_encoder  # refuses a SAM without a text path, or a CLIP's width
+    template = s.text_template or default_template(spec.kind)
+    stats: dict = {}
+    examples = named_examples(spec, spec.split or s.split, template, s.max_images, stats)
+    entry = evaluate_text(predictor, examples, s.batch_size, progress)
+    entry["skipped_images"] = int(stats.get("skipped_images", 0))
+    entry["data_stats"] = stats
+    entry["protocol"] = {
+        "split": spec.split or s.split,
+        "clip": encoder.name,
+        "template": template,
+    }
     return entry
 
 
@@ -432,7 +465,7 @@ TASK_TABLE: dict[str, Task] = {
         Task("instances", ("coco", "lvis"), _run_instances),
         Task("edges", ("bsds",), _run_edges),
         Task("proposals", ("coco", "lvis"), _run_proposals),
-        Task("text", ("synthetic",), _run_text),
+        Task("text", ("synthetic", "coco", "lvis"), _run_text),
     )
 }
 TASKS = tuple(TASK_TABLE)

@@ -226,7 +226,9 @@ def _groups_markdown(name: str, g: dict) -> list[str]:
     points = sorted({int(n) for e in g["groups"].values() for n in e["miou"]})
     header = ["group", "masks", *(f"mIoU {n}pt [CI]" for n in points)]
     lines = [
-        f"{name}: mIoU by {g['field']} ({g['interval']})",
+        f"{name}: mIoU by {g['field']}"
+        + (f" in bins {g['bins']['bins']}" if g.get("bins") else "")
+        + f" ({g['interval']})",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),

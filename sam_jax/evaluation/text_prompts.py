@@ -1,5 +1,6 @@
 """Text-to-mask evaluation (SAM paper 7.5; the `text` task of sam-jax-eval) on data whose masks
-have names: the synthetic shapes ("red ring", `sam_jax.data.synthetic`).
+have names: the synthetic shapes ("red ring", `sam_jax.data.synthetic`), or COCO / LVIS masks
+named by their category in a template (`named_examples`; CLIP's "a photo of a {}." by default).
 
 Each mask whose name is unique in its image is prompted by its name alone (the CLIP text
 embedding through SAM's text path; the paper shows this only qualitatively). Beside it, on the
@@ -24,11 +25,58 @@ from typing import Any
 import numpy as np
 
 from sam_jax import functional as F
+from sam_jax.data import DatasetSpec, iterate_examples
+from sam_jax.data.sources import synthetic_config
+from sam_jax.data.synthetic import SyntheticDataset
 from sam_jax.evaluation.clicks import first_click
+from sam_jax.evaluation.groups import group_values
 from sam_jax.evaluation.metrics import mask_iou, mean_iou
 from sam_jax.prompts import ImagePrompts
 
 PROMPTS = ("text", "text_oracle", "point", "text+point", "region")
+COCO_TEMPLATE = "a photo of a {}."  # CLIP's zero-shot prompt (Radford et al. 2021, sec. 3.1.4)
+
+
+def default_template(kind: str) -> str:
+    """The phrase of a name on a dataset kind: the synthetic shapes' names as they are (their
+    CLIP was trained on them), CLIP's "a photo of a {}." on COCO / LVIS."""
+    return "{}" if kind == "synthetic" else COCO_TEMPLATE
+
+
+def phrase(template: str, name: str) -> str:
+    """A name in its template ("{}" where it goes); LVIS's underscores ("baseball_bat") become
+    spaces."""
+    return template.replace("{}", str(name).replace("_", " "))
+
+
+def named_examples(
+    spec: DatasetSpec,
+    split: str,
+    template: str,
+    max_images: int | None = None,
+    stats: dict | None = None,
+):
+    """The examples of a synthetic, coco or lvis dataset ({"image" uint8 (H, W, 3), "masks" bool
+    (M, H, W), "names": M phrases, ...}), every image (no split across processes): the shapes'
+    names, or each COCO / LVIS mask's category name lined up with the masks the reader keeps
+    (crowd, undecodable and empty annotations dropped), each in `template`. The reader's skips
+    are counted in `stats`; ValueError (one line) when names and masks do not line up."""
+    if spec.kind == "synthetic":
+        dataset = SyntheticDataset(split, synthetic_config(spec, split))
+        n = len(dataset) if max_images is None else min(len(dataset), max_images)
+        for i in range(n):
+            ex = dataset[i]
+            yield {**ex, "names": [phrase(template, name) for name in ex["names"]]}
+        return
+    names = group_values(spec, "name")
+    for ex in iterate_examples(spec, split=split, max_images=max_images, stats=stats):
+        image_names = names.get(ex["image_id"], [])
+        if len(image_names) != len(ex["masks"]):
+            raise ValueError(
+                f"the category names of image {ex['image_id']} do not line up with its masks "
+                "(the annotation file changed during the evaluation?)"
+            )
+        yield {**ex, "names": [phrase(template, name) for name in image_names]}
 
 
 def evaluate_text(
