@@ -24,6 +24,7 @@ from segment_anything.utils.onnx import SamOnnxModel
 
 from sam_jax import export, transforms
 from sam_jax.checkpoints.mapping import state_dict_to_params
+from sam_jax.checkpoints.onnx_weights import read_onnx_files
 from sam_jax.cli.export import main
 from sam_jax.config import get_config, tiny_config
 from sam_jax.export import onnx as onnx_export
@@ -191,6 +192,51 @@ def test_onnx_decoder_any_number_of_points_opset_18_and_gelu_approximate(officia
             theirs = _official_outputs(ref, {}, feeds)
             for a, b in zip(ours, theirs, strict=True):
                 assert rel_err(a, b) <= TOL
+
+
+def test_onnx_decoder_of_a_text_model_takes_text_embeddings_and_reads_back(tmp_path):
+    """A model with a text path exports its text token (input text_embeddings (1, T, E)): T = 1
+    gives Sam.decode's outputs with that CLIP embedding, T = 0 those without text; the file
+    reads back with the text projection (nothing of the model left out on either side)."""
+    config = tiny_config(decoder_num_heads=8, text_embed_dim=12)
+    model = build_sam(config)
+    rng = np.random.default_rng(3)
+    params = jax.tree_util.tree_map(  # every parameter perturbed (init zeros hide mistakes)
+        lambda x: x + 0.2 * rng.standard_normal(x.shape).astype(np.float32),
+        model.init_params(jax.random.key(0)),
+    )
+    proto = onnx_export.decoder_model(model, params)
+    assert proto.graph.input[-1].name == "text_embeddings"
+    sess = _session(proto)
+    feeds = _feeds(rng, 2, (128, 128), True)
+    text = rng.standard_normal((1, 1, 12)).astype(np.float32) * 3
+    for t in (1, 0):
+        got = sess.run(None, {**feeds, "text_embeddings": text[:, :t]})
+        want_masks, want_iou = model.apply(
+            {"params": params},
+            jnp.asarray(feeds["image_embeddings"]).transpose(0, 2, 3, 1),
+            jnp.asarray(feeds["point_coords"])[None],
+            jnp.asarray(feeds["point_labels"], jnp.int32)[None],
+            jnp.asarray(feeds["mask_input"])[None, :, 0],
+            jnp.asarray(feeds["has_mask_input"] > 0)[None],
+            None,
+            jnp.asarray(text[:, :t]) if t else None,
+            method=model.decode,
+        )
+        assert rel_err(got[1], want_iou[0]) <= TOL
+        assert rel_err(got[2], want_masks[0]) <= TOL
+    assert rel_err(got[2], sess.run(None, {**feeds, "text_embeddings": text})[2]) > 1e-2
+
+    enc, dec = tmp_path / "encoder.onnx", tmp_path / "decoder.onnx"
+    onnx.save(onnx_export.encoder_model(model, params), enc)
+    onnx.save(proto, dec)
+    found = read_onnx_files(enc, dec)
+    assert found.config.text_embed_dim == 12
+    back = found.params["prompt_encoder"]["text_projection"]
+    np.testing.assert_array_equal(
+        back["kernel"], params["prompt_encoder"]["text_projection"]["kernel"]
+    )
+    np.testing.assert_array_equal(back["bias"], params["prompt_encoder"]["text_projection"]["bias"])
 
 
 def test_onnx_encoder_matches_official(official, pair):

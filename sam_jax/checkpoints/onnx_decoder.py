@@ -13,6 +13,8 @@ by `sam-jax-export`). Parallel branches are told apart by what they do, not by n
   q and k are the projections its logits MatMul reads, v the one its output multiplies, out the
   projection that reads the result; heads from the logits' scale (1/sqrt(head dim));
 - LayerNorms over the last axis in order (norm1..4 per layer, then norm_final_attn);
+- text projection (sam-jax-export of a model with a text path): the linear reading the input
+  `text_embeddings` over its norm;
 - MLPs: chains of linears joined by ReLU; a chain reading token t of the transformer output
   (Gather / Slice on it) is the IoU head (t = 0) or hypernetwork MLP t - 1; the others are the
   transformer MLPs in order.
@@ -114,6 +116,12 @@ def _last(g: Graph, name: str) -> str:
             name = users[0].output[0]
             continue
         return name
+
+
+def _reads_text_input(g: Graph, name: str) -> bool:
+    """`name` is the graph input text_embeddings divided by something (its norm)."""
+    node, _ = g.trace_back(name)
+    return node is not None and node.op_type == "Div" and node.input[0] == "text_embeddings"
 
 
 def decoder_state_dict(g: Graph) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any]]:
@@ -229,6 +237,15 @@ def decoder_state_dict(g: Graph) -> tuple[dict[str, Any], dict[str, np.ndarray],
         head_dims[module] = (q.shape()[1], head_dim)
     rest = [op for op in linears if id(op) not in used]
 
+    # The text projection (sam-jax-export of a model with a text path): the linear that reads
+    # the graph input `text_embeddings` divided by its norm.
+    text = [op for op in rest if _reads_text_input(g, op.x)]
+    if len(text) > 1:
+        raise GraphMismatch("two linears read text_embeddings")
+    if text:
+        _lin(sd, f"{PE}.text_projection", text[0])
+        rest = [op for op in rest if op is not text[0]]
+
     # LayerNorms over the last axis, in order.
     token_norms = [op for op in norms if not op.attrs["channels_first"]]
     names = [f"layers.{i}.norm{j}" for i in range(depth) for j in (1, 2, 3, 4)]
@@ -310,6 +327,8 @@ def decoder_state_dict(g: Graph) -> tuple[dict[str, Any], dict[str, np.ndarray],
         iou_head_depth=len(iou),
         iou_head_hidden_dim=iou[0].shape()[1] if len(iou) > 1 else 256,
     )
+    if text:
+        fields["text_embed_dim"] = text[0].shape()[0]
     # LayerNorm epsilons: set only where the graph's differ from the defaults (in float32).
     for field, op in (
         ("decoder_layer_norm_eps", token_norms[0]),

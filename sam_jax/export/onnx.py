@@ -15,6 +15,12 @@ decoder + mask post-processing), with the inputs and outputs of Meta's
     iou_predictions   float32 (1, K)
     low_res_masks     float32 (1, K, 4g, 4g)
 
+A model with a text path (config.text_embed_dim = E > 0) takes one more input, and its graph the
+text token of `Sam.decode` (sam_jax's own; Meta's export has no text):
+
+    text_embeddings   float32 (1, T, E)       a CLIP embedding (T = 1) or none (T = 0: the
+                                              outputs of a prompt without text)
+
 K = 4 (the single-mask output, then the three multimask outputs) or 1 with return_single_mask.
 With return_extra_metrics the outputs are masks, iou_predictions, stability_scores (1, K),
 areas int64 (1, K), low_res_masks.
@@ -372,6 +378,13 @@ def decoder_model(
             for i in range(4):
                 emb = b.param(pe_p[f"point_embeddings_{i}"]["embedding"], f"point_embeddings_{i}")
                 sparse = b.op("Add", sparse, b.op("Mul", emb, is_label(i)))
+        if c.text_embed_dim:  # Sam.decode: the text token before the points
+            with b.scope("text"):
+                x = "text_embeddings"  # (1, T, E), l2-normalised as PromptEncoder.embed_text
+                norm = b.op("Sqrt", b.reduce("ReduceSum", b.op("Mul", x, x), [-1]))
+                x = b.op("Div", x, b.op("Max", norm, b.const(1e-6)))
+                text = b.dense(x, pe_p["text_projection"], "text_projection")
+                sparse = b.op("Concat", text, sparse, axis=1)
         with b.scope("masks"):  # SamOnnxModel._embed_masks
             x = b.conv("mask_input", pe_p["mask_downscaling_0"], "mask_downscaling_0", stride=2)
             x = gelu(b.layer_norm_2d(x, pe_p["mask_downscaling_1"], 1e-6, "mask_downscaling_1"))
@@ -467,6 +480,8 @@ def decoder_model(
         _tensor("has_mask_input", np.float32, [1]),
         _tensor("orig_im_size", np.float32, [2]),
     ]
+    if c.text_embed_dim:
+        inputs.append(_tensor("text_embeddings", np.float32, [1, "num_texts", c.text_embed_dim]))
     options = dict(
         return_single_mask=bool(return_single_mask),
         use_stability_score=bool(use_stability_score),
