@@ -19,7 +19,7 @@ import pytest
 
 from sam_jax import errors
 from sam_jax.modeling import attention_kernels
-from sam_jax.training import compile_plan, hlo_traffic
+from sam_jax.training import compile_plan, hlo_traffic, sharding
 
 
 def test_topology_names():
@@ -31,6 +31,15 @@ def test_topology_names():
     for bad in ("v9:2x2", "v5e", "v5e:2x2x2", "v4:4x4", "tpu"):
         with pytest.raises(errors.TopologyError, match="topology"):
             compile_plan.parse_topology(bad)
+
+
+def test_a_mesh_axis_that_splits_a_physical_axis():
+    """vit_h's recipe mesh (-1, 8) on a 16 x 16 v6e: 8 is no product of the physical axes, so
+    jax.make_mesh refuses; make_mesh splits the axis (every chip once)."""
+    _, devices = compile_plan.topology_devices("v6e:16x16")
+    mesh = sharding.make_mesh((-1, 8), devices)
+    assert mesh.devices.shape == (32, 8)
+    assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)
 
 
 def test_tile_padding_and_slices():

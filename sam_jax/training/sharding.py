@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -55,13 +56,17 @@ def make_mesh(
     if num_slices > 1:
         if shape[0] % num_slices:
             raise ValueError(f"the data axis {shape[0]} must split over {num_slices} slices")
-        from jax.experimental import mesh_utils
-
         grid = mesh_utils.create_hybrid_device_mesh(
             (shape[0] // num_slices, shape[1]), (num_slices, 1), devices
         )
         return Mesh(grid, MESH_AXES, axis_types=auto)
-    return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=auto, devices=devices)
+    try:
+        return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=auto, devices=devices)
+    except NotImplementedError:
+        # An axis that is no product of the slice's physical axes (fsdp 8 on a 16 x 16 v6e):
+        # jax.make_mesh refuses to split a physical axis; splitting it is what such a mesh needs.
+        grid = mesh_utils.create_device_mesh(tuple(shape), devices, allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES, axis_types=auto)
 
 
 def spec_for(
