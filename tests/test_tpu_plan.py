@@ -42,6 +42,15 @@ def test_a_mesh_axis_that_splits_a_physical_axis():
     assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)
 
 
+def test_an_inference_plan_for_one_chip():
+    """The decoder's program (vit_b's decoder = vit_h's) compiled for one v5e chip: it fits, and
+    its FLOPs and bytes are counted."""
+    plan = compile_plan.inference_plan("vit_b", "decoder", "v5e:1x1", 8).to_json()
+    assert plan["fits"] and plan["chips"] == 1
+    assert plan["flops_per_image"] > 0 and plan["hbm_bytes_per_image"] > 0
+    assert 0 < plan["memory"]["total"] < 2**30
+
+
 def test_tile_padding_and_slices():
     """Bytes as laid out in tiles: f32[8,64] in (8,128) tiles takes 8 x 128 x 4 bytes."""
     assert hlo_traffic.shape_bytes("f32[8,64]{1,0:T(8,128)}") == (4096.0, 0.0)

@@ -464,7 +464,7 @@ def inference_plan(model_type: str, what: str, topology: str, count: int = 1) ->
     params, the attention the platform takes by default):
 
       "encoder"  `count` images (B, S, S, 3) -> embeddings;
-      "decoder"  `count` single-point prompts on one image: decode (3 masks each, 1024 prompts
+      "decoder"  `count` single-point prompts on one image: decode (3 masks each, 256 prompts
                  per pass at most, as the predictor on a TPU) and post-process to 768 x 1024
                  bool masks (SamPredictor.predict's output);
       "amg"      the automatic mask generator's device work on one 768 x 1024 image (no crops):
@@ -487,7 +487,7 @@ def inference_plan(model_type: str, what: str, topology: str, count: int = 1) ->
 
     params = jax.tree.map(lambda x: spec(x.shape, x.dtype), model.param_shapes())
 
-    def decode_and_postprocess(p, emb, points, chunk):
+    def decode_and_postprocess(p, emb, points, chunk, threshold=None):
         labels = jnp.broadcast_to(jnp.array([1, -1], jnp.int32), points.shape[:-1])
 
         def decode(pts, lab):
@@ -495,8 +495,9 @@ def inference_plan(model_type: str, what: str, topology: str, count: int = 1) ->
 
         low_res, iou = F.map_prompt_chunks(decode, (points, labels), 1, chunk)
 
-        def upscale(x):
-            return transforms.postprocess_masks(x, input_size, INFERENCE_ORIGINAL_SIZE, s)
+        def upscale(x):  # thresholded inside the chunk, as functional's post-processing
+            logits = transforms.postprocess_masks(x, input_size, INFERENCE_ORIGINAL_SIZE, s)
+            return logits if threshold is None else logits > threshold
 
         return F.map_prompt_chunks(upscale, (low_res[0],), 0, chunk), iou[0]
 
@@ -510,8 +511,8 @@ def inference_plan(model_type: str, what: str, topology: str, count: int = 1) ->
     elif what == "decoder":
 
         def fn(p, emb, points):
-            logits, iou = decode_and_postprocess(p, emb, points, F.PROMPT_CHUNK_DEFAULT)
-            return logits > 0.0, iou
+            chunk = F.PROMPT_CHUNK.get("tpu", F.PROMPT_CHUNK_DEFAULT)  # what a TPU would run
+            return decode_and_postprocess(p, emb, points, chunk, threshold=0.0)
 
         emb = spec((1, g, g, d), jnp.float32)
         args, per_step = (params, emb, spec((1, count, 2, 2), jnp.float32)), 1
