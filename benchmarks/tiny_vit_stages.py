@@ -17,6 +17,7 @@ import time
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import mobile_sam
 import numpy as np
 import torch
@@ -26,22 +27,19 @@ from host_info import describe  # noqa: E402 (this folder)
 
 from sam_jax import build_sam  # noqa: E402
 from sam_jax.checkpoints import params_to_state_dict, read_checkpoint, registry  # noqa: E402
-from sam_jax.modeling.common import layer_norm  # noqa: E402
-from sam_jax.modeling.tiny_vit import PatchEmbed, Stage  # noqa: E402
+from sam_jax.modeling.image_encoder import neck  # noqa: E402
+from sam_jax.modeling.sam import build_image_encoder  # noqa: E402
+from sam_jax.modeling.tiny_vit import PatchEmbed, encoder_stage  # noqa: E402
 
 
 class Neck(nn.Module):
-    """TinyViT's neck as `TinyViT.__call__` writes it (same param names)."""
+    """TinyViT's neck alone (`image_encoder.neck`, the same param names)."""
 
     out_chans: int = 256
 
     @nn.compact
     def __call__(self, x):
-        x = nn.Conv(self.out_chans, (1, 1), use_bias=False, name="neck_0")(x)
-        x = layer_norm(1e-6, "neck_1")(x)
-        pad = ((1, 1), (1, 1))
-        x = nn.Conv(self.out_chans, (3, 3), padding=pad, use_bias=False, name="neck_2")(x)
-        return layer_norm(1e-6, "neck_3")(x)
+        return neck(x, self.out_chans, jnp.float32)
 
 
 def median_s(fn, reps: int) -> float:
@@ -69,22 +67,12 @@ def main(argv=None) -> dict:
     x = np.random.default_rng(0).standard_normal((1, c.image_size, c.image_size, 3))
     x = x.astype(np.float32)
 
+    encoder = build_image_encoder(c, jnp.float32, "xla", None)  # what build_sam(c) builds
     parts = [("patch_embed", PatchEmbed(dims[0]), enc["patch_embed"])]
-    for i, depth in enumerate(depths):
-        stage = Stage(
-            depth=depth,
-            conv=i == 0,
-            num_heads=c.tiny_vit_num_heads[i],
-            window_size=c.tiny_vit_window_sizes[i],
-            mlp_ratio=c.tiny_vit_mlp_ratio,
-            mbconv_expand_ratio=c.tiny_vit_mbconv_expand_ratio,
-            local_conv_size=c.tiny_vit_local_conv_size,
-            out_dim=dims[i + 1] if i < len(dims) - 1 else None,
-            merge_stride=1 if i == len(dims) - 2 else 2,
-        )
-        parts.append((f"layers_{i}", stage, enc[f"layers_{i}"]))
-    neck = {k: enc[k] for k in ("neck_0", "neck_1", "neck_2", "neck_3")}
-    parts.append(("neck", Neck(c.prompt_embed_dim), neck))
+    for i in range(len(depths)):
+        parts.append((f"layers_{i}", encoder_stage(encoder, i), enc[f"layers_{i}"]))
+    neck_params = {k: enc[k] for k in ("neck_0", "neck_1", "neck_2", "neck_3")}
+    parts.append(("neck", Neck(c.prompt_embed_dim), neck_params))
     rows, h = {}, jax.device_put(x)
     for name, module, p in parts:
         fn = jax.jit(lambda p, h, m=module: m.apply({"params": p}, h))

@@ -202,22 +202,17 @@ class Conv2dBN(nn.Module):
         c_in = x.shape[-1]
         kernel = ConvKernel((k, k, c_in // self.groups, self.features), name="c")()
         a, b = FrozenBatchNorm(name="bn")(self.features)
-        kernel = kernel * a
+        x, kernel = x.astype(self.dtype), (kernel * a).astype(self.dtype)
         if self.groups == c_in == self.features and self.groups > 1:  # depthwise
-            y = depthwise_conv(x.astype(self.dtype), kernel.astype(self.dtype), s)
+            y = depthwise_conv(x, kernel, s)
         elif k == 1 and s == 1 and self.groups == 1:  # pointwise: a matmul over the channels
             # (XLA's CPU backend runs it about 1.9x faster as a dot than as a convolution:
             # 1 x 256 x 256, 64 -> 256 channels, 39 ms against 73 ms)
-            y = jnp.einsum(
-                "bhwc,cf->bhwf",
-                x.astype(self.dtype),
-                kernel[0, 0].astype(self.dtype),
-                preferred_element_type=jnp.float32,
-            )
+            y = jnp.einsum("bhwc,cf->bhwf", x, kernel[0, 0], preferred_element_type=jnp.float32)
         else:
             y = jax.lax.conv_general_dilated(
-                x.astype(self.dtype),
-                kernel.astype(self.dtype),
+                x,
+                kernel,
                 (s, s),
                 ((p, p), (p, p)),
                 dimension_numbers=("NHWC", "HWIO", "NHWC"),
@@ -450,23 +445,32 @@ class TinyViT(nn.Module):
         dims, depths = tuple(self.embed_dims), tuple(self.depths)
         rates = np.linspace(0.0, self.drop_path_rate, sum(depths)).tolist()
         x = PatchEmbed(dims[0], self.dtype, name="patch_embed")(x)
-        last = len(dims) - 1
         for i, depth in enumerate(depths):
             first = sum(depths[:i])
-            x = Stage(
-                depth=depth,
-                conv=i == 0,
-                num_heads=self.num_heads[i],
-                window_size=self.window_sizes[i],
-                mlp_ratio=self.mlp_ratio,
-                mbconv_expand_ratio=self.mbconv_expand_ratio,
-                local_conv_size=self.local_conv_size,
-                drop_paths=tuple(rates[first : first + depth]),
-                out_dim=dims[i + 1] if i < last else None,
-                merge_stride=1 if i == last - 1 else 2,
-                dtype=self.dtype,
-                attention_impl=self.attention_impl,
-                remat_policy=self.remat_policy,
-                name=f"layers_{i}",
-            )(x, deterministic)
+            drop_paths = tuple(rates[first : first + depth])
+            x = encoder_stage(self, i, drop_paths, name=f"layers_{i}")(x, deterministic)
         return neck(x, self.out_chans, self.dtype)
+
+
+def encoder_stage(
+    encoder: TinyViT, i: int, drop_paths: Sequence[float] = (), name: str | None = None
+) -> Stage:
+    """Layer i of `encoder` as `TinyViT.__call__` builds it (there, `layers_{i}` of the encoder);
+    called outside a module, an unbound Stage that runs alone (benchmarks/tiny_vit_stages.py)."""
+    dims, last = tuple(encoder.embed_dims), len(encoder.embed_dims) - 1
+    return Stage(
+        depth=encoder.depths[i],
+        conv=i == 0,
+        num_heads=encoder.num_heads[i],
+        window_size=encoder.window_sizes[i],
+        mlp_ratio=encoder.mlp_ratio,
+        mbconv_expand_ratio=encoder.mbconv_expand_ratio,
+        local_conv_size=encoder.local_conv_size,
+        drop_paths=tuple(drop_paths),
+        out_dim=dims[i + 1] if i < last else None,
+        merge_stride=1 if i == last - 1 else 2,
+        dtype=encoder.dtype,
+        attention_impl=encoder.attention_impl,
+        remat_policy=encoder.remat_policy,
+        name=name,
+    )
